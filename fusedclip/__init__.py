@@ -1,0 +1,24 @@
+"""fusedclip: a drop-in replacement for ``torch.nn.utils.clip_grad_norm_`` built on fused kernels.
+
+    import fusedclip
+    fusedclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
+
+The global norm of all gradients is computed in one kernel launch per device and the gradients are
+scaled in one more, without a host synchronisation. See :func:`available_backends` for what runs here.
+"""
+
+from __future__ import annotations
+
+from .backends import available_backends
+from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]

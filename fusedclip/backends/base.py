@@ -1,0 +1,115 @@
+"""The backend interface: the two primitives every backend provides, plus value clipping.
+
+* ``norm(work, norm, max_norm, out_dtype) -> (total_norm, coef)``: the total norm (rounded once to
+  ``out_dtype``) and the clip coefficient ``min(max_norm / (total + 1e-6), 1)`` computed from the
+  unrounded total, both on the device, without a host synchronisation.
+* ``scale_(work, coef)``: multiply every grad by the coefficient read from device memory.
+* ``clamp_(work, clip_value)``: ``clip_grad_value_``.
+
+``accumulate`` exposes the raw reduction (sum of ``|x|^p``, max, min or tensor count) so that grads
+on several devices can be combined; ``finish`` turns an accumulator into total and coefficient.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..norm_type import NormKind, NormSpec
+from ..plan import DevicePlan
+
+#: torch's epsilon in ``max_norm / (total_norm + 1e-6)``
+CLIP_EPS = 1e-6
+#: dtype of accumulators and coefficients produced by the backends
+ACC_DTYPE = torch.float64
+
+
+@dataclass
+class DeviceWork:
+    """One call's grads on one device, with the plan that describes them."""
+
+    plan: DevicePlan
+    grads: list[Tensor]
+    foreach: bool | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+
+class Backend(abc.ABC):
+    """A way of running the primitives. Subclasses fill the abstract methods."""
+
+    name: str = "?"
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run in this process at all, or None when it can."""
+        return None
+
+    def device_reason(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on ``device``, or None when it can."""
+        return None
+
+    def plan_reason(self, plan: DevicePlan) -> str | None:
+        """Why this backend cannot take these grads (e.g. complex dtypes), or None when it can."""
+        return None
+
+    @abc.abstractmethod
+    def accumulate(self, work: DeviceWork, norm: NormSpec) -> Tensor:
+        """0-d float64 tensor on the device: sum of |x|^p, max |x|, min |x| or count of non-zero tensors."""
+
+    def norm(
+        self, work: DeviceWork, norm: NormSpec, max_norm: float | Tensor | None, out_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor | None]:
+        """Total norm (in ``out_dtype``) and clip coefficient (float64; None when ``max_norm`` is
+        None), both 0-d on the device."""
+        return finish(self.accumulate(work, norm), norm, max_norm, out_dtype)
+
+    @abc.abstractmethod
+    def scale_(self, work: DeviceWork, coef: Tensor) -> None:
+        """Multiply every grad by ``coef`` (a 0-d tensor on the device); skip when coef >= 1."""
+
+    @abc.abstractmethod
+    def clamp_(self, work: DeviceWork, clip_value: float) -> None:
+        """Clamp every grad to ``[-clip_value, clip_value]`` (NaN stays NaN)."""
+
+    def __repr__(self) -> str:
+        return f"<fusedclip backend {self.name!r}>"
+
+
+def total_from_accumulator(acc: Tensor, norm: NormSpec) -> Tensor:
+    """The norm from its accumulator, in the accumulator's dtype."""
+    if norm.kind is not NormKind.SUM_POW or norm.p == 1.0:
+        return acc
+    if norm.p == 2.0:
+        return acc.sqrt()
+    return acc.pow(1.0 / norm.p)
+
+
+def clip_coefficient(total: Tensor, max_norm: float | Tensor) -> Tensor:
+    """``min(max_norm / (total + 1e-6), 1)`` without a branch (NaN propagates as in torch)."""
+    if isinstance(max_norm, Tensor):
+        max_norm = max_norm.to(device=total.device, dtype=total.dtype)
+    return torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
+
+
+def finish(
+    acc: Tensor, norm: NormSpec, max_norm: float | Tensor | None, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Total norm rounded once to ``out_dtype`` and the coefficient from the unrounded total."""
+    total = total_from_accumulator(acc, norm)
+    coef = clip_coefficient(total, max_norm) if max_norm is not None else None
+    return total.to(out_dtype), coef
+
+
+def combine_accumulators(accs: list[Tensor], norm: NormSpec) -> Tensor:
+    """Combine per-device accumulators (all on one device) into one."""
+    stacked = torch.stack(accs)
+    if norm.kind is NormKind.MAX:
+        return stacked.amax()
+    if norm.kind is NormKind.MIN:
+        return stacked.amin()
+    return stacked.sum()

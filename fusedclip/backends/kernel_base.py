@@ -1,0 +1,104 @@
+"""What the kernel backends (triton, cpu, cuda) share around their launches.
+
+A kernel backend reads the plan's tables and writes through raw addresses, so this layer makes
+that safe and torch-consistent:
+
+* grads that are not dense in memory are staged into plan-owned buffers before a launch and
+  copied back after a launch that writes;
+* grads that share memory (one grad listed twice, overlapping views) are scaled by the torch
+  backend, one tensor after another, so the result is torch's and no two programs race on a byte;
+* autograd's version counter of every grad is bumped after a write, as torch's in-place ops do.
+
+The kernel contract every subclass implements (see ``csrc/fusedclip.h`` for the same in C++):
+
+* accumulator: finite p != 0: sum of ``|x|^p`` in float64; inf: max ``|x|``; -inf: min ``|x|``
+  (both NaN-propagating); 0: the number of tensors holding an element ``!= 0`` (NaN counts).
+* total: the accumulator (p = 1, inf, -inf, 0), its square root (p = 2) or its ``1/p`` power.
+* coefficient (float64): ``r = max_norm / (total + 1e-6)``; ``r > 1 ? 1 : r`` (NaN propagates).
+* scale: every program returns at once when ``coef >= 1``; otherwise
+  ``x = round(float(x) * float(coef))`` (float64 math for float64 grads).
+* clamp: ``x > v ? v : (x < -v ? -v : x)`` (NaN stays NaN).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import Tensor
+
+from ..norm_type import NormSpec
+from ..plan import DevicePlan, KernelTables
+from .base import Backend, DeviceWork
+from .torch_backend import TorchBackend
+
+_TORCH = TorchBackend()
+
+
+def bump_versions(grads: list[Tensor]) -> None:
+    """Tell autograd the grads were modified in place (as torch's own in-place ops do)."""
+    torch._C._increment_version(grads)
+
+
+def _one_at_a_time(work: DeviceWork) -> DeviceWork:
+    """The same work for the torch backend without foreach (whose CUDA kernels would race on aliases)."""
+    return DeviceWork(work.plan, work.grads, foreach=False)
+
+
+class KernelBackend(Backend):
+    """Base of the backends that run fused kernels over a plan's tables."""
+
+    def plan_reason(self, plan: DevicePlan) -> str | None:
+        return plan.kernel_reason
+
+    def _tables(self, work: DeviceWork) -> KernelTables:
+        tables = work.plan.kernel_tables(work.grads)
+        work.plan.stage_in(work.grads)
+        return tables
+
+    # -- what subclasses implement ------------------------------------------------------------
+    @abc.abstractmethod
+    def launch_norm(
+        self,
+        work: DeviceWork,
+        tables: KernelTables,
+        norm: NormSpec,
+        max_norm: float | Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """One launch: (total in ``out_dtype``, float64 coefficient or None, float64 accumulator)."""
+
+    @abc.abstractmethod
+    def launch_scale(self, work: DeviceWork, tables: KernelTables, coef: Tensor) -> None:
+        """One launch multiplying every grad by ``coef`` (0-d float32/float64 on the device)."""
+
+    @abc.abstractmethod
+    def launch_clamp(self, work: DeviceWork, tables: KernelTables, clip_value: float) -> None:
+        """One launch clamping every grad to ``[-clip_value, clip_value]``."""
+
+    # -- the Backend primitives ---------------------------------------------------------------
+    def accumulate(self, work: DeviceWork, norm: NormSpec) -> Tensor:
+        _, _, acc = self.launch_norm(work, self._tables(work), norm, None, torch.float64)
+        return acc
+
+    def norm(
+        self, work: DeviceWork, norm: NormSpec, max_norm: float | Tensor | None, out_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor | None]:
+        total, coef, _ = self.launch_norm(work, self._tables(work), norm, max_norm, out_dtype)
+        return total, coef
+
+    def scale_(self, work: DeviceWork, coef: Tensor) -> None:
+        if work.plan.aliased:
+            _TORCH.scale_(_one_at_a_time(work), coef)
+            return
+        self.launch_scale(work, self._tables(work), coef)
+        work.plan.stage_out(work.grads)
+        bump_versions(work.grads)
+
+    def clamp_(self, work: DeviceWork, clip_value: float) -> None:
+        if work.plan.aliased:
+            _TORCH.clamp_(_one_at_a_time(work), clip_value)
+            return
+        self.launch_clamp(work, self._tables(work), clip_value)
+        work.plan.stage_out(work.grads)
+        bump_versions(work.grads)

@@ -1,0 +1,109 @@
+"""The pure-torch backend: runs on every device torch supports, and is the reference for the others.
+
+It follows torch's own recipe (per-tensor norms with ``_foreach_norm``, then a norm of those) with
+fusedclip's accuracy rules: per-tensor norms are accumulated in float32 (float64 for float64 grads)
+and never rounded to bf16/fp16 on the way, the combination happens in float64, and the coefficient
+comes from the unrounded total. ``foreach`` is honoured exactly as torch honours it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..norm_type import NormKind, NormSpec
+from .base import ACC_DTYPE, Backend, DeviceWork
+
+try:  # private helpers torch's own clip_grad uses; degrade to "foreach where torch supports it"
+    from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+except ImportError:  # pragma: no cover - older/newer torch without them
+
+    def _device_has_foreach_support(device: torch.device) -> bool:
+        return device.type in ("cpu", "cuda")
+
+    def _has_foreach_support(tensors: list[Tensor], device: torch.device) -> bool:
+        return _device_has_foreach_support(device)
+
+
+def _use_foreach(tensors: list[Tensor], device: torch.device, foreach: bool | None) -> bool:
+    """torch's rule: foreach when asked or when supported; asking on an unsupported device raises."""
+    if (foreach is None and _has_foreach_support(tensors, device)) or (
+        foreach and _device_has_foreach_support(device)
+    ):
+        return True
+    if foreach:
+        raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+    return False
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype | None:
+    if dtype.is_complex:
+        return None  # torch returns a real norm for complex input by itself
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def _per_tensor_norms(self, work: DeviceWork, norm: NormSpec) -> list[Tensor]:
+        """Per-tensor norms, one float64 vector per dtype group."""
+        plan, grads = work.plan, work.grads
+        # Zero-size tensors contribute the identity (0) to sums, max and counts; torch's foreach
+        # would raise for them with p = inf, so leave them out.
+        keep_empty = norm.needs_nonempty_tensors
+        norms: list[Tensor] = []
+        for dtype, indices in plan.dtype_groups.items():
+            group = [grads[i] for i in indices if keep_empty or plan.numels[i]]
+            if not group:
+                continue
+            opmath = _opmath(dtype)
+            if _use_foreach(group, plan.device, work.foreach):
+                group_norms = torch._foreach_norm(group, norm.p, dtype=opmath)
+            else:
+                group_norms = [torch.linalg.vector_norm(g, norm.p, dtype=opmath) for g in group]
+            norms.append(torch.stack(group_norms).to(ACC_DTYPE))
+        return norms
+
+    def accumulate(self, work: DeviceWork, norm: NormSpec) -> Tensor:
+        norms = self._per_tensor_norms(work, norm)
+        if not norms:
+            return torch.zeros((), dtype=ACC_DTYPE, device=work.device)
+        per_tensor = norms[0] if len(norms) == 1 else torch.cat(norms)
+        if norm.kind is NormKind.MAX:
+            return per_tensor.amax()
+        if norm.kind is NormKind.MIN:
+            return per_tensor.amin()
+        if norm.kind is NormKind.COUNT:
+            return (per_tensor != 0).sum().to(ACC_DTYPE)
+        if norm.p == 1.0:
+            return per_tensor.sum()
+        if norm.p == 2.0:
+            return (per_tensor * per_tensor).sum()
+        return per_tensor.pow(norm.p).sum()
+
+    def scale_(self, work: DeviceWork, coef: Tensor) -> None:
+        plan, grads = work.plan, work.grads
+        coef_by_dtype: dict[torch.dtype, Tensor] = {}
+        for dtype, indices in plan.dtype_groups.items():
+            # Multiply in float32 (float64 for float64 grads), rounding each element once.
+            opmath = _opmath(dtype) or torch.float32
+            factor = coef_by_dtype.get(opmath)
+            if factor is None:
+                factor = coef_by_dtype[opmath] = coef.to(device=plan.device, dtype=opmath)
+            group = [grads[i] for i in indices]
+            if _use_foreach(group, plan.device, work.foreach):
+                torch._foreach_mul_(group, factor)
+            else:
+                for grad in group:
+                    grad.mul_(factor)
+
+    def clamp_(self, work: DeviceWork, clip_value: float) -> None:
+        plan, grads = work.plan, work.grads
+        for indices in plan.dtype_groups.values():
+            group = [grads[i] for i in indices]
+            if _use_foreach(group, plan.device, work.foreach):
+                torch._foreach_clamp_min_(group, -clip_value)
+                torch._foreach_clamp_max_(group, clip_value)
+            else:
+                for grad in group:
+                    grad.clamp_(min=-clip_value, max=clip_value)

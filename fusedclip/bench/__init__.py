@@ -1,0 +1,1 @@
+"""Benchmarks of fusedclip against native torch (``python -m fusedclip.bench``)."""

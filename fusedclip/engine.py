@@ -1,0 +1,93 @@
+"""Composition of the primitives: plan lookup, backend choice per device, multi-device combining.
+
+The public functions in :mod:`fusedclip.clip` validate arguments and call into here; later layers
+(AMP, distributed, adaptive clipping) use the same entry points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .backends import Backend, DeviceWork, requested_backend, resolve_backend
+from .backends.base import combine_accumulators, finish
+from .norm_type import NormSpec
+from .plan import PLANS, Plan
+
+
+@dataclass
+class PreparedCall:
+    """The grads of one call, planned, with a backend chosen for each device."""
+
+    plan: Plan
+    works: list[tuple[Backend, DeviceWork]]
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        return self.plan.result_dtype
+
+    @property
+    def first_device(self) -> torch.device:
+        return self.plan.first_device
+
+    @property
+    def backend_names(self) -> list[str]:
+        return [backend.name for backend, _ in self.works]
+
+
+def prepare(grads: list[Tensor], backend: str | None = None, foreach: bool | None = None) -> PreparedCall:
+    """Plan ``grads`` (non-empty) and pick a backend for each device they live on."""
+    requested = requested_backend(backend)
+    plan = PLANS.plan_for(grads)
+    works = [
+        (resolve_backend(requested, device_plan), DeviceWork(device_plan, device_plan.grads(grads), foreach))
+        for device_plan in plan.devices
+    ]
+    return PreparedCall(plan, works)
+
+
+def _check_norm_is_defined(call: PreparedCall, norm: NormSpec) -> None:
+    if not norm.needs_nonempty_tensors:
+        return
+    for _, work in call.works:
+        empty = work.plan.first_empty()
+        if empty is not None:
+            raise RuntimeError(
+                f"the {norm} norm cannot be computed on an empty tensor because the operation does not"
+                f" have an identity (gradient {empty} has no elements); torch raises here too"
+            )
+
+
+def norm_and_coef(call: PreparedCall, norm: NormSpec, max_norm: float | Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The total norm (0-d, ``call.result_dtype``, first device) and, if ``max_norm`` is given,
+    the float64 clip coefficient on the first device. No host synchronisation."""
+    _check_norm_is_defined(call, norm)
+    if len(call.works) == 1:
+        backend, work = call.works[0]
+        return backend.norm(work, norm, max_norm, call.result_dtype)
+    first = call.first_device
+    accs = [backend.accumulate(work, norm).to(first) for backend, work in call.works]
+    return finish(combine_accumulators(accs, norm), norm, max_norm, call.result_dtype)
+
+
+def scale_(call: PreparedCall, coef: Tensor) -> None:
+    """Multiply every grad of the call by ``coef`` (a 0-d tensor on any device)."""
+    for backend, work in call.works:
+        backend.scale_(work, coef if coef.device == work.device else coef.to(work.device))
+
+
+def clamp_(call: PreparedCall, clip_value: float) -> None:
+    for backend, work in call.works:
+        backend.clamp_(work, clip_value)
+
+
+def raise_if_nonfinite(total: Tensor, norm: NormSpec) -> None:
+    """torch's ``error_if_nonfinite`` check (the one place that synchronises with the device)."""
+    if not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"The total norm of order {float(norm.p)} for gradients from `parameters` is non-finite, so it"
+            " cannot be clipped. To disable this error and scale the gradients by the non-finite norm"
+            " anyway, set `error_if_nonfinite=False`"
+        )

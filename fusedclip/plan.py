@@ -1,0 +1,349 @@
+"""The shared plan: one list of grads becomes, per device, a tensor table and a chunk table.
+
+Both kernel backends (Triton and the compiled extension) read the same tables, so chunking,
+alignment and dtype mixing are solved once, here:
+
+* tensor table, one row per grad: data address, element count, dtype code;
+* chunk table, one row per chunk of at most ``CHUNK_ELEMENTS`` elements: tensor index and 64-bit
+  start offset (so one tensor may hold more than 2**31 elements);
+* ``first_chunk[t]`` .. ``first_chunk[t+1]``: the chunks of tensor ``t`` (for per-tensor results).
+
+Plans are cached. The cache key holds the address, element count, dtype and contiguity of every grad
+(and their devices when an address is ambiguous), so a hit guarantees that the tables describe the
+memory of the grads passed *now*: a grad reallocated between calls changes the key and forces a
+rebuild; a stale address is never read or written. The cache holds no reference to any grad.
+
+Grads that are not dense in memory (e.g. ``x[:, ::2]``) are copied into staging buffers owned by
+the plan before a kernel runs and copied back after a kernel writes: in place from the caller's
+point of view. Dense but permuted grads (transposes, channels-last) are used in place, since norms
+and scaling do not depend on element order.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: dtype codes shared with the kernels (see csrc/fusedclip.h)
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+}
+#: largest chunk, in elements; a power of two so chunk starts stay aligned like the tensor base
+CHUNK_ELEMENTS = 1 << 16
+#: plans kept in the cache (a training loop needs one or two)
+CACHE_SIZE = 16
+
+_REAL_OF_COMPLEX = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+_PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a norm of a tensor of ``dtype`` (complex -> its real counterpart)."""
+    return _REAL_OF_COMPLEX.get(dtype, dtype)
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """True when the tensor's elements fill one gap-free, non-overlapping span of memory."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass(frozen=True)
+class KernelTables:
+    """The tables the kernels read, as int64 tensors on one device (views into one buffer)."""
+
+    packed: Tensor  # the one buffer all tables below are views of (one copy moves them all)
+    addresses: Tensor  # [T] data address of each tensor (or of its staging buffer)
+    numels: Tensor  # [T] elements per tensor
+    dtype_codes: Tensor  # [T] DTYPE_CODES of each tensor
+    first_chunk: Tensor  # [T + 1] chunks of tensor t are first_chunk[t] .. first_chunk[t+1]-1
+    chunk_tensor: Tensor  # [C] tensor index of each chunk
+    chunk_start: Tensor  # [C] first element of each chunk within its tensor
+    num_tensors: int
+    num_chunks: int
+    chunk_elements: int
+    max_numel: int
+
+    def to(self, device: torch.device) -> KernelTables:
+        return _slice_tables(self.packed.to(device), self.num_tensors, self.num_chunks, self.chunk_elements, self.max_numel)
+
+
+def _slice_tables(packed: Tensor, t: int, c: int, chunk_elements: int, max_numel: int) -> KernelTables:
+    cuts = [t, t, t, t + 1, c, c]
+    parts = torch.split(packed, cuts)
+    return KernelTables(packed, *parts, num_tensors=t, num_chunks=c, chunk_elements=chunk_elements, max_numel=max_numel)
+
+
+def build_tables(addresses: list[int], numels: list[int], codes: list[int], chunk_elements: int) -> KernelTables:
+    """Chunk every tensor into pieces of at most ``chunk_elements`` elements (vectorised, on the CPU)."""
+    t = len(numels)
+    numel_t = torch.tensor(numels, dtype=torch.int64)
+    chunks_per_tensor = (numel_t + (chunk_elements - 1)) // chunk_elements
+    first_chunk = torch.zeros(t + 1, dtype=torch.int64)
+    torch.cumsum(chunks_per_tensor, 0, out=first_chunk[1:])
+    c = int(first_chunk[-1])
+    chunk_tensor = torch.repeat_interleave(torch.arange(t, dtype=torch.int64), chunks_per_tensor, output_size=c)
+    chunk_start = (torch.arange(c, dtype=torch.int64) - first_chunk[chunk_tensor]) * chunk_elements
+    packed = torch.cat(
+        [
+            torch.tensor(addresses, dtype=torch.int64),
+            numel_t,
+            torch.tensor(codes, dtype=torch.int64),
+            first_chunk,
+            chunk_tensor,
+            chunk_start,
+        ]
+    )
+    return _slice_tables(packed, t, c, chunk_elements, max(numels, default=0))
+
+
+@dataclass
+class DevicePlan:
+    """Everything about the grads of one call that live on one device."""
+
+    device: torch.device
+    positions: tuple[int, ...]  # where these grads sit in the call's list
+    numels: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    dtype_groups: dict[torch.dtype, tuple[int, ...]]  # local indices per dtype
+    strided: tuple[int, ...]  # local indices of grads that are not dense in memory
+    addresses: tuple[int, ...]  # data_ptr of each grad (0 where unknown)
+    has_storage: bool  # addresses are real (not meta, fake or wrapper tensors)
+    whole_call: bool  # these are all the call's grads, in order
+    kernel_reason: str | None  # why the kernel backends cannot take these grads, if they cannot
+    chunk_elements: int = CHUNK_ELEMENTS
+    scratch: dict[Any, Any] = field(default_factory=dict)  # per-backend workspaces
+    _tables: dict[torch.device, KernelTables] = field(default_factory=dict)
+    _staging: dict[int, Tensor] | None = None
+    _aliased: bool | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.numels)
+
+    @property
+    def has_empty(self) -> bool:
+        return 0 in self.numels
+
+    @property
+    def has_fp64(self) -> bool:
+        return torch.float64 in self.dtype_groups
+
+    def first_empty(self) -> int | None:
+        return self.positions[self.numels.index(0)] if 0 in self.numels else None
+
+    def grads(self, call_grads: list[Tensor]) -> list[Tensor]:
+        """This device's grads, picked from the call's list."""
+        if self.whole_call:
+            return call_grads
+        return [call_grads[i] for i in self.positions]
+
+    @property
+    def aliased(self) -> bool:
+        """True when two grads share memory (e.g. one grad listed twice): scaling must not race."""
+        if self._aliased is None:
+            spans = sorted(
+                (address, address + numel * dtype.itemsize)
+                for address, numel, dtype in zip(self.addresses, self.numels, self.dtypes)
+                if numel
+            )
+            self._aliased = any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+        return self._aliased
+
+    def kernel_tables(self, grads: list[Tensor]) -> KernelTables:
+        """Tables on this plan's device; strided grads are redirected to staging buffers."""
+        tables = self._tables.get(self.device)
+        if tables is None:
+            with self._lock:
+                tables = self._tables.get(self.device)
+                if tables is None:
+                    tables = self._build_kernel_tables(grads)
+        return tables
+
+    def _build_kernel_tables(self, grads: list[Tensor]) -> KernelTables:
+        if self.kernel_reason is not None:
+            raise RuntimeError(self.kernel_reason)
+        addresses = list(self.addresses)
+        if self.strided:
+            self._staging = {
+                i: torch.empty_like(grads[i], memory_format=torch.contiguous_format) for i in self.strided
+            }
+            for i, buffer in self._staging.items():
+                addresses[i] = buffer.data_ptr()
+        codes = [DTYPE_CODES[dtype] for dtype in self.dtypes]
+        cpu_tables = build_tables(addresses, list(self.numels), codes, self.chunk_elements)
+        self._tables[torch.device("cpu")] = cpu_tables
+        tables = cpu_tables if self.device.type == "cpu" else cpu_tables.to(self.device)
+        self._tables[self.device] = tables
+        return tables
+
+    def stage_in(self, grads: list[Tensor]) -> None:
+        """Copy non-dense grads into their staging buffers (before a kernel reads them)."""
+        if self._staging:
+            for i, buffer in self._staging.items():
+                buffer.copy_(grads[i])
+
+    def stage_out(self, grads: list[Tensor]) -> None:
+        """Copy staging buffers back into non-dense grads (after a kernel wrote them)."""
+        if self._staging:
+            for i, buffer in self._staging.items():
+                grads[i].copy_(buffer)
+
+
+@dataclass
+class Plan:
+    """The grads of one call, grouped by device (the first grad's device first)."""
+
+    devices: list[DevicePlan]
+    result_dtype: torch.dtype  # torch's promotion over the grads' (real) dtypes
+
+    @property
+    def first_device(self) -> torch.device:
+        return self.devices[0].device
+
+    @property
+    def single(self) -> DevicePlan | None:
+        return self.devices[0] if len(self.devices) == 1 else None
+
+
+def _kernel_reason(dtypes: set[torch.dtype]) -> str | None:
+    unsupported = sorted(str(dtype) for dtype in dtypes if dtype not in DTYPE_CODES)
+    if unsupported:
+        return f"the kernels take float32, float16, bfloat16 and float64 grads, not {', '.join(unsupported)}"
+    return None
+
+
+def _check_grad(index: int, grad: Tensor) -> None:
+    if grad.layout != torch.strided:
+        raise TypeError(
+            f"gradient {index} has layout {grad.layout}; fusedclip takes dense (strided) gradients."
+            " Convert sparse gradients with .to_dense() first."
+        )
+    if not (grad.is_floating_point() or grad.is_complex()):
+        raise TypeError(
+            f"gradient {index} has dtype {grad.dtype}; gradients must be floating point"
+            " (float32, float16, bfloat16, float64) or complex"
+        )
+
+
+def build_plan(grads: list[Tensor], has_storage: bool, chunk_elements: int = CHUNK_ELEMENTS) -> Plan:
+    """Group grads by device and describe each group (no caching here)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, grad in enumerate(grads):
+        _check_grad(index, grad)
+        by_device.setdefault(grad.device, []).append(index)
+    all_dtypes = {grad.dtype for grad in grads}
+    result_dtype = functools.reduce(torch.promote_types, sorted({real_dtype(d) for d in all_dtypes}, key=str))
+    devices = []
+    for device, positions in by_device.items():
+        local = [grads[i] for i in positions]
+        dtypes = tuple(grad.dtype for grad in local)
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, dtype in enumerate(dtypes):
+            groups.setdefault(dtype, []).append(i)
+        devices.append(
+            DevicePlan(
+                device=device,
+                positions=tuple(positions),
+                numels=tuple(grad.numel() for grad in local),
+                dtypes=dtypes,
+                dtype_groups={dtype: tuple(ix) for dtype, ix in groups.items()},
+                strided=tuple(i for i, grad in enumerate(local) if has_storage and not is_dense(grad)),
+                addresses=tuple(grad.data_ptr() for grad in local) if has_storage else (0,) * len(local),
+                has_storage=has_storage,
+                whole_call=len(by_device) == 1,
+                kernel_reason=_kernel_reason(set(dtypes)) if has_storage else "these tensors have no storage",
+                chunk_elements=chunk_elements,
+            )
+        )
+    return Plan(devices=devices, result_dtype=result_dtype)
+
+
+class PlanCache:
+    """A small thread-safe LRU of plans, keyed by the memory layout of the grads."""
+
+    def __init__(self, size: int = CACHE_SIZE, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        self.size = size
+        self.chunk_elements = chunk_elements
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def plan_for(self, grads: list[Tensor]) -> Plan:
+        """The plan for these grads; built (and cached) when their layout has not been seen."""
+        if not set(map(type, grads)) <= _PLAIN_TENSOR_TYPES:
+            return build_plan(grads, False, self.chunk_elements)  # wrapper/fake tensors: no addresses
+        key = _cache_key(grads)
+        if key is None:
+            return build_plan(grads, False, self.chunk_elements)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self.hits += 1
+                return plan
+        plan = build_plan(grads, True, self.chunk_elements)
+        with self._lock:
+            self.misses += 1
+            self._plans[key] = plan
+            while len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        return plan
+
+
+_get_dtype = operator.attrgetter("dtype")
+_get_device = operator.attrgetter("device")
+
+
+def _cache_key(grads: list[Tensor]) -> tuple | None:
+    """Address, size, dtype and contiguity of every grad: what makes a cached plan safe to reuse."""
+    try:
+        addresses = tuple(map(Tensor.data_ptr, grads))
+    except RuntimeError:  # tensors without storage (meta-like or functional wrappers)
+        return None
+    contiguous = tuple(map(Tensor.is_contiguous, grads))
+    key: tuple = (addresses, tuple(map(Tensor.numel, grads)), tuple(map(_get_dtype, grads)), contiguous)
+    if 0 in addresses:
+        # Null addresses (empty or meta tensors) are not unique across devices; elsewhere, unified
+        # virtual addressing keeps addresses of live CPU and CUDA memory apart.
+        key += (tuple(map(_get_device, grads)),)
+    else:
+        key += (grads[0].device,)
+    if not all(contiguous):
+        key += (tuple((g.shape, g.stride()) for g, c in zip(grads, contiguous) if not c),)
+    return key
+
+
+#: the process-wide plan cache
+PLANS = PlanCache()

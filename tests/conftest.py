@@ -1,0 +1,94 @@
+"""Shared test setup: Triton's interpreter on machines without a GPU, markers, backend cases, seeds.
+
+Every parity test runs once per (device, backend) pair. CPU cases run everywhere (the ``triton``
+backend through ``TRITON_INTERPRET=1``); CUDA cases carry the ``gpu`` marker and are skipped, and
+reported as skipped, where no CUDA device exists. A backend that cannot run here is skipped with
+the reason ``available_backends()`` gives.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must happen before anything imports triton: the interpreter is chosen when kernels are defined.
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fusedclip  # noqa: E402
+from fusedclip import backends, plan  # noqa: E402
+
+HAS_CUDA = _HAS_CUDA
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels through TRITON_INTERPRET=1 on the CPU")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+def _case(device: str, backend: str) -> object:
+    marks = []
+    if device == "cuda":
+        marks.append(pytest.mark.gpu)
+    elif backend == "triton":
+        marks.append(pytest.mark.interpreter)
+    return pytest.param((device, backend), id=f"{device}-{backend}", marks=marks)
+
+
+#: every (device, backend) pair the parity suite covers
+BACKEND_CASES = [
+    _case("cpu", "torch"),
+    _case("cpu", "cpu"),
+    _case("cpu", "triton"),
+    _case("cuda", "torch"),
+    _case("cuda", "cuda"),
+    _case("cuda", "triton"),
+]
+
+
+def require_backend(device: str, name: str) -> None:
+    """Skip (with the reason) when ``name`` cannot run on ``device`` tensors here."""
+    reason = backends._reason(name, torch.device(device), None)
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable on {device}: {reason}")
+
+
+@pytest.fixture(params=BACKEND_CASES)
+def device_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    device, name = request.param
+    require_backend(device, name)
+    return device, name
+
+
+@pytest.fixture(params=[plan.CHUNK_ELEMENTS, 64], ids=["chunk-default", "chunk-64"])
+def chunk_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Run with the default chunk size and with a tiny one, so small tensors span many chunks."""
+    monkeypatch.setattr(plan.PLANS, "chunk_elements", request.param)
+    plan.PLANS.clear()
+    yield request.param
+    plan.PLANS.clear()
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+
+__all__ = ["BACKEND_CASES", "HAS_CUDA", "INTERPRETER", "fusedclip", "require_backend"]

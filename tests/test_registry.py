@@ -1,0 +1,81 @@
+"""Backend choice: explicit argument, environment variable, automatic fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+import fusedclip
+from fusedclip import backends, engine
+
+
+def test_available_backends_lists_every_slot_with_true_or_a_reason():
+    available = fusedclip.available_backends()
+    assert list(available) == ["cuda", "triton", "cpu", "torch"]
+    assert available["torch"] is True
+    for name, value in available.items():
+        assert value is True or (isinstance(value, str) and value), name
+
+
+def _chosen(grads, backend=None):
+    return engine.prepare(grads, backend).backend_names
+
+
+def test_explicit_torch_backend_is_used():
+    assert _chosen([torch.randn(3)], "torch") == ["torch"]
+
+
+def test_environment_variable_chooses_when_no_argument(monkeypatch):
+    monkeypatch.setenv("FUSEDCLIP_BACKEND", "torch")
+    assert _chosen([torch.randn(3)]) == ["torch"]
+    monkeypatch.setenv("FUSEDCLIP_BACKEND", "auto")
+    assert _chosen([torch.randn(3)]) == [_auto_cpu()]
+
+
+def _auto_cpu():
+    return "cpu" if fusedclip.available_backends()["cpu"] is True else "torch"
+
+
+def test_automatic_choice_on_cpu_never_raises():
+    assert _chosen([torch.randn(3)]) == [_auto_cpu()]
+    # complex grads are not for the kernels: automatic choice falls back to torch
+    assert _chosen([torch.randn(3, dtype=torch.complex64)]) == ["torch"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_explicit_unavailable_backend_raises_with_the_reason():
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on these cpu gradients"):
+        fusedclip.clip_grad_norm_([param], 1.0, backend="cuda")
+    assert torch.equal(param.grad, torch.ones(2))
+
+
+def test_explicit_kernel_backend_refuses_complex_grads():
+    param = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    param.grad = torch.ones(2, dtype=torch.complex64)
+    for name in ("cpu", "triton"):
+        if backends._reason(name, torch.device("cpu"), None) is None:
+            with pytest.raises(RuntimeError, match="complex64"):
+                fusedclip.clip_grad_norm_([param], 1.0, backend=name)
+
+
+def test_complex_grads_follow_torch_through_automatic_choice():
+    params = [torch.nn.Parameter(torch.zeros(6, dtype=torch.complex64)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn(6, dtype=torch.complex64)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for t, p in zip(theirs, params):
+        t.grad = p.grad.clone()
+    for norm_type in (2.0, 1.0, 3.0, float("inf")):
+        ours = fusedclip.clip_grad_norm_(params, 0.5, norm_type)
+        ref = torch.nn.utils.clip_grad_norm_(theirs, 0.5, norm_type)
+        torch.testing.assert_close(ours, ref)
+        for a, b in zip(params, theirs):
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_get_backend_unknown_name():
+    with pytest.raises(ValueError, match="choose one of cuda, triton, cpu, torch"):
+        backends.get_backend("tpu")
