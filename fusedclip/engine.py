@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, DeviceWork, requested_backend, resolve_backend
-from .backends.base import combine_accumulators, finish
+from .backends.base import ACC_DTYPE, combine_accumulators, finish
 from .norm_type import NormSpec
 from .plan import PLANS, Plan
 
@@ -60,16 +60,35 @@ def _check_norm_is_defined(call: PreparedCall, norm: NormSpec) -> None:
             )
 
 
-def norm_and_coef(call: PreparedCall, norm: NormSpec, max_norm: float | Tensor | None) -> tuple[Tensor, Tensor | None]:
+def norm_and_coef(
+    call: PreparedCall,
+    norm: NormSpec,
+    max_norm: float | Tensor | None,
+    *,
+    per_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """The total norm (0-d, ``call.result_dtype``, first device) and, if ``max_norm`` is given,
-    the float64 clip coefficient on the first device. No host synchronisation."""
+    the float64 clip coefficient on the first device. No host synchronisation.
+
+    ``per_tensor`` (float64, one slot per grad, on the first device) receives each grad's norm;
+    ``grad_scale`` is the factor the stored grads are read with (see :mod:`fusedclip.backends.base`).
+    """
     _check_norm_is_defined(call, norm)
     if len(call.works) == 1:
         backend, work = call.works[0]
-        return backend.norm(work, norm, max_norm, call.result_dtype)
+        return backend.norm(
+            work, norm, max_norm, call.result_dtype, per_tensor=per_tensor, grad_scale=grad_scale
+        )
     first = call.first_device
-    accs = [backend.accumulate(work, norm).to(first) for backend, work in call.works]
-    return finish(combine_accumulators(accs, norm), norm, max_norm, call.result_dtype)
+    accs = []
+    for backend, work in call.works:
+        local = None if per_tensor is None else torch.empty(work.plan.num_tensors, dtype=ACC_DTYPE, device=work.device)
+        accs.append(backend.accumulate(work, norm, local).to(first))
+        if local is not None:
+            positions = torch.tensor(work.plan.positions, dtype=torch.int64, device=first)
+            per_tensor.index_copy_(0, positions, local.to(first))
+    return finish(combine_accumulators(accs, norm), norm, max_norm, call.result_dtype, grad_scale)
 
 
 def scale_(call: PreparedCall, coef: Tensor) -> None:

@@ -2,7 +2,11 @@
 
 * ``norm(work, norm, max_norm, out_dtype) -> (total_norm, coef)``: the total norm (rounded once to
   ``out_dtype``) and the clip coefficient ``min(max_norm / (total + 1e-6), 1)`` computed from the
-  unrounded total, both on the device, without a host synchronisation.
+  unrounded total, both on the device, without a host synchronisation. Two optional extras ride
+  on the same pass: ``per_tensor`` (a float64 buffer receiving every tensor's own norm) and
+  ``grad_scale`` (a 0-d device tensor ``s``: the grads are read as ``s * grad``, so the total is
+  ``s * raw_total`` and the returned coefficient ``s * min(...)`` is the factor to multiply the
+  stored grads by; AMP passes its inverse scale here).
 * ``scale_(work, coef)``: multiply every grad by the coefficient read from device memory.
 * ``clamp_(work, clip_value)``: ``clip_grad_value_``.
 
@@ -58,15 +62,24 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def accumulate(self, work: DeviceWork, norm: NormSpec) -> Tensor:
-        """0-d float64 tensor on the device: sum of |x|^p, max |x|, min |x| or count of non-zero tensors."""
+    def accumulate(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None) -> Tensor:
+        """0-d float64 tensor on the device: sum of |x|^p, max |x|, min |x| or count of non-zero
+        tensors. When ``per_tensor`` (float64, one slot per grad, on the device) is given, every
+        grad's own norm is written there too (for p = 0: its count of non-zero elements)."""
 
     def norm(
-        self, work: DeviceWork, norm: NormSpec, max_norm: float | Tensor | None, out_dtype: torch.dtype
+        self,
+        work: DeviceWork,
+        norm: NormSpec,
+        max_norm: float | Tensor | None,
+        out_dtype: torch.dtype,
+        *,
+        per_tensor: Tensor | None = None,
+        grad_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Total norm (in ``out_dtype``) and clip coefficient (float64; None when ``max_norm`` is
         None), both 0-d on the device."""
-        return finish(self.accumulate(work, norm), norm, max_norm, out_dtype)
+        return finish(self.accumulate(work, norm, per_tensor), norm, max_norm, out_dtype, grad_scale)
 
     @abc.abstractmethod
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:
@@ -97,11 +110,26 @@ def clip_coefficient(total: Tensor, max_norm: float | Tensor) -> Tensor:
 
 
 def finish(
-    acc: Tensor, norm: NormSpec, max_norm: float | Tensor | None, out_dtype: torch.dtype
+    acc: Tensor,
+    norm: NormSpec,
+    max_norm: float | Tensor | None,
+    out_dtype: torch.dtype,
+    grad_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Total norm rounded once to ``out_dtype`` and the coefficient from the unrounded total."""
+    """Total norm rounded once to ``out_dtype`` and the coefficient from the unrounded total.
+
+    With ``grad_scale`` ``s`` the grads count as ``s * grad``: the total is scaled by ``s`` (counts
+    are not) and the coefficient returned is ``s * min(max_norm / (total + 1e-6), 1)``.
+    """
     total = total_from_accumulator(acc, norm)
-    coef = clip_coefficient(total, max_norm) if max_norm is not None else None
+    scale = None if grad_scale is None else grad_scale.to(device=total.device, dtype=total.dtype)
+    if scale is not None and norm.kind is not NormKind.COUNT:
+        total = total * scale.abs()
+    coef = None
+    if max_norm is not None:
+        coef = clip_coefficient(total, max_norm)
+        if scale is not None:
+            coef = coef * scale
     return total.to(out_dtype), coef
 
 

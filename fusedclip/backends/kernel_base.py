@@ -13,8 +13,14 @@ The kernel contract every subclass implements (see ``csrc/fusedclip.h`` for the 
 
 * accumulator: finite p != 0: sum of ``|x|^p`` in float64; inf: max ``|x|``; -inf: min ``|x|``
   (both NaN-propagating); 0: the number of tensors holding an element ``!= 0`` (NaN counts).
-* total: the accumulator (p = 1, inf, -inf, 0), its square root (p = 2) or its ``1/p`` power.
-* coefficient (float64): ``r = max_norm / (total + 1e-6)``; ``r > 1 ? 1 : r`` (NaN propagates).
+  Zero-size tensors contribute nothing (the engine rejects them first for -inf and p < 0).
+* total: the accumulator (p = 1, inf, -inf, 0), its square root (p = 2) or its ``1/p`` power;
+  then, when ``grad_scale`` ``s`` is given and p != 0, ``total * |s|``.
+* coefficient (float64): ``r = max_norm / (total + 1e-6)``; ``c = r > 1 ? 1 : r`` (NaN
+  propagates); then ``c * s`` when ``grad_scale`` is given.
+* per-tensor norms (when a float64 ``per_tensor`` buffer is given): each tensor's own norm,
+  unscaled, from the same pass (p = 0: its count of non-zero elements; zero-size tensors: 0).
+* the total is rounded once to ``out_dtype``; the accumulator is returned unrounded (float64).
 * scale: every program returns at once when ``coef >= 1``; otherwise
   ``x = round(float(x) * float(coef))`` (float64 math for float64 grads).
 * clamp: ``x > v ? v : (x < -v ? -v : x)`` (NaN stays NaN).
@@ -65,8 +71,13 @@ class KernelBackend(Backend):
         norm: NormSpec,
         max_norm: float | Tensor | None,
         out_dtype: torch.dtype,
+        per_tensor: Tensor | None = None,
+        grad_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """One launch: (total in ``out_dtype``, float64 coefficient or None, float64 accumulator)."""
+        """One launch: (total in ``out_dtype``, float64 coefficient or None, float64 accumulator).
+
+        ``max_norm`` is a Python float or a 0-d tensor on the device (read by the kernel, no sync).
+        """
 
     @abc.abstractmethod
     def launch_scale(self, work: DeviceWork, tables: KernelTables, coef: Tensor) -> None:
@@ -77,14 +88,22 @@ class KernelBackend(Backend):
         """One launch clamping every grad to ``[-clip_value, clip_value]``."""
 
     # -- the Backend primitives ---------------------------------------------------------------
-    def accumulate(self, work: DeviceWork, norm: NormSpec) -> Tensor:
-        _, _, acc = self.launch_norm(work, self._tables(work), norm, None, torch.float64)
+    def accumulate(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None) -> Tensor:
+        _, _, acc = self.launch_norm(work, self._tables(work), norm, None, torch.float64, per_tensor)
         return acc
 
     def norm(
-        self, work: DeviceWork, norm: NormSpec, max_norm: float | Tensor | None, out_dtype: torch.dtype
+        self,
+        work: DeviceWork,
+        norm: NormSpec,
+        max_norm: float | Tensor | None,
+        out_dtype: torch.dtype,
+        *,
+        per_tensor: Tensor | None = None,
+        grad_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        total, coef, _ = self.launch_norm(work, self._tables(work), norm, max_norm, out_dtype)
+        tables = self._tables(work)
+        total, coef, _ = self.launch_norm(work, tables, norm, max_norm, out_dtype, per_tensor, grad_scale)
         return total, coef
 
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:

@@ -64,8 +64,10 @@ class TorchBackend(Backend):
             norms.append(torch.stack(group_norms).to(ACC_DTYPE))
         return norms
 
-    def accumulate(self, work: DeviceWork, norm: NormSpec) -> Tensor:
+    def accumulate(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None) -> Tensor:
         norms = self._per_tensor_norms(work, norm)
+        if per_tensor is not None:
+            self._write_per_tensor(work, norm, norms, per_tensor)
         if not norms:
             return torch.zeros((), dtype=ACC_DTYPE, device=work.device)
         per_tensor = norms[0] if len(norms) == 1 else torch.cat(norms)
@@ -80,6 +82,17 @@ class TorchBackend(Backend):
         if norm.p == 2.0:
             return (per_tensor * per_tensor).sum()
         return per_tensor.pow(norm.p).sum()
+
+    @staticmethod
+    def _write_per_tensor(work: DeviceWork, norm: NormSpec, norms: list[Tensor], out: Tensor) -> None:
+        """Scatter the per-dtype-group norms back into the grads' order (zero-size grads: 0)."""
+        plan = work.plan
+        keep_empty = norm.needs_nonempty_tensors
+        order = [i for indices in plan.dtype_groups.values() for i in indices if keep_empty or plan.numels[i]]
+        out.zero_()
+        if order:
+            index = torch.tensor(order, dtype=torch.int64, device=out.device)
+            out.index_copy_(0, index, torch.cat(norms).to(out.dtype))
 
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:
         plan, grads = work.plan, work.grads

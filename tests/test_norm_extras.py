@@ -1,0 +1,45 @@
+"""The extras that ride on the norm pass: per-tensor norms and a grad scale (used by AMP and adaptive)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reference import DTYPE_SETS, assert_no_worse_than_torch, grads, ideal_total_norm, make_params
+
+from fusedclip import engine
+from fusedclip.norm_type import parse_norm_type
+
+SHAPES = ((17,), (4, 9), (130,), (0,), (), (3, 70))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 0.0, 3.0])
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16", "all4"])
+def test_per_tensor_norms_come_from_the_same_pass(device_backend, chunk_elements, norm_type, dtypes):
+    device, backend = device_backend
+    tensors = grads(make_params(SHAPES, DTYPE_SETS[dtypes], device=device))
+    call = engine.prepare(tensors, backend)
+    per_tensor = torch.full((len(tensors),), -1.0, dtype=torch.float64, device=device)
+    total, coef = engine.norm_and_coef(call, parse_norm_type(norm_type), 1.0, per_tensor=per_tensor)
+    for i, t in enumerate(tensors):
+        ideal = torch.linalg.vector_norm(t.double().cpu(), norm_type) if t.numel() else torch.tensor(0.0, dtype=torch.float64)
+        theirs = torch.linalg.vector_norm(t, norm_type).cpu() if t.numel() else torch.tensor(0.0)
+        assert_no_worse_than_torch(per_tensor[i], theirs, ideal, what=f"norm of tensor {i} ({t.dtype})")
+    again = engine.norm_and_coef(engine.prepare(tensors, backend), parse_norm_type(norm_type), 1.0)
+    assert torch.equal(total, again[0]) and torch.equal(coef, again[1]), "per-tensor output changed the total"
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 0.0])
+def test_grad_scale_scales_the_total_and_folds_into_the_coefficient(device_backend, norm_type):
+    device, backend = device_backend
+    tensors = grads(make_params(SHAPES, DTYPE_SETS["bf16+fp32"], device=device))
+    scale = torch.tensor(2.0**-7, device=device)
+    ideal = float(ideal_total_norm(tensors, norm_type))
+    expected_total = ideal if norm_type == 0.0 else ideal * 2.0**-7
+    max_norm = expected_total / 3 if expected_total else 1.0
+    call = engine.prepare(tensors, backend)
+    total, coef = engine.norm_and_coef(call, parse_norm_type(norm_type), max_norm, grad_scale=scale)
+    expected_coef = min(max_norm / (expected_total + 1e-6), 1.0) * 2.0**-7
+    assert float(total) == pytest.approx(expected_total, rel=1e-6)
+    assert coef.dtype == torch.float64 and float(coef) == pytest.approx(expected_coef, rel=1e-6)
