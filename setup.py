@@ -1,31 +1,220 @@
 """Build entry point: the Python package plus the compiled extension ``fusedclip._C``.
 
 The extension's C++ sees only raw addresses, element counts, dtype codes and a stream handle, so it
-needs no torch headers: building needs no torch, and one build serves any torch version.
+needs no torch headers: building needs no torch, and one build serves any torch version. Sources in
+csrc/ are compiled by a generated build.ninja (parallel, incremental) with pybind11's headers.
 
 Switches (environment variables):
-  FUSEDCLIP_BUILD_EXT=0     skip the extension (the package still imports and runs on torch/triton)
+  FUSEDCLIP_BUILD_EXT=0      skip the extension (the package still imports and runs on torch/triton)
+  FUSEDCLIP_CUDA=auto|0|1    CUDA kernels: when nvcc is found (default), never, or always (fail without nvcc)
+  FUSEDCLIP_CUDA_ARCHS       GPU architectures, e.g. "80;90+PTX" (the default) or "9.0"; "+PTX" on an
+                             entry also embeds PTX for it, so newer GPUs can JIT-compile the kernels
+  CUDA_HOME                  where to find nvcc and libcudart_static (else nvcc on PATH, /usr/local/cuda)
+  CXX                        the C++ compiler (default c++)
+  MAX_JOBS                   parallel compile jobs (default: ninja's choice)
+
+CPU code is portable (no -march=native): the chunk loops are compiled twice, for any x86-64 CPU and
+for AVX2+FMA+F16C, and the extension picks one at run time. CUDA is linked statically
+(cudart_static), so no libcudart is needed at run time.
 """
 
 from __future__ import annotations
 
 import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+DEFAULT_CUDA_ARCHS = "80;90+PTX"
 
 
-def get_extensions() -> list:
-    if os.environ.get("FUSEDCLIP_BUILD_EXT", "1") == "0":
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip()
+
+
+def _find_nvcc() -> Path | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return Path(home) / "bin" / "nvcc"
+    found = shutil.which("nvcc")
+    if found:
+        return Path(found)
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return default if default.exists() else None
+
+
+def _cudart_static_dir(nvcc: Path) -> Path:
+    """The folder holding libcudart_static.a for this nvcc (nvcc on PATH may be a wrapper script)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), nvcc.resolve().parent.parent, "/usr/local/cuda"]
+    for home in filter(None, homes):
+        for sub in ("lib64", "lib", f"targets/{platform.machine()}-linux/lib"):
+            if (Path(home) / sub / "libcudart_static.a").exists():
+                return Path(home) / sub
+    raise RuntimeError(f"libcudart_static.a not found for {nvcc}; set CUDA_HOME, or FUSEDCLIP_CUDA=0 to build without CUDA")
+
+
+def _cuda_archs(spec: str) -> list[tuple[str, bool]]:
+    """'80;90+PTX' or '8.0 9.0+PTX' -> [('80', False), ('90', True)]."""
+    archs = []
+    for token in re.split(r"[;,\s]+", spec):
+        if not token:
+            continue
+        ptx = token.upper().endswith("+PTX")
+        number = token[:-4] if ptx else token
+        number = number.replace(".", "")
+        if not number.isdigit():
+            raise ValueError(f"FUSEDCLIP_CUDA_ARCHS: cannot read {token!r}; use e.g. '80;90+PTX'")
+        archs.append((number, ptx))
+    if not archs:
+        raise ValueError("FUSEDCLIP_CUDA_ARCHS is empty")
+    return archs
+
+
+def _is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _ninja_binary() -> str:
+    try:
+        import ninja  # the PyPI package (a build requirement) ships the binary
+
+        candidate = Path(ninja.BIN_DIR) / "ninja"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("ninja")
+    if not found:
+        raise RuntimeError("building fusedclip._C needs ninja: pip install ninja (or set FUSEDCLIP_BUILD_EXT=0)")
+    return found
+
+
+def _ninja_escape(path: str) -> str:
+    return path.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+
+class NinjaBuildExt(build_ext):
+    """Compiles csrc/ with a generated build.ninja instead of setuptools' one-file-at-a-time compiler."""
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            import pybind11
+        except ImportError as error:
+            raise RuntimeError("building fusedclip._C needs pybind11: pip install pybind11") from error
+
+        build_dir = Path(self.build_temp).resolve() / "fusedclip_C"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+
+        cxx = os.environ.get("CXX", "c++")
+        includes = [str(CSRC), pybind11.get_include(), sysconfig.get_paths()["include"]]
+        defines = []
+        cxx_flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wextra"]
+        cxx_flags += ["-Wno-unused-function"]
+        link_flags = ["-shared", "-pthread"]
+        if sys.platform == "darwin":
+            link_flags += ["-undefined", "dynamic_lookup"]
+
+        sources: list[tuple[str, str]] = []  # (source, rule)
+        for name in ("bindings.cpp", "cpu/cpu_ops.cpp", "cpu/thread_pool.cpp", "cpu/dispatch.cpp", "cpu/isa_base.cpp"):
+            sources.append((name, "cxx"))
+        if _is_x86_64():
+            defines.append("FUSEDCLIP_HAVE_AVX2")
+            sources.append(("cpu/isa_avx2.cpp", "cxx_avx2"))
+
+        cuda = ext.cuda  # type: ignore[attr-defined]
+        nvcc_flags: list[str] = []
+        if cuda is not None:
+            nvcc, archs = cuda
+            arch_text = ";".join(number + ("+PTX" if ptx else "") for number, ptx in archs)
+            defines += ["FUSEDCLIP_HAVE_CUDA", f'FUSEDCLIP_CUDA_ARCHS="{arch_text}"']
+            nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC,-fvisibility=hidden"]
+            nvcc_flags += ["-ccbin", cxx]
+            for number, ptx in archs:
+                nvcc_flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+                if ptx:
+                    nvcc_flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+            lib_dir = _cudart_static_dir(nvcc)
+            link_flags += [f"-L{lib_dir}", "-lcudart_static", "-ldl", "-lrt"]
+            sources.append(("cuda/kernels.cu", "nvcc"))
+
+        define_flags = [f"-D{d}" for d in defines]
+        include_flags = [f"-I{path}" for path in includes]
+        lines = [
+            "ninja_required_version = 1.3",
+            f"cxx = {cxx}",
+            f"cflags = {' '.join(shlex.quote(f) for f in cxx_flags + define_flags + include_flags)}",
+            f"ldflags = {' '.join(shlex.quote(f) for f in link_flags)}",
+            "rule cxx",
+            "  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out",
+            "  depfile = $out.d",
+            "  deps = gcc",
+            "  description = C++ $in",
+            "rule cxx_avx2",
+            "  command = $cxx -MMD -MF $out.d $cflags -mavx2 -mfma -mf16c -c $in -o $out",
+            "  depfile = $out.d",
+            "  deps = gcc",
+            "  description = C++ (AVX2) $in",
+            "rule link",
+            "  command = $cxx $in -o $out $ldflags",
+            "  description = link $out",
+        ]
+        if cuda is not None:
+            nvcc_all = nvcc_flags + include_flags  # the defines only concern bindings.cpp
+            lines += [
+                f"nvcc = {_ninja_escape(str(cuda[0]))}",
+                f"nvcc_flags = {' '.join(shlex.quote(f) for f in nvcc_all)}",
+                "rule nvcc",
+                "  command = $nvcc $nvcc_flags -MD -MF $out.d -c $in -o $out",
+                "  depfile = $out.d",
+                "  deps = gcc",
+                "  description = nvcc $in",
+            ]
+        objects = []
+        for source, rule in sources:
+            obj = build_dir / (source.replace("/", "_") + ".o")
+            objects.append(_ninja_escape(str(obj)))
+            lines.append(f"build {_ninja_escape(str(obj))}: {rule} {_ninja_escape(str(CSRC / source))}")
+        lines.append(f"build {_ninja_escape(str(output))}: link {' '.join(objects)}")
+        lines.append(f"default {_ninja_escape(str(output))}")
+        (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+
+        command = [_ninja_binary(), "-C", str(build_dir)]
+        jobs = os.environ.get("MAX_JOBS")
+        if jobs:
+            command += ["-j", jobs]
+        print("fusedclip: building", output.name, "with", "CPU + CUDA kernels" if cuda else "CPU kernels", flush=True)
+        subprocess.run(command, check=True)
+
+
+def get_extensions() -> list[Extension]:
+    if _env("FUSEDCLIP_BUILD_EXT", "1") == "0":
         return []
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
-    if not sources:
-        return []
-    from pybind11.setup_helpers import Pybind11Extension
+    mode = _env("FUSEDCLIP_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"FUSEDCLIP_CUDA must be auto, 0 or 1; got {mode!r}")
+    cuda = None
+    if mode != "0":
+        nvcc = _find_nvcc()
+        if nvcc is None and mode == "1":
+            raise RuntimeError("FUSEDCLIP_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+        if nvcc is not None:
+            cuda = (nvcc, _cuda_archs(_env("FUSEDCLIP_CUDA_ARCHS", DEFAULT_CUDA_ARCHS) or DEFAULT_CUDA_ARCHS))
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in (".cpp", ".cu", ".h"))
+    extension = Extension("fusedclip._C", sources=[s for s in sources if not s.endswith(".h")], depends=sources)
+    extension.cuda = cuda  # type: ignore[attr-defined]
+    return [extension]
 
-    return [Pybind11Extension("fusedclip._C", sources, include_dirs=["csrc"], cxx_std=17)]
 
-
-setup(ext_modules=get_extensions())
+setup(ext_modules=get_extensions(), cmdclass={"build_ext": NinjaBuildExt})

@@ -71,12 +71,48 @@ def grads(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
+def _exact_square_terms(x: Tensor) -> list[float]:
+    """Float64 values whose exact sum is the exact sum of ``x * x`` (Dekker's product, no FMA needed)."""
+    split = x * 134217729.0  # 2**27 + 1
+    high = split - (split - x)
+    low = x - high
+    square = x * x
+    error = ((high * high - square) + 2.0 * high * low) + low * low
+    return square.tolist() + error.tolist()
+
+
+def _accurate_sum_norm(wide: Sequence[Tensor], p: float) -> Tensor | None:
+    """The 1- or 2-norm of real float64 tensors with the sum rounded once (``math.fsum`` of exact terms).
+
+    For float64 grads, float64 arithmetic is not more accurate than the data: a plain float64
+    "ideal" would be off by an ulp or two and would reward whoever sums in the same order.
+    """
+    terms: list[float] = []
+    for t in wide:
+        flat = t.reshape(-1)
+        terms += flat.abs().tolist() if p == 1.0 else _exact_square_terms(flat)
+    try:
+        total = math.fsum(terms)
+    except (OverflowError, ValueError):  # squares beyond float64: use the plain computation
+        return None
+    if not math.isfinite(total):
+        return None
+    return torch.tensor(total if p == 1.0 else math.sqrt(total), dtype=torch.float64)
+
+
 def ideal_total_norm(tensors: Sequence[Tensor], p: float) -> Tensor:
-    """torch's "norm of per-tensor norms" in float64 (zero-size tensors contribute the identity)."""
+    """torch's "norm of per-tensor norms" in float64 (zero-size tensors contribute the identity).
+
+    For p = 1 and 2 over real finite values the sum is exact before its one rounding.
+    """
     wide = [t.detach().cpu().to(torch.complex128 if t.is_complex() else torch.float64) for t in tensors]
     wide = [t for t in wide if t.numel() or not (p < 0)]
     if not wide:
         return torch.tensor(0.0, dtype=torch.float64)
+    if p in (1.0, 2.0) and not any(t.is_complex() for t in wide) and all(bool(torch.isfinite(t).all()) for t in wide):
+        accurate = _accurate_sum_norm(wide, p)
+        if accurate is not None:
+            return accurate
     per_tensor = [torch.linalg.vector_norm(t, p) if t.numel() else torch.tensor(0.0, dtype=torch.float64) for t in wide]
     return torch.linalg.vector_norm(torch.stack(per_tensor), p)
 

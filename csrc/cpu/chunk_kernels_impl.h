@@ -1,0 +1,440 @@
+// The CPU chunk loops, written once against a small SIMD layer and compiled once per instruction
+// set. The including file defines FC_ISA_GETTER (the exported function returning the table) and
+// FC_ISA_NAME, and is compiled with the matching -m flags.
+//
+// Everything below has internal linkage: a shared inline copy of a helper, compiled with AVX2 and
+// picked by the linker for the baseline code, could crash a CPU without AVX2. For the same reason
+// no standard-library templates are used here.
+//
+// Determinism: a chunk's sum is kept in 16 logical double lanes (element i goes to lane i % 16,
+// in order), combined by a fixed tree, then the scalar tail is added. Products of float, half and
+// bfloat16 values are exact in double, and nothing is contracted into fused multiply-adds
+// (-ffp-contract=off), so every instruction set gives the same bits.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "../fusedclip.h"
+#include "chunk_kernels.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if !defined(FC_ISA_GETTER) || !defined(FC_ISA_NAME)
+#error "define FC_ISA_GETTER and FC_ISA_NAME before including chunk_kernels_impl.h"
+#endif
+
+namespace fusedclip {
+namespace cpu {
+namespace {
+
+constexpr int kLanes = 16;
+
+// ---- scalar element access ----------------------------------------------------------------------
+
+template <int D>
+inline float load1f(const char* base, int64_t i) {
+  if constexpr (D == kFloat32) {
+    float v;
+    std::memcpy(&v, base + 4 * i, 4);
+    return v;
+  } else {
+    uint16_t h;
+    std::memcpy(&h, base + 2 * i, 2);
+    if constexpr (D == kBFloat16) {
+      return bf16_to_float(h);
+    } else {
+#if defined(__F16C__)
+      return _cvtsh_ss(h);
+#else
+      return half_to_float(h);
+#endif
+    }
+  }
+}
+
+template <int D>
+inline double load1d(const char* base, int64_t i) {
+  if constexpr (D == kFloat64) {
+    double v;
+    std::memcpy(&v, base + 8 * i, 8);
+    return v;
+  } else {
+    return static_cast<double>(load1f<D>(base, i));
+  }
+}
+
+template <int D>
+inline void store1f(char* base, int64_t i, float v) {
+  if constexpr (D == kFloat32) {
+    std::memcpy(base + 4 * i, &v, 4);
+  } else {
+    uint16_t h;
+    if constexpr (D == kBFloat16) {
+      h = float_to_bf16(v);
+    } else {
+#if defined(__F16C__)
+      h = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+      h = float_to_half(v);
+#endif
+    }
+    std::memcpy(base + 2 * i, &h, 2);
+  }
+}
+
+inline void store1d(char* base, int64_t i, double v) { std::memcpy(base + 8 * i, &v, 8); }
+
+inline double abs_d(double x) { return __builtin_fabs(x); }
+
+// ---- the SIMD layer -----------------------------------------------------------------------------
+// kD doubles per VD, kF floats per VF; load_d/load_f convert kD/kF elements of dtype D.
+
+#if defined(__AVX2__)
+
+struct Simd {
+  static constexpr int kD = 4;
+  static constexpr int kF = 8;
+  using VD = __m256d;
+  using VF = __m256;
+
+  static VD zero_d() { return _mm256_setzero_pd(); }
+  static VD set1_d(double x) { return _mm256_set1_pd(x); }
+  static VD add_d(VD a, VD b) { return _mm256_add_pd(a, b); }
+  static VD mul_d(VD a, VD b) { return _mm256_mul_pd(a, b); }
+  static VD abs_d(VD a) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), a); }
+  // a > b ? a : b / a < b ? a : b; NaNs are tracked separately by the callers
+  static VD max_d(VD a, VD b) { return _mm256_max_pd(a, b); }
+  static VD min_d(VD a, VD b) { return _mm256_min_pd(a, b); }
+  static VD nan_mask_d(VD a) { return _mm256_cmp_pd(a, a, _CMP_UNORD_Q); }
+  static VD or_d(VD a, VD b) { return _mm256_or_pd(a, b); }
+  // 1.0 where a != 0 (NaN included), else 0.0
+  static VD nonzero_d(VD a) {
+    return _mm256_and_pd(_mm256_cmp_pd(a, _mm256_setzero_pd(), _CMP_NEQ_UQ), _mm256_set1_pd(1.0));
+  }
+  static void store_lanes(double* out, VD a) { _mm256_storeu_pd(out, a); }
+  static VD clamp_d(VD x, VD lo, VD hi) {
+    const VD low = _mm256_blendv_pd(x, lo, _mm256_cmp_pd(x, lo, _CMP_LT_OQ));
+    return _mm256_blendv_pd(low, hi, _mm256_cmp_pd(low, hi, _CMP_GT_OQ));
+  }
+  static VF set1_f(float x) { return _mm256_set1_ps(x); }
+  static VF mul_f(VF a, VF b) { return _mm256_mul_ps(a, b); }
+  static VF clamp_f(VF x, VF lo, VF hi) {
+    const VF low = _mm256_blendv_ps(x, lo, _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+    return _mm256_blendv_ps(low, hi, _mm256_cmp_ps(low, hi, _CMP_GT_OQ));
+  }
+
+  template <int D>
+  static VD load_d(const char* p) {
+    if constexpr (D == kFloat64) {
+      return _mm256_loadu_pd(reinterpret_cast<const double*>(p));
+    } else if constexpr (D == kFloat32) {
+      return _mm256_cvtps_pd(_mm_loadu_ps(reinterpret_cast<const float*>(p)));
+    } else if constexpr (D == kBFloat16) {
+      const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
+    } else {
+      return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    }
+  }
+  static void store_d64(char* p, VD v) { _mm256_storeu_pd(reinterpret_cast<double*>(p), v); }
+
+  template <int D>
+  static VF load_f(const char* p) {
+    if constexpr (D == kFloat32) {
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+    } else if constexpr (D == kBFloat16) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+  }
+
+  template <int D>
+  static void store_f(char* p, VF v) {
+    if constexpr (D == kFloat32) {
+      _mm256_storeu_ps(reinterpret_cast<float*>(p), v);
+    } else if constexpr (D == kBFloat16) {
+      // round to nearest even, NaN -> 0x7fc0 (as c10::BFloat16)
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+};
+
+#else  // portable scalar layer: one element per "vector"
+
+struct Simd {
+  static constexpr int kD = 1;
+  static constexpr int kF = 1;
+  using VD = double;
+  using VF = float;
+
+  static VD zero_d() { return 0.0; }
+  static VD set1_d(double x) { return x; }
+  static VD add_d(VD a, VD b) { return a + b; }
+  static VD mul_d(VD a, VD b) { return a * b; }
+  static VD abs_d(VD a) { return __builtin_fabs(a); }
+  static VD max_d(VD a, VD b) { return a > b ? a : b; }
+  static VD min_d(VD a, VD b) { return a < b ? a : b; }
+  static VD nan_mask_d(VD a) { return a != a ? 1.0 : 0.0; }
+  static VD or_d(VD a, VD b) { return (a != 0.0 || b != 0.0) ? 1.0 : 0.0; }
+  static VD nonzero_d(VD a) { return a != 0.0 ? 1.0 : 0.0; }
+  static void store_lanes(double* out, VD a) { *out = a; }
+  static VD clamp_d(VD x, VD lo, VD hi) {
+    const VD low = x < lo ? lo : x;
+    return low > hi ? hi : low;
+  }
+  static VF set1_f(float x) { return x; }
+  static VF mul_f(VF a, VF b) { return a * b; }
+  static VF clamp_f(VF x, VF lo, VF hi) {
+    const VF low = x < lo ? lo : x;
+    return low > hi ? hi : low;
+  }
+  template <int D>
+  static VD load_d(const char* p) {
+    return load1d<D>(p, 0);
+  }
+  static void store_d64(char* p, VD v) { store1d(p, 0, v); }
+  template <int D>
+  static VF load_f(const char* p) {
+    return load1f<D>(p, 0);
+  }
+  template <int D>
+  static void store_f(char* p, VF v) {
+    store1f<D>(p, 0, v);
+  }
+};
+
+#endif
+
+using VD = Simd::VD;
+using VF = Simd::VF;
+constexpr int kD = Simd::kD;
+constexpr int kF = Simd::kF;
+constexpr int kAccs = kLanes / kD;  // vector accumulators holding the 16 logical lanes
+static_assert(kLanes % kD == 0, "the logical lanes must fill whole vectors");
+
+template <int D>
+constexpr int64_t elem_size() {
+  return D == kFloat64 ? 8 : (D == kFloat32 ? 4 : 2);
+}
+
+// The 16 lanes combined by a fixed tree (the same for every instruction set).
+inline double combine_lanes(const VD* accs) {
+  double lanes[kLanes];
+  for (int a = 0; a < kAccs; ++a) Simd::store_lanes(lanes + a * kD, accs[a]);
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int k = 0; k < width; ++k) lanes[k] += lanes[k + width];
+  }
+  return lanes[0];
+}
+
+// ---- norm partial of one chunk --------------------------------------------------------------------
+
+// sum of |x| (kSquare = false) or of x * x (kSquare = true), in double
+template <int D, bool kSquare>
+double sum_chunk(const char* data, int64_t n) {
+  constexpr int64_t es = elem_size<D>();
+  VD accs[kAccs];
+  for (int a = 0; a < kAccs; ++a) accs[a] = Simd::zero_d();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC unroll 16
+    for (int a = 0; a < kAccs; ++a) {
+      const VD x = Simd::load_d<D>(data + (i + a * kD) * es);
+      accs[a] = Simd::add_d(accs[a], kSquare ? Simd::mul_d(x, x) : Simd::abs_d(x));
+    }
+  }
+  double tail = 0.0;
+  for (; i < n; ++i) {
+    const double x = load1d<D>(data, i);
+    tail += kSquare ? x * x : abs_d(x);
+  }
+  return combine_lanes(accs) + tail;
+}
+
+// max |x| (kMax) or min |x| (kMin), NaN-propagating; exact, so the order does not matter
+template <int D, bool kIsMax>
+double extreme_chunk(const char* data, int64_t n) {
+  constexpr int64_t es = elem_size<D>();
+  VD best = Simd::set1_d(kIsMax ? 0.0 : FC_INF);
+  VD nan = Simd::zero_d();
+  int64_t i = 0;
+  for (; i + kD <= n; i += kD) {
+    const VD x = Simd::abs_d(Simd::load_d<D>(data + i * es));
+    nan = Simd::or_d(nan, Simd::nan_mask_d(x));
+    best = kIsMax ? Simd::max_d(best, x) : Simd::min_d(best, x);
+  }
+  double lanes[kD], nans[kD];
+  Simd::store_lanes(lanes, best);
+  Simd::store_lanes(nans, nan);
+  bool any_nan = false;
+  double result = kIsMax ? 0.0 : FC_INF;
+  for (int k = 0; k < kD; ++k) {
+    any_nan |= nans[k] != 0.0;
+    result = kIsMax ? (lanes[k] > result ? lanes[k] : result) : (lanes[k] < result ? lanes[k] : result);
+  }
+  for (; i < n; ++i) {
+    const double x = abs_d(load1d<D>(data, i));
+    any_nan |= x != x;
+    result = kIsMax ? (x > result ? x : result) : (x < result ? x : result);
+  }
+  return any_nan ? __builtin_nan("") : result;
+}
+
+// number of elements != 0 (NaN counts); exact
+template <int D>
+double count_chunk(const char* data, int64_t n) {
+  constexpr int64_t es = elem_size<D>();
+  VD count = Simd::zero_d();
+  int64_t i = 0;
+  for (; i + kD <= n; i += kD) count = Simd::add_d(count, Simd::nonzero_d(Simd::load_d<D>(data + i * es)));
+  double lanes[kD];
+  Simd::store_lanes(lanes, count);
+  double result = 0.0;
+  for (int k = 0; k < kD; ++k) result += lanes[k];
+  for (; i < n; ++i) result += load1d<D>(data, i) != 0.0 ? 1.0 : 0.0;
+  return result;
+}
+
+// sum of |x|^p for any other p, in order
+template <int D>
+double pow_chunk(const char* data, int64_t n, double p) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += __builtin_pow(abs_d(load1d<D>(data, i)), p);
+  return sum;
+}
+
+template <int D>
+double norm_chunk(const char* data, int64_t n, int kind, double p) {
+  switch (kind) {
+    case kMax:
+      return extreme_chunk<D, true>(data, n);
+    case kMin:
+      return extreme_chunk<D, false>(data, n);
+    case kCount:
+      return count_chunk<D>(data, n);
+    default:
+      if (p == 2.0) return sum_chunk<D, true>(data, n);
+      if (p == 1.0) return sum_chunk<D, false>(data, n);
+      return pow_chunk<D>(data, n, p);
+  }
+}
+
+void norm_chunks(const Tables& tables, int64_t begin, int64_t end, int kind, double p, double* partials) {
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk chunk = resolve_chunk(tables, c);
+    double partial;
+    switch (chunk.dtype) {
+      case kFloat32:
+        partial = norm_chunk<kFloat32>(chunk.data, chunk.length, kind, p);
+        break;
+      case kFloat16:
+        partial = norm_chunk<kFloat16>(chunk.data, chunk.length, kind, p);
+        break;
+      case kBFloat16:
+        partial = norm_chunk<kBFloat16>(chunk.data, chunk.length, kind, p);
+        break;
+      default:
+        partial = norm_chunk<kFloat64>(chunk.data, chunk.length, kind, p);
+        break;
+    }
+    partials[c] = partial;
+  }
+}
+
+// ---- scale and clamp ------------------------------------------------------------------------------
+
+template <int D>
+void scale_chunk(char* data, int64_t n, double coef) {
+  constexpr int64_t es = elem_size<D>();
+  int64_t i = 0;
+  if constexpr (D == kFloat64) {
+    const VD c = Simd::set1_d(coef);
+    for (; i + kD <= n; i += kD) Simd::store_d64(data + i * es, Simd::mul_d(Simd::load_d<D>(data + i * es), c));
+    for (; i < n; ++i) store1d(data, i, load1d<D>(data, i) * coef);
+  } else {
+    const float cf = static_cast<float>(coef);
+    const VF c = Simd::set1_f(cf);
+    for (; i + kF <= n; i += kF) Simd::store_f<D>(data + i * es, Simd::mul_f(Simd::load_f<D>(data + i * es), c));
+    for (; i < n; ++i) store1f<D>(data, i, load1f<D>(data, i) * cf);
+  }
+}
+
+template <int D>
+void clamp_chunk(char* data, int64_t n, double clip_value) {
+  constexpr int64_t es = elem_size<D>();
+  int64_t i = 0;
+  if constexpr (D == kFloat64) {
+    const VD lo = Simd::set1_d(-clip_value), hi = Simd::set1_d(clip_value);
+    for (; i + kD <= n; i += kD) Simd::store_d64(data + i * es, Simd::clamp_d(Simd::load_d<D>(data + i * es), lo, hi));
+    for (; i < n; ++i) {
+      const double x = load1d<D>(data, i);
+      store1d(data, i, x > clip_value ? clip_value : (x < -clip_value ? -clip_value : x));
+    }
+  } else {
+    const float v = static_cast<float>(clip_value);
+    const VF lo = Simd::set1_f(-v), hi = Simd::set1_f(v);
+    for (; i + kF <= n; i += kF) Simd::store_f<D>(data + i * es, Simd::clamp_f(Simd::load_f<D>(data + i * es), lo, hi));
+    for (; i < n; ++i) {
+      const float x = load1f<D>(data, i);
+      store1f<D>(data, i, x > v ? v : (x < -v ? -v : x));
+    }
+  }
+}
+
+template <template <int> class Op, class... Args>
+void for_each_chunk(const Tables& tables, int64_t begin, int64_t end, Args... args) {
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk chunk = resolve_chunk(tables, c);
+    switch (chunk.dtype) {
+      case kFloat32:
+        Op<kFloat32>::run(chunk.data, chunk.length, args...);
+        break;
+      case kFloat16:
+        Op<kFloat16>::run(chunk.data, chunk.length, args...);
+        break;
+      case kBFloat16:
+        Op<kBFloat16>::run(chunk.data, chunk.length, args...);
+        break;
+      default:
+        Op<kFloat64>::run(chunk.data, chunk.length, args...);
+        break;
+    }
+  }
+}
+
+template <int D>
+struct ScaleOp {
+  static void run(char* data, int64_t n, double coef) { scale_chunk<D>(data, n, coef); }
+};
+template <int D>
+struct ClampOp {
+  static void run(char* data, int64_t n, double clip_value) { clamp_chunk<D>(data, n, clip_value); }
+};
+
+void scale_chunks(const Tables& tables, int64_t begin, int64_t end, double coef) {
+  for_each_chunk<ScaleOp>(tables, begin, end, coef);
+}
+
+void clamp_chunks(const Tables& tables, int64_t begin, int64_t end, double clip_value) {
+  for_each_chunk<ClampOp>(tables, begin, end, clip_value);
+}
+
+}  // namespace
+
+ChunkKernels FC_ISA_GETTER() { return ChunkKernels{FC_ISA_NAME, norm_chunks, scale_chunks, clamp_chunks}; }
+
+}  // namespace cpu
+}  // namespace fusedclip

@@ -1,0 +1,140 @@
+#include "cpu_ops.h"
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "../fusedclip.h"
+#include "chunk_kernels.h"
+#include "thread_pool.h"
+
+namespace fusedclip {
+namespace cpu {
+namespace {
+
+// Below this many elements a call runs on the calling thread: waking a worker costs more than
+// it saves.
+constexpr int64_t kParallelMinElements = 1 << 18;
+// Elements claimed at a time by a thread (whole chunks): large enough that claiming is cheap,
+// small enough that a thread descheduled by a noisy neighbour leaves little work behind.
+constexpr int64_t kClaimElements = 1 << 18;
+
+// A range of chunks shared out to the threads in claims of `grain` chunks.
+struct ChunkQueue {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+  int64_t grain = 1;
+
+  bool claim(int64_t* begin, int64_t* stop) {
+    const int64_t b = next.fetch_add(grain, std::memory_order_relaxed);
+    if (b >= end) return false;
+    *begin = b;
+    *stop = std::min(b + grain, end);
+    return true;
+  }
+};
+
+int threads_for(const PlanArgs& plan) {
+  if (plan.total_elements < kParallelMinElements || plan.num_chunks < 2) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(plan.threads, plan.num_chunks)));
+}
+
+void init_queue(ChunkQueue& queue, const PlanArgs& plan, int threads) {
+  queue.end = plan.num_chunks;
+  const int64_t average = std::max<int64_t>(1, plan.total_elements / std::max<int64_t>(1, plan.num_chunks));
+  const int64_t by_size = std::max<int64_t>(1, kClaimElements / average);
+  const int64_t by_balance = std::max<int64_t>(1, plan.num_chunks / (4 * static_cast<int64_t>(threads)));
+  queue.grain = threads == 1 ? plan.num_chunks : std::min(by_size, by_balance);
+}
+
+struct NormJob {
+  Tables tables;
+  const ChunkKernels* kernels;
+  int kind;
+  double p;
+  double* partials;
+  ChunkQueue queue;
+};
+
+void norm_worker(void* ctx, int /*worker*/) {
+  NormJob& job = *static_cast<NormJob*>(ctx);
+  int64_t begin, end;
+  while (job.queue.claim(&begin, &end)) job.kernels->norm(job.tables, begin, end, job.kind, job.p, job.partials);
+}
+
+struct ElementwiseJob {
+  Tables tables;
+  const ChunkKernels* kernels;
+  bool is_scale;
+  double value;  // coefficient or clip value
+  ChunkQueue queue;
+};
+
+void elementwise_worker(void* ctx, int /*worker*/) {
+  ElementwiseJob& job = *static_cast<ElementwiseJob*>(ctx);
+  int64_t begin, end;
+  while (job.queue.claim(&begin, &end)) {
+    if (job.is_scale) {
+      job.kernels->scale(job.tables, begin, end, job.value);
+    } else {
+      job.kernels->clamp(job.tables, begin, end, job.value);
+    }
+  }
+}
+
+void run_elementwise(const PlanArgs& plan, bool is_scale, double value) {
+  ElementwiseJob job;
+  job.tables = tables_from_packed(plan.packed, plan.num_tensors, plan.num_chunks, plan.chunk_elements);
+  job.kernels = &active_kernels();
+  job.is_scale = is_scale;
+  job.value = value;
+  const int threads = threads_for(plan);
+  init_queue(job.queue, plan, threads);
+  parallel_run(threads, elementwise_worker, &job);
+}
+
+}  // namespace
+
+void norm(const PlanArgs& plan, const NormArgs& args) {
+  std::vector<double> partials(static_cast<size_t>(plan.num_chunks));
+  NormJob job;
+  job.tables = tables_from_packed(plan.packed, plan.num_tensors, plan.num_chunks, plan.chunk_elements);
+  job.kernels = &active_kernels();
+  job.kind = args.kind;
+  job.p = args.p;
+  job.partials = partials.data();
+  const int threads = threads_for(plan);
+  init_queue(job.queue, plan, threads);
+  parallel_run(threads, norm_worker, &job);
+
+  // Fixed-order reductions: chunks of a tensor in order, then tensors in order.
+  const Tables& tables = job.tables;
+  double total_acc = acc_identity(args.kind == kCount ? kSumPow : args.kind);
+  for (int64_t t = 0; t < plan.num_tensors; ++t) {
+    double tensor_acc = acc_identity(args.kind);
+    for (int64_t c = tables.first_chunk[t]; c < tables.first_chunk[t + 1]; ++c) {
+      tensor_acc = acc_combine(args.kind, tensor_acc, partials[static_cast<size_t>(c)]);
+    }
+    const bool empty = tables.numels[t] == 0;
+    if (args.per_tensor_out != nullptr) {
+      args.per_tensor_out[t] = empty ? 0.0 : norm_from_acc(args.kind, args.p, tensor_acc);
+    }
+    if (!empty) total_acc = acc_combine(args.kind, total_acc, tensor_contribution(args.kind, tensor_acc));
+  }
+
+  const Finished done =
+      finish(args.kind, args.p, total_acc, args.coef_out != nullptr, args.max_norm, args.has_scale, args.scale);
+  *args.acc_out = total_acc;
+  write_scalar(args.total_out, args.total_dtype, done.total);
+  if (args.coef_out != nullptr) *args.coef_out = done.coef;
+}
+
+void scale(const PlanArgs& plan, double coef) {
+  if (coef >= 1.0) return;  // unclipped: nothing to write (NaN is not >= 1 and is applied)
+  run_elementwise(plan, true, coef);
+}
+
+void clamp(const PlanArgs& plan, double clip_value) { run_elementwise(plan, false, clip_value); }
+
+}  // namespace cpu
+}  // namespace fusedclip
