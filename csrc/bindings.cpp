@@ -240,6 +240,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_clamp", &cpu_clamp, "Clamp a plan's CPU tensors to [-clip_value, clip_value]", py::arg("packed"),
         py::arg("num_tensors"), py::arg("num_chunks"), py::arg("chunk_elements"), py::arg("total_elements"),
         py::arg("threads"), py::arg("clip_value"));
+  m.def(
+      "cpu_stats",
+      [] {
+        const fusedclip::cpu::Stats s = fusedclip::cpu::stats();
+        py::dict d;
+        d["norm_passes"] = s.norm_passes;
+        d["scale_passes"] = s.scale_passes;
+        d["clamp_passes"] = s.clamp_passes;
+        d["last_threads"] = s.last_threads;
+        return d;
+      },
+      "Passes over the data run so far by the CPU kernels, and the threads the last one used (for tests)");
   m.def("cpu_isa", [] { return std::string(fusedclip::cpu::active_kernels().isa); },
         "The instruction set of the CPU loops in use");
   m.def("cpu_select_isa", [](const std::string& name) { return fusedclip::cpu::select_isa(name.c_str()); },

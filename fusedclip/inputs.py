@@ -7,6 +7,7 @@ half-modified. Messages name the bad value and what is accepted.
 from __future__ import annotations
 
 import math
+import operator
 import types
 import warnings
 from collections.abc import Iterable
@@ -45,10 +46,13 @@ def _bad_item(items: list, what: str) -> TypeError:
     return TypeError(f"{what} must contain only torch.Tensor objects")
 
 
+_get_grad = operator.attrgetter("grad")
+
+
 def grads_of(params: list) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, in order; non-tensors raise ``TypeError``."""
     try:
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [grad for grad in map(_get_grad, params) if grad is not None]  # one .grad read each
     except AttributeError:
         raise _bad_item(params, "parameters") from None
     check_tensors(grads, "gradients")

@@ -288,7 +288,7 @@ class PlanCache:
     def __init__(self, size: int = CACHE_SIZE, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.size = size
         self.chunk_elements = chunk_elements
-        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._plans: OrderedDict[_PlanKey, Plan] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -326,7 +326,23 @@ _get_dtype = operator.attrgetter("dtype")
 _get_device = operator.attrgetter("device")
 
 
-def _cache_key(grads: list[Tensor]) -> tuple | None:
+class _PlanKey:
+    """A cache key that hashes its long tuple once (a lookup and the LRU update would each hash it)."""
+
+    __slots__ = ("parts", "_hash")
+
+    def __init__(self, parts: tuple) -> None:
+        self.parts = parts
+        self._hash = hash(parts)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _PlanKey) and self._hash == other._hash and self.parts == other.parts
+
+
+def _cache_key(grads: list[Tensor]) -> _PlanKey | None:
     """Address, size, dtype and contiguity of every grad: what makes a cached plan safe to reuse."""
     try:
         addresses = tuple(map(Tensor.data_ptr, grads))
@@ -342,7 +358,7 @@ def _cache_key(grads: list[Tensor]) -> tuple | None:
         key += (grads[0].device,)
     if not all(contiguous):
         key += (tuple((g.shape, g.stride()) for g, c in zip(grads, contiguous) if not c),)
-    return key
+    return _PlanKey(key)
 
 
 #: the process-wide plan cache

@@ -141,6 +141,30 @@ struct Simd {
   }
   static void store_d64(char* p, VD v) { _mm256_storeu_pd(reinterpret_cast<double*>(p), v); }
 
+  // 16 consecutive elements as doubles: out[a] holds elements 4a .. 4a + 3.
+  template <int D>
+  static void load16_d(const char* p, VD* out) {
+    if constexpr (D == kFloat32 || D == kFloat64) {
+      for (int a = 0; a < 4; ++a) out[a] = load_d<D>(p + a * 4 * (D == kFloat32 ? 4 : 8));
+    } else {
+      for (int half = 0; half < 2; ++half) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * half));
+        __m128 lo, hi;
+        if constexpr (D == kBFloat16) {
+          // a bfloat16 is the upper half of a float: interleave with zeros
+          lo = _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h));
+          hi = _mm_castsi128_ps(_mm_unpackhi_epi16(_mm_setzero_si128(), h));
+        } else {
+          const __m256 f = _mm256_cvtph_ps(h);
+          lo = _mm256_castps256_ps128(f);
+          hi = _mm256_extractf128_ps(f, 1);
+        }
+        out[2 * half] = _mm256_cvtps_pd(lo);
+        out[2 * half + 1] = _mm256_cvtps_pd(hi);
+      }
+    }
+  }
+
   template <int D>
   static VF load_f(const char* p) {
     if constexpr (D == kFloat32) {
@@ -207,6 +231,10 @@ struct Simd {
   }
   static void store_d64(char* p, VD v) { store1d(p, 0, v); }
   template <int D>
+  static void load16_d(const char* p, VD* out) {
+    for (int k = 0; k < 16; ++k) out[k] = load1d<D>(p, k);
+  }
+  template <int D>
   static VF load_f(const char* p) {
     return load1f<D>(p, 0);
   }
@@ -250,11 +278,10 @@ double sum_chunk(const char* data, int64_t n) {
   for (int a = 0; a < kAccs; ++a) accs[a] = Simd::zero_d();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    VD x[kAccs];
+    Simd::load16_d<D>(data + i * es, x);
 #pragma GCC unroll 16
-    for (int a = 0; a < kAccs; ++a) {
-      const VD x = Simd::load_d<D>(data + (i + a * kD) * es);
-      accs[a] = Simd::add_d(accs[a], kSquare ? Simd::mul_d(x, x) : Simd::abs_d(x));
-    }
+    for (int a = 0; a < kAccs; ++a) accs[a] = Simd::add_d(accs[a], kSquare ? Simd::mul_d(x[a], x[a]) : Simd::abs_d(x[a]));
   }
   double tail = 0.0;
   for (; i < n; ++i) {

@@ -19,6 +19,9 @@ constexpr int64_t kParallelMinElements = 1 << 18;
 // small enough that a thread descheduled by a noisy neighbour leaves little work behind.
 constexpr int64_t kClaimElements = 1 << 18;
 
+std::atomic<int64_t> g_norm_passes{0}, g_scale_passes{0}, g_clamp_passes{0};
+std::atomic<int> g_last_threads{0};
+
 // A range of chunks shared out to the threads in claims of `grain` chunks.
 struct ChunkQueue {
   std::atomic<int64_t> next{0};
@@ -35,8 +38,12 @@ struct ChunkQueue {
 };
 
 int threads_for(const PlanArgs& plan) {
-  if (plan.total_elements < kParallelMinElements || plan.num_chunks < 2) return 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(plan.threads, plan.num_chunks)));
+  int threads = 1;
+  if (plan.total_elements >= kParallelMinElements && plan.num_chunks >= 2) {
+    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(plan.threads, plan.num_chunks)));
+  }
+  g_last_threads.store(threads, std::memory_order_relaxed);
+  return threads;
 }
 
 void init_queue(ChunkQueue& queue, const PlanArgs& plan, int threads) {
@@ -91,6 +98,7 @@ void run_elementwise(const PlanArgs& plan, bool is_scale, double value) {
   const int threads = threads_for(plan);
   init_queue(job.queue, plan, threads);
   parallel_run(threads, elementwise_worker, &job);
+  (is_scale ? g_scale_passes : g_clamp_passes).fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace
@@ -106,6 +114,7 @@ void norm(const PlanArgs& plan, const NormArgs& args) {
   const int threads = threads_for(plan);
   init_queue(job.queue, plan, threads);
   parallel_run(threads, norm_worker, &job);
+  g_norm_passes.fetch_add(1, std::memory_order_relaxed);
 
   // Fixed-order reductions: chunks of a tensor in order, then tensors in order.
   const Tables& tables = job.tables;
@@ -135,6 +144,10 @@ void scale(const PlanArgs& plan, double coef) {
 }
 
 void clamp(const PlanArgs& plan, double clip_value) { run_elementwise(plan, false, clip_value); }
+
+Stats stats() {
+  return Stats{g_norm_passes.load(), g_scale_passes.load(), g_clamp_passes.load(), g_last_threads.load()};
+}
 
 }  // namespace cpu
 }  // namespace fusedclip

@@ -40,5 +40,14 @@ void scale(const PlanArgs& plan, double coef);
 // x = x > v ? v : (x < -v ? -v : x).
 void clamp(const PlanArgs& plan, double clip_value);
 
+// Counters for tests: passes over the data run so far, and the threads the last pass used.
+struct Stats {
+  int64_t norm_passes;
+  int64_t scale_passes;
+  int64_t clamp_passes;
+  int last_threads;
+};
+Stats stats();
+
 }  // namespace cpu
 }  // namespace fusedclip

@@ -1,0 +1,176 @@
+"""The ``cuda`` backend: CUDA kernels from ``fusedclip._C`` over the plan's tables.
+
+One norm launch and one scale launch per clip, for any number of tensors and any dtype mix, on
+torch's current stream, with no host synchronisation and no allocation inside the launches, so
+the calls can be captured in CUDA graphs. The norm kernel computes the total norm and the clip
+coefficient on the device (the last block to finish reduces the per-unit partials in a fixed
+order: the same bits on every run); the scale kernel reads the coefficient and returns at once
+when it is >= 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ..norm_type import NormSpec
+from ..plan import DTYPE_CODES, KernelTables
+from .base import ACC_DTYPE, DeviceWork
+from .kernel_base import KernelBackend
+
+_SCRATCH_KEY = "cuda"
+
+
+class _Workspace:
+    """Per plan and device: the norm kernel's float64 partials and its two self-resetting counters."""
+
+    __slots__ = ("buffer", "partials", "counters", "device_index", "plan_args")
+
+    def __init__(self, tables: KernelTables, device: torch.device, device_index: int) -> None:
+        units = _ext.C.cuda_norm_units(device_index, tables.num_chunks, tables.chunk_elements)
+        # One extra float64 slot holds the two uint32 counters; zeroed once here, then every
+        # norm launch leaves them at zero for the next one.
+        self.buffer = torch.zeros(units + 1, dtype=ACC_DTYPE, device=device)
+        self.partials = self.buffer.data_ptr()
+        self.counters = self.partials + 8 * units
+        self.device_index = device_index
+        self.plan_args = (tables.packed.data_ptr(), tables.num_tensors, tables.num_chunks, tables.chunk_elements)
+
+
+def _device_scalar(value: Tensor, device: torch.device) -> Tensor:
+    """A 0-d tensor on ``device`` of a dtype the kernels read (float32/float16/bfloat16/float64)."""
+    value = value.detach().reshape(())
+    if value.device != device:
+        value = value.to(device, non_blocking=True)
+    if value.dtype not in DTYPE_CODES:
+        value = value.to(ACC_DTYPE)
+    return value
+
+
+class CudaBackend(KernelBackend):
+    """Fused norm, scale and clamp of CUDA grads in two launches."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        self._reason: str | None | bool = False  # False: not computed yet
+        self._device_reasons: dict[int, str | None] = {}
+
+    def unavailable_reason(self) -> str | None:
+        if self._reason is False:
+            self._reason = self._compute_reason()
+        return self._reason  # type: ignore[return-value]
+
+    @staticmethod
+    def _compute_reason() -> str | None:
+        reason = _ext.cuda_build_reason()
+        if reason is not None:
+            return reason
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        count, error = _ext.C.cuda_device_count()
+        if count == 0:
+            return f"the CUDA runtime linked into fusedclip._C sees no device ({error or 'no devices'})"
+        return None
+
+    def device_reason(self, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, not {device.type} tensors"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._device_reasons:
+            major, minor = torch.cuda.get_device_capability(index)
+            reason = None
+            if not _ext.runs_on_capability(major, minor):
+                reason = (
+                    f"fusedclip._C was compiled for CUDA architectures {_ext.BUILD_INFO.get('cuda_archs')}, which"
+                    f" cannot run on this GPU (compute capability {major}.{minor}); rebuild with"
+                    f" FUSEDCLIP_CUDA_ARCHS including {major}{minor}"
+                )
+            self._device_reasons[index] = reason
+        return self._device_reasons[index]
+
+    # -- launches ---------------------------------------------------------------------------------
+    @staticmethod
+    def _workspace(work: DeviceWork, tables: KernelTables) -> _Workspace:
+        workspace = work.plan.scratch.get(_SCRATCH_KEY)
+        if workspace is None:
+            device = work.device
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            workspace = work.plan.scratch[_SCRATCH_KEY] = _Workspace(tables, device, index)
+        return workspace
+
+    @staticmethod
+    def _stream(workspace: _Workspace) -> int:
+        return torch.cuda.current_stream(workspace.device_index).cuda_stream
+
+    def launch_norm(
+        self,
+        work: DeviceWork,
+        tables: KernelTables,
+        norm: NormSpec,
+        max_norm: float | Tensor | None,
+        out_dtype: torch.dtype,
+        per_tensor: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        device = work.device
+        workspace = self._workspace(work, tables)
+        total = torch.empty((), dtype=out_dtype, device=device)
+        acc = torch.empty((), dtype=ACC_DTYPE, device=device)
+        coef = None if max_norm is None else torch.empty((), dtype=ACC_DTYPE, device=device)
+        max_norm_value, max_norm_tensor = 0.0, None
+        if isinstance(max_norm, Tensor):
+            max_norm_tensor = _device_scalar(max_norm, device)
+        elif max_norm is not None:
+            max_norm_value = float(max_norm)
+        per_tensor_out = per_tensor
+        if per_tensor is not None and not (
+            per_tensor.dtype == ACC_DTYPE and per_tensor.device == device and per_tensor.is_contiguous()
+        ):
+            per_tensor_out = torch.empty(tables.num_tensors, dtype=ACC_DTYPE, device=device)
+        scale = None if grad_scale is None else _device_scalar(grad_scale, device)
+
+        with torch.cuda.device(workspace.device_index):
+            _ext.C.cuda_norm(
+                *workspace.plan_args,
+                workspace.device_index,
+                self._stream(workspace),
+                int(norm.kind),
+                norm.p,
+                total.data_ptr(),
+                DTYPE_CODES[out_dtype],
+                acc.data_ptr(),
+                0 if coef is None else coef.data_ptr(),
+                max_norm_value,
+                0 if max_norm_tensor is None else max_norm_tensor.data_ptr(),
+                0 if max_norm_tensor is None else DTYPE_CODES[max_norm_tensor.dtype],
+                0 if scale is None else scale.data_ptr(),
+                0 if scale is None else DTYPE_CODES[scale.dtype],
+                0 if per_tensor_out is None else per_tensor_out.data_ptr(),
+                workspace.partials,
+                workspace.counters,
+            )
+        if per_tensor_out is not per_tensor:
+            per_tensor.copy_(per_tensor_out)  # type: ignore[union-attr]
+        return total, coef, acc
+
+    def launch_scale(self, work: DeviceWork, tables: KernelTables, coef: Tensor) -> None:
+        workspace = self._workspace(work, tables)
+        if coef.device != work.device or coef.dtype not in DTYPE_CODES:
+            coef = _device_scalar(coef, work.device)
+        with torch.cuda.device(workspace.device_index):
+            _ext.C.cuda_scale(
+                *workspace.plan_args,
+                workspace.device_index,
+                self._stream(workspace),
+                coef.data_ptr(),
+                DTYPE_CODES[coef.dtype],
+            )
+
+    def launch_clamp(self, work: DeviceWork, tables: KernelTables, clip_value: float) -> None:
+        workspace = self._workspace(work, tables)
+        with torch.cuda.device(workspace.device_index):
+            _ext.C.cuda_clamp(
+                *workspace.plan_args, workspace.device_index, self._stream(workspace), float(clip_value)
+            )
