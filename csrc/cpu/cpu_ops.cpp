@@ -22,17 +22,20 @@ constexpr int64_t kClaimElements = 1 << 18;
 std::atomic<int64_t> g_norm_passes{0}, g_scale_passes{0}, g_clamp_passes{0};
 std::atomic<int> g_last_threads{0};
 
-// A range of chunks shared out to the threads in claims of `grain` chunks.
+// A range of chunks shared out to the threads in claims of `grain` chunks, first to last or (for
+// the pass after a norm) last to first: the chunks the norm read last may still be in cache.
 struct ChunkQueue {
   std::atomic<int64_t> next{0};
   int64_t end = 0;
   int64_t grain = 1;
+  bool backwards = false;
 
   bool claim(int64_t* begin, int64_t* stop) {
     const int64_t b = next.fetch_add(grain, std::memory_order_relaxed);
     if (b >= end) return false;
-    *begin = b;
-    *stop = std::min(b + grain, end);
+    const int64_t e = std::min(b + grain, end);
+    *begin = backwards ? end - e : b;
+    *stop = backwards ? end - b : e;
     return true;
   }
 };
@@ -97,6 +100,7 @@ void run_elementwise(const PlanArgs& plan, bool is_scale, double value) {
   job.value = value;
   const int threads = threads_for(plan);
   init_queue(job.queue, plan, threads);
+  job.queue.backwards = is_scale;
   parallel_run(threads, elementwise_worker, &job);
   (is_scale ? g_scale_passes : g_clamp_passes).fetch_add(1, std::memory_order_relaxed);
 }
