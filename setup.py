@@ -107,6 +107,21 @@ class NinjaBuildExt(build_ext):
     """Compiles csrc/ with a generated build.ninja instead of setuptools' one-file-at-a-time compiler."""
 
     def build_extension(self, ext: Extension) -> None:
+        cuda, required = ext.cuda  # type: ignore[attr-defined]
+        try:
+            self._build(ext, cuda)
+        except subprocess.CalledProcessError:
+            if cuda is None or required:
+                raise
+            # FUSEDCLIP_CUDA=auto: a broken CUDA toolchain must not block the CPU kernels.
+            print(
+                "fusedclip: WARNING: the CUDA kernels failed to compile (see above); building the CPU kernels"
+                " only. Set FUSEDCLIP_CUDA=1 to make this an error, or FUSEDCLIP_CUDA=0 to skip CUDA.",
+                flush=True,
+            )
+            self._build(ext, None)
+
+    def _build(self, ext: Extension, cuda: tuple[Path, list[tuple[str, bool]]] | None) -> None:
         try:
             import pybind11
         except ImportError as error:
@@ -133,7 +148,6 @@ class NinjaBuildExt(build_ext):
             defines.append("FUSEDCLIP_HAVE_AVX2")
             sources.append(("cpu/isa_avx2.cpp", "cxx_avx2"))
 
-        cuda = ext.cuda  # type: ignore[attr-defined]
         nvcc_flags: list[str] = []
         if cuda is not None:
             nvcc, archs = cuda
@@ -201,6 +215,9 @@ class NinjaBuildExt(build_ext):
 def get_extensions() -> list[Extension]:
     if _env("FUSEDCLIP_BUILD_EXT", "1") == "0":
         return []
+    if sys.platform == "win32":
+        print("fusedclip: the compiled extension is built on Linux and macOS only; the torch backend runs here")
+        return []
     mode = _env("FUSEDCLIP_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"FUSEDCLIP_CUDA must be auto, 0 or 1; got {mode!r}")
@@ -213,7 +230,7 @@ def get_extensions() -> list[Extension]:
             cuda = (nvcc, _cuda_archs(_env("FUSEDCLIP_CUDA_ARCHS", DEFAULT_CUDA_ARCHS) or DEFAULT_CUDA_ARCHS))
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in (".cpp", ".cu", ".h"))
     extension = Extension("fusedclip._C", sources=[s for s in sources if not s.endswith(".h")], depends=sources)
-    extension.cuda = cuda  # type: ignore[attr-defined]
+    extension.cuda = (cuda, mode == "1")  # type: ignore[attr-defined]
     return [extension]
 
 

@@ -38,7 +38,7 @@ def cuda_build_reason() -> str | None:
         return MISSING_REASON
     if not BUILD_INFO.get("has_cuda"):
         return (
-            "fusedclip._C was built without CUDA kernels (nvcc was not found at build time, or"
+            "fusedclip._C was built without CUDA kernels (nvcc was not found or failed at build time, or"
             " FUSEDCLIP_CUDA=0); rebuild with nvcc on PATH or CUDA_HOME set"
         )
     return None
