@@ -14,6 +14,7 @@ Unclipped cases use max_norm = 1e9. Only ratios mean anything on a shared, noisy
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -118,7 +119,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=21, help="timed calls per provider and case (default 21)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--case", action="append", choices=[c.name for c in CASES], help="run only these cases")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for both providers (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     available = fusedclip.available_backends()["cpu"]
     if available is not True:
@@ -126,9 +130,10 @@ def main() -> None:
     from fusedclip import _ext
 
     info = _ext.BUILD_INFO
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, fusedclip cpu loops: {info['cpu_isa']}"
-        f" (median of {args.reps} interleaved calls each)"
+        f" (median of {args.reps} interleaved calls each; load average {load})"
     )
     print(f"{'case':<26}{'tensors':>8}{'M elems':>9}{'torch ms':>10}{'ours ms':>10}{'ratio':>8}{'floor':>7}")
     for case in CASES:

@@ -288,7 +288,7 @@ class PlanCache:
     def __init__(self, size: int = CACHE_SIZE, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.size = size
         self.chunk_elements = chunk_elements
-        self._plans: OrderedDict[_PlanKey, Plan] = OrderedDict()
+        self._plans: OrderedDict[_PlanKey, tuple[_PlanKey, Plan]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -308,15 +308,16 @@ class PlanCache:
         if key is None:
             return build_plan(grads, False, self.chunk_elements)
         with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
+            entry = self._plans.get(key)
+            if entry is not None:
+                stored_key, plan = entry
+                self._plans.move_to_end(stored_key)  # found by identity: no second comparison
                 self.hits += 1
                 return plan
         plan = build_plan(grads, True, self.chunk_elements)
         with self._lock:
             self.misses += 1
-            self._plans[key] = plan
+            self._plans[key] = (key, plan)
             while len(self._plans) > self.size:
                 self._plans.popitem(last=False)
         return plan
