@@ -15,6 +15,11 @@ namespace {
 class ThreadPool {
  public:
   // Runs the job on the caller plus up to threads - 1 workers; false when the pool is busy.
+  //
+  // The caller never waits for a worker that has not started: once the caller has run out of
+  // work it closes the job, and a worker that wakes up later leaves the job alone. So a worker
+  // descheduled by a noisy neighbour costs nothing (the work is claimed dynamically, see
+  // cpu_ops.cpp); the caller only waits for workers still inside fn.
   bool run(int threads, void (*fn)(void*, int), void* ctx) {
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
@@ -28,13 +33,14 @@ class ThreadPool {
       fn_ = fn;
       ctx_ = ctx;
       helpers_ = helpers;
-      pending_ = helpers;
+      open_ = true;
       ++generation_;
     }
     if (helpers > 0) wake_.notify_all();
     fn(ctx, 0);
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    open_ = false;
+    done_.wait(lock, [this] { return running_ == 0; });
     return true;
   }
 
@@ -45,13 +51,14 @@ class ThreadPool {
     for (;;) {
       wake_.wait(lock, [&] { return generation_ != seen; });
       seen = generation_;
-      if (index > helpers_) continue;  // this call needs fewer threads
+      if (index > helpers_ || !open_) continue;  // not needed, or the caller already finished
       void (*fn)(void*, int) = fn_;
       void* ctx = ctx_;
+      ++running_;
       lock.unlock();
       fn(ctx, index);
       lock.lock();
-      if (--pending_ == 0) done_.notify_one();
+      if (--running_ == 0 && !open_) done_.notify_one();
     }
   }
 
@@ -61,7 +68,8 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   uint64_t generation_ = 0;
   int helpers_ = 0;
-  int pending_ = 0;
+  int running_ = 0;    // workers inside fn
+  bool open_ = false;  // the caller is still working: late workers may join
   void (*fn_)(void*, int) = nullptr;
   void* ctx_ = nullptr;
 };
