@@ -17,7 +17,7 @@ namespace {
 constexpr int64_t kParallelMinElements = 1 << 18;
 // Elements claimed at a time by a thread (whole chunks): large enough that claiming is cheap,
 // small enough that a thread descheduled by a noisy neighbour leaves little work behind.
-constexpr int64_t kClaimElements = 1 << 18;
+constexpr int64_t kClaimElements = 1 << 16;
 
 std::atomic<int64_t> g_norm_passes{0}, g_scale_passes{0}, g_clamp_passes{0};
 std::atomic<int> g_last_threads{0};
