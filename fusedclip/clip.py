@@ -30,7 +30,7 @@ from .inputs import (
 from .norm_type import NormSpec, parse_norm_type
 from .plan import all_plain
 
-__all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
+__all__ = ["clip_grad_norm_", "get_total_norm", "get_norms", "clip_grads_with_norm_", "clip_grad_value_"]
 
 
 def _no_grads_result() -> Tensor:
@@ -216,6 +216,35 @@ def get_total_norm(
     if not tensors:
         return _no_grads_result()
     return get_total_norm_impl(tensors, norm, error_if_nonfinite, foreach, backend, group)
+
+
+@torch.no_grad()
+def get_norms(
+    tensors: TensorOrTensors,
+    norm_type: float | str = 2.0,
+    *,
+    backend: str | None = None,
+    group: Any = None,
+) -> tuple[Tensor, Tensor]:
+    """The total norm and every tensor's own norm, from one pass over the tensors.
+
+    Returns:
+        ``(total, per_tensor)``: ``total`` as :func:`get_total_norm` returns it; ``per_tensor`` a
+        1-d tensor with one norm per input tensor (for ``norm_type=0`` its count of non-zero
+        elements), unrounded in float32 (float64 when any tensor is float64), on the first
+        tensor's device. With ``group``, the total is global and the per-tensor norms local.
+    """
+    tensors = as_list(tensors, "tensors")
+    check_tensors(tensors, "tensors")
+    norm = parse_norm_type(norm_type)
+    requested_backend(backend)
+    if not tensors:
+        return _no_grads_result(), torch.zeros(0)
+    device = tensors[0].device
+    per_tensor = torch.empty(len(tensors), dtype=ACC_DTYPE, device=device)
+    result, _ = norm_pass(tensors, norm, None, backend=backend, group=group, per_tensor=per_tensor)
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return result.total, per_tensor.to(wide)
 
 
 @torch.no_grad()
