@@ -130,8 +130,18 @@ def finish(
     With ``grad_scale`` ``s`` the grads count as ``s * grad``: the total is scaled by ``s`` (counts
     are not) and the coefficient returned is ``s * min(max_norm / (total + 1e-6), 1)``.
     """
-    raw = acc
-    total = total_from_accumulator(acc, norm)
+    return finish_total(total_from_accumulator(acc, norm), acc, norm, max_norm, out_dtype, grad_scale)
+
+
+def finish_total(
+    total: Tensor,
+    acc: Tensor,
+    norm: NormSpec,
+    max_norm: float | Tensor | None,
+    out_dtype: torch.dtype,
+    grad_scale: Tensor | None = None,
+) -> NormResult:
+    """:func:`finish` for a backend that forms the unscaled total itself."""
     scale = None if grad_scale is None else grad_scale.to(device=total.device, dtype=total.dtype)
     if scale is not None and norm.kind is not NormKind.COUNT:
         total = total * scale.abs()
@@ -140,7 +150,7 @@ def finish(
         coef = clip_coefficient(total, max_norm)
         if scale is not None:
             coef = coef * scale
-    return NormResult(total.to(out_dtype), coef, raw)
+    return NormResult(total.to(out_dtype), coef, acc)
 
 
 def combine_accumulators(accs: list[Tensor], norm: NormSpec) -> Tensor:
