@@ -122,7 +122,7 @@ def ideal_clipped(grad: Tensor, coef: np.longdouble) -> Tensor:
     """``grad * coef`` in extended precision, rounded once to float64."""
     values = grad.detach().cpu().to(torch.float64).numpy().astype(np.longdouble)
     with np.errstate(invalid="ignore", over="ignore"):
-        return torch.from_numpy((values * coef).astype(np.float64)).reshape(grad.shape)
+        return torch.from_numpy(np.asarray(values * coef, dtype=np.float64)).reshape(grad.shape)
 
 
 def ulp(ideal: Tensor, dtype: torch.dtype) -> Tensor:
