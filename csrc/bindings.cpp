@@ -234,7 +234,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("total_elements"), py::arg("threads"), py::arg("kind"), py::arg("p"), py::arg("total_out"),
         py::arg("total_dtype"), py::arg("acc_out"), py::arg("coef_out"), py::arg("max_norm"),
         py::arg("per_tensor_out"), py::arg("scale_ptr"), py::arg("scale_dtype"));
-  m.def("cpu_scale", &cpu_scale, "Multiply a plan's CPU tensors by the coefficient at coef_ptr (nothing when >= 1)",
+  m.def("cpu_scale", &cpu_scale, "Multiply a plan's CPU tensors by the coefficient at coef_ptr (nothing when it is 1)",
         py::arg("packed"), py::arg("num_tensors"), py::arg("num_chunks"), py::arg("chunk_elements"),
         py::arg("total_elements"), py::arg("threads"), py::arg("coef_ptr"), py::arg("coef_dtype"));
   m.def("cpu_clamp", &cpu_clamp, "Clamp a plan's CPU tensors to [-clip_value, clip_value]", py::arg("packed"),
@@ -268,7 +268,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("acc_out"), py::arg("coef_out"), py::arg("max_norm"), py::arg("max_norm_ptr"),
         py::arg("max_norm_dtype"), py::arg("scale_ptr"), py::arg("scale_dtype"), py::arg("per_tensor_out"),
         py::arg("partials"), py::arg("counters"));
-  m.def("cuda_scale", &cuda_scale, "One launch: multiply by the coefficient at coef_ptr unless it is >= 1",
+  m.def("cuda_scale", &cuda_scale, "One launch: multiply by the coefficient at coef_ptr unless it is 1",
         py::arg("packed"), py::arg("num_tensors"), py::arg("num_chunks"), py::arg("chunk_elements"), py::arg("device"),
         py::arg("stream"), py::arg("coef_ptr"), py::arg("coef_dtype"));
   m.def("cuda_clamp", &cuda_clamp, "One launch: clamp to [-clip_value, clip_value]", py::arg("packed"),

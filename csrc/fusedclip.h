@@ -11,7 +11,8 @@
 //  * total: accumulator (p = 1, inf, -inf, 0), its square root (p = 2) or its 1/p power; times |s|
 //    when a grad scale s is given (not for p = 0).
 //  * coefficient: r = max_norm / (total + 1e-6); c = r > 1 ? 1 : r (NaN propagates); times s.
-//  * scale: nothing to do when c >= 1; otherwise x = round(float(x) * float(c)) (double for fp64).
+//  * scale: nothing to do when c == 1; otherwise x = round(float(x) * float(c)) (double for fp64).
+//    (A clip coefficient is never above 1, but with a grad scale folded in it can be.)
 //  * clamp: x > v ? v : (x < -v ? -v : x), computed in float (double for fp64), NaN stays NaN.
 #pragma once
 

@@ -9,16 +9,27 @@ scaled in one more, without a host synchronisation. See :func:`available_backend
 
 from __future__ import annotations
 
+from .adaptive import Clipper
+from .amp import unscale_and_clip_
 from .backends import available_backends
-from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_norms, get_total_norm
+from .optim import clip_and_step_
+from .patch import is_patched, patch_torch, unpatch_torch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Clipper",
     "__version__",
     "available_backends",
+    "clip_and_step_",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "get_norms",
     "get_total_norm",
+    "is_patched",
+    "patch_torch",
+    "unpatch_torch",
+    "unscale_and_clip_",
 ]

@@ -6,13 +6,14 @@ The public functions in :mod:`fusedclip.clip` validate arguments and call into h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .backends import Backend, DeviceWork, requested_backend, resolve_backend
-from .backends.base import ACC_DTYPE, combine_accumulators, finish
+from .backends.base import ACC_DTYPE, NormResult, combine_accumulators, finish
 from .norm_type import NormSpec
 from .plan import PLANS, Plan
 
@@ -60,35 +61,49 @@ def _check_norm_is_defined(call: PreparedCall, norm: NormSpec) -> None:
             )
 
 
-def norm_and_coef(
+def norm_pass(
     call: PreparedCall,
     norm: NormSpec,
     max_norm: float | Tensor | None,
     *,
     per_tensor: Tensor | None = None,
     grad_scale: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """The total norm (0-d, ``call.result_dtype``, first device) and, if ``max_norm`` is given,
-    the float64 clip coefficient on the first device. No host synchronisation.
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> NormResult:
+    """One norm pass over the call's grads, without a host synchronisation.
 
-    ``per_tensor`` (float64, one slot per grad, on the first device) receives each grad's norm;
-    ``grad_scale`` is the factor the stored grads are read with (see :mod:`fusedclip.backends.base`).
+    Returns the total norm (0-d, ``call.result_dtype``, first device), the float64 clip coefficient
+    (if ``max_norm`` is given) and the raw float64 accumulator. ``per_tensor`` (float64, one slot
+    per grad, on the first device) receives each grad's norm; ``grad_scale`` is the factor the
+    stored grads are read with (see :mod:`fusedclip.backends.base`); ``reduce`` combines the
+    accumulator across processes (see :mod:`fusedclip.distributed`) before the total is formed.
     """
     _check_norm_is_defined(call, norm)
-    if len(call.works) == 1:
+    if len(call.works) == 1 and reduce is None:
         backend, work = call.works[0]
-        return backend.norm(
-            work, norm, max_norm, call.result_dtype, per_tensor=per_tensor, grad_scale=grad_scale
-        )
+        return backend.norm(work, norm, max_norm, call.result_dtype, per_tensor=per_tensor, grad_scale=grad_scale)
     first = call.first_device
     accs = []
     for backend, work in call.works:
-        local = None if per_tensor is None else torch.empty(work.plan.num_tensors, dtype=ACC_DTYPE, device=work.device)
+        local = per_tensor
+        if per_tensor is not None and not work.plan.whole_call:
+            local = torch.empty(work.plan.num_tensors, dtype=ACC_DTYPE, device=work.device)
         accs.append(backend.accumulate(work, norm, local).to(first))
-        if local is not None:
+        if local is not None and local is not per_tensor:
             positions = torch.tensor(work.plan.positions, dtype=torch.int64, device=first)
             per_tensor.index_copy_(0, positions, local.to(first))
-    return finish(combine_accumulators(accs, norm), norm, max_norm, call.result_dtype, grad_scale)
+    acc = accs[0] if len(accs) == 1 else combine_accumulators(accs, norm)
+    if reduce is not None:
+        acc = reduce(acc)
+    return finish(acc, norm, max_norm, call.result_dtype, grad_scale)
+
+
+def norm_and_coef(
+    call: PreparedCall, norm: NormSpec, max_norm: float | Tensor | None, **extras: object
+) -> tuple[Tensor, Tensor | None]:
+    """(total norm, clip coefficient) of :func:`norm_pass`."""
+    result = norm_pass(call, norm, max_norm, **extras)  # type: ignore[arg-type]
+    return result.total, result.coef
 
 
 def scale_(call: PreparedCall, coef: Tensor) -> None:
@@ -104,6 +119,8 @@ def clamp_(call: PreparedCall, clip_value: float) -> None:
 
 def raise_if_nonfinite(total: Tensor, norm: NormSpec) -> None:
     """torch's ``error_if_nonfinite`` check (the one place that synchronises with the device)."""
+    if hasattr(total, "to_local"):  # a DTensor total holds the global value locally
+        total = total.to_local()
     if not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {float(norm.p)} for gradients from `parameters` is non-finite, so it"

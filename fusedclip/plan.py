@@ -229,6 +229,11 @@ class Plan:
         return self.devices[0] if len(self.devices) == 1 else None
 
 
+def all_plain(tensors: list[Tensor]) -> bool:
+    """True when every item is a plain torch.Tensor or Parameter (no DTensor or other subclass)."""
+    return set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES
+
+
 def _kernel_reason(dtypes: set[torch.dtype]) -> str | None:
     unsupported = sorted(str(dtype) for dtype in dtypes if dtype not in DTYPE_CODES)
     if unsupported:

@@ -143,7 +143,7 @@ void norm(const PlanArgs& plan, const NormArgs& args) {
 }
 
 void scale(const PlanArgs& plan, double coef) {
-  if (coef >= 1.0) return;  // unclipped: nothing to write (NaN is not >= 1 and is applied)
+  if (coef == 1.0) return;  // unclipped: nothing to write (NaN is not 1 and is applied)
   run_elementwise(plan, true, coef);
 }
 

@@ -34,7 +34,8 @@ struct NormArgs {
 // thread count).
 void norm(const PlanArgs& plan, const NormArgs& args);
 
-// x = round(float(x) * float(coef)) (double for float64); nothing at all when coef >= 1.
+// x = round(float(x) * float(coef)) (double for float64); nothing at all when coef == 1 (a clip
+// coefficient is never above 1, but with a grad scale folded in it can be, and is then applied).
 void scale(const PlanArgs& plan, double coef);
 
 // x = x > v ? v : (x < -v ? -v : x).

@@ -45,7 +45,7 @@ int64_t norm_units(int device, int64_t num_chunks, int64_t chunk_elements, const
 // tensors in a fixed order and writes total, accumulator, coefficient and per-tensor norms.
 const char* norm(const PlanArgs& plan, const NormArgs& args);
 
-// One launch: every block reads the coefficient and returns at once when it is >= 1; otherwise
+// One launch: every block reads the coefficient and returns at once when it is exactly 1; otherwise
 // x = round(float(x) * float(coef)) (double for float64).
 const char* scale(const PlanArgs& plan, const void* coef_ptr, int coef_dtype);
 

@@ -11,7 +11,8 @@
 // order, computes total and coefficient on the device, writes them, and resets the ticket and
 // the counter for the next launch. No floating-point atomics: every run gives the same bits.
 //
-// The scale kernel: every block reads the coefficient first and returns at once when it is >= 1.
+// The scale kernel: every block reads the coefficient first and returns at once when it is 1 (a
+// clip coefficient is never above 1, but with a grad scale folded in it can be, and then applies).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -405,7 +406,7 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(ElementwiseParams
   double value = params.clip_value;
   if (kIsScale) {
     value = read_device_scalar(params.coef_ptr, params.coef_dtype);
-    if (value >= 1.0) return;  // unclipped: nothing to write (NaN is not >= 1 and is applied)
+    if (value == 1.0) return;  // unclipped: nothing to write (NaN is not 1 and is applied)
   }
   const float value_f = static_cast<float>(value);
   const Tables tables = tables_from_packed(params.packed, params.num_tensors, params.num_chunks, params.chunk_elements);

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,6 +43,14 @@ class DeviceWork:
     @property
     def device(self) -> torch.device:
         return self.plan.device
+
+
+class NormResult(NamedTuple):
+    """What a norm pass produces, all 0-d tensors on the device."""
+
+    total: Tensor  # the total norm, rounded once to the result dtype (scaled by grad_scale)
+    coef: Tensor | None  # float64 factor to multiply the stored grads by (None without max_norm)
+    acc: Tensor  # float64 raw accumulator of the stored grads (unscaled, unrounded)
 
 
 class Backend(abc.ABC):
@@ -76,9 +85,9 @@ class Backend(abc.ABC):
         *,
         per_tensor: Tensor | None = None,
         grad_scale: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Total norm (in ``out_dtype``) and clip coefficient (float64; None when ``max_norm`` is
-        None), both 0-d on the device."""
+    ) -> NormResult:
+        """Total norm (in ``out_dtype``), clip coefficient (float64; None when ``max_norm`` is
+        None) and raw accumulator, all 0-d on the device."""
         return finish(self.accumulate(work, norm, per_tensor), norm, max_norm, out_dtype, grad_scale)
 
     @abc.abstractmethod
@@ -115,13 +124,24 @@ def finish(
     max_norm: float | Tensor | None,
     out_dtype: torch.dtype,
     grad_scale: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+) -> NormResult:
     """Total norm rounded once to ``out_dtype`` and the coefficient from the unrounded total.
 
     With ``grad_scale`` ``s`` the grads count as ``s * grad``: the total is scaled by ``s`` (counts
     are not) and the coefficient returned is ``s * min(max_norm / (total + 1e-6), 1)``.
     """
-    total = total_from_accumulator(acc, norm)
+    return finish_total(total_from_accumulator(acc, norm), acc, norm, max_norm, out_dtype, grad_scale)
+
+
+def finish_total(
+    total: Tensor,
+    acc: Tensor,
+    norm: NormSpec,
+    max_norm: float | Tensor | None,
+    out_dtype: torch.dtype,
+    grad_scale: Tensor | None = None,
+) -> NormResult:
+    """:func:`finish` for a backend that forms the unscaled total itself."""
     scale = None if grad_scale is None else grad_scale.to(device=total.device, dtype=total.dtype)
     if scale is not None and norm.kind is not NormKind.COUNT:
         total = total * scale.abs()
@@ -130,7 +150,7 @@ def finish(
         coef = clip_coefficient(total, max_norm)
         if scale is not None:
             coef = coef * scale
-    return total.to(out_dtype), coef
+    return NormResult(total.to(out_dtype), coef, acc)
 
 
 def combine_accumulators(accs: list[Tensor], norm: NormSpec) -> Tensor:

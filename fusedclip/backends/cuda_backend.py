@@ -5,7 +5,7 @@ torch's current stream, with no host synchronisation and no allocation inside th
 the calls can be captured in CUDA graphs. The norm kernel computes the total norm and the clip
 coefficient on the device (the last block to finish reduces the per-unit partials in a fixed
 order: the same bits on every run); the scale kernel reads the coefficient and returns at once
-when it is >= 1.
+when it is 1.
 """
 
 from __future__ import annotations

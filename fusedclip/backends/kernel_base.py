@@ -21,7 +21,8 @@ The kernel contract every subclass implements (see ``csrc/fusedclip.h`` for the 
 * per-tensor norms (when a float64 ``per_tensor`` buffer is given): each tensor's own norm,
   unscaled, from the same pass (p = 0: its count of non-zero elements; zero-size tensors: 0).
 * the total is rounded once to ``out_dtype``; the accumulator is returned unrounded (float64).
-* scale: every program returns at once when ``coef >= 1``; otherwise
+* scale: every program returns at once when ``coef == 1`` (a clip coefficient is never above 1,
+  but with ``grad_scale`` folded in, e.g. AMP's inverse scale below 1, it can be); otherwise
   ``x = round(float(x) * float(coef))`` (float64 math for float64 grads).
 * clamp: ``x > v ? v : (x < -v ? -v : x)`` (NaN stays NaN).
 """
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ..norm_type import NormSpec
 from ..plan import DevicePlan, KernelTables
-from .base import Backend, DeviceWork
+from .base import Backend, DeviceWork, NormResult
 from .torch_backend import TorchBackend
 
 _TORCH = TorchBackend()
@@ -101,10 +102,9 @@ class KernelBackend(Backend):
         *,
         per_tensor: Tensor | None = None,
         grad_scale: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> NormResult:
         tables = self._tables(work)
-        total, coef, _ = self.launch_norm(work, tables, norm, max_norm, out_dtype, per_tensor, grad_scale)
-        return total, coef
+        return NormResult(*self.launch_norm(work, tables, norm, max_norm, out_dtype, per_tensor, grad_scale))
 
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:
         if work.plan.aliased:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..norm_type import NormKind, NormSpec
-from .base import ACC_DTYPE, Backend, DeviceWork
+from .base import ACC_DTYPE, Backend, DeviceWork, NormResult, finish_total
 
 try:  # private helpers torch's own clip_grad uses; degrade to "foreach where torch supports it"
     from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
@@ -64,13 +64,17 @@ class TorchBackend(Backend):
             norms.append(torch.stack(group_norms).to(ACC_DTYPE))
         return norms
 
-    def accumulate(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None) -> Tensor:
+    def _per_tensor_vector(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None) -> Tensor | None:
+        """Per-tensor norms as one float64 vector (None without non-empty tensors)."""
         norms = self._per_tensor_norms(work, norm)
         if per_tensor is not None:
             self._write_per_tensor(work, norm, norms, per_tensor)
         if not norms:
-            return torch.zeros((), dtype=ACC_DTYPE, device=work.device)
-        per_tensor = norms[0] if len(norms) == 1 else torch.cat(norms)
+            return None
+        return norms[0] if len(norms) == 1 else torch.cat(norms)
+
+    @staticmethod
+    def _accumulator(per_tensor: Tensor, norm: NormSpec) -> Tensor:
         if norm.kind is NormKind.MAX:
             return per_tensor.amax()
         if norm.kind is NormKind.MIN:
@@ -82,6 +86,30 @@ class TorchBackend(Backend):
         if norm.p == 2.0:
             return (per_tensor * per_tensor).sum()
         return per_tensor.pow(norm.p).sum()
+
+    def accumulate(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None) -> Tensor:
+        vector = self._per_tensor_vector(work, norm, per_tensor)
+        if vector is None:
+            return torch.zeros((), dtype=ACC_DTYPE, device=work.device)
+        return self._accumulator(vector, norm)
+
+    def norm(
+        self,
+        work: DeviceWork,
+        norm: NormSpec,
+        max_norm: float | Tensor | None,
+        out_dtype: torch.dtype,
+        *,
+        per_tensor: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> NormResult:
+        """torch's second stage (the norm of the per-tensor norms) in float64: one root, not two."""
+        vector = self._per_tensor_vector(work, norm, per_tensor)
+        if vector is None:
+            zero = torch.zeros((), dtype=ACC_DTYPE, device=work.device)
+            return finish_total(zero, zero, norm, max_norm, out_dtype, grad_scale)
+        total = torch.linalg.vector_norm(vector, norm.p)
+        return finish_total(total, self._accumulator(vector, norm), norm, max_norm, out_dtype, grad_scale)
 
     @staticmethod
     def _write_per_tensor(work: DeviceWork, norm: NormSpec, norms: list[Tensor], out: Tensor) -> None:

@@ -1,0 +1,194 @@
+"""Distributed norms on gloo (CPU): process groups and DTensor grads against single-process torch.
+
+Each test spawns 2 or 4 processes; every process compares its result with torch's clip_grad_norm_
+on the whole model in one process, with the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedclip
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(fn, world_size: int, *args) -> None:
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_worker, args=(fn, rank, world_size, port, errors, args)) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, "\n".join(failures)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def _worker(fn, rank, world_size, port, errors, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _full_grads(seed=0, n=7):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(13,), (8, 6), (5,), (32, 3), (1,), (9, 9), (4, 4, 2)][:n]
+    return [torch.randn(s, generator=gen, dtype=torch.float64).mul(10 ** (i % 3 - 1)).float() for i, s in enumerate(shapes)]
+
+
+def _params_with(grads):
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g.clone()
+        params.append(p)
+    return params
+
+
+# -- group=: each rank holds a disjoint part of the parameters (model/pipeline parallel) --------
+
+
+def _group_case(rank, world_size, norm_types, max_norm):
+    for norm_type in norm_types:
+        _group_case_one(rank, world_size, norm_type, max_norm)
+
+
+def _group_case_one(rank, world_size, norm_type, max_norm):
+    full = _full_grads()
+    reference = _params_with(full)
+    expected = torch.nn.utils.clip_grad_norm_(reference, max_norm, norm_type)
+    mine = list(range(rank, len(full), world_size))  # rank r owns grads r, r+W, ...
+    params = _params_with([full[i] for i in mine])
+    total = fusedclip.clip_grad_norm_(params, max_norm, norm_type, group=dist.group.WORLD)
+    torch.testing.assert_close(total, expected, rtol=2e-6, atol=0)
+    for p, i in zip(params, mine):
+        torch.testing.assert_close(p.grad, reference[i].grad, rtol=2e-6, atol=1e-9)
+    got = fusedclip.get_total_norm([p.grad for p in _params_with([full[i] for i in mine])], norm_type, group=dist.group.WORLD)
+    torch.testing.assert_close(got, torch.nn.utils.get_total_norm(full, norm_type), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_group_gives_every_rank_the_global_norm(world_size):
+    _launch(_group_case, world_size, [2.0, 1.0, math.inf, -math.inf, 0.0, 3.0], 0.5)
+
+
+def _group_nan_case(rank, world_size):
+    full = _full_grads()
+    if rank == 1:
+        full[1][0, 0] = float("nan")
+    mine = list(range(rank, len(full), world_size))
+    params = _params_with([full[i] for i in mine])
+    total = fusedclip.clip_grad_norm_(params, 1.0, math.inf, group=dist.group.WORLD)
+    assert math.isnan(float(total)), "NaN on one rank must reach every rank, also through MAX"
+    assert all(bool(torch.isnan(p.grad).all()) for p in params)
+
+
+def test_nan_on_one_rank_propagates_through_max():
+    _launch(_group_nan_case, 2)
+
+
+# -- DTensor grads: FSDP2 and a 2-D mesh ---------------------------------------------------------
+
+
+def _fsdp2_case(rank, world_size, norm_types):
+    for norm_type in norm_types:
+        _fsdp2_case_one(rank, world_size, norm_type)
+
+
+def _fsdp2_case_one(rank, world_size, norm_type):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(12, 33), torch.nn.GELU(), torch.nn.Linear(33, 5))
+
+    x = torch.randn(7, 12, generator=torch.Generator().manual_seed(1))
+    reference = build()
+    reference(x).pow(2).sum().backward()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.2, norm_type)
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = build()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model(x).pow(2).sum().backward()
+    torch_total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], norm_type)  # reads only
+
+    # prove nothing is gathered: full_tensor/redistribute are off limits during the clip
+    original_full, original_redistribute = DTensor.full_tensor, DTensor.redistribute
+    DTensor.full_tensor = DTensor.redistribute = lambda *a, **k: (_ for _ in ()).throw(AssertionError("materialised"))
+    try:
+        total = fusedclip.clip_grad_norm_(model.parameters(), 0.2, norm_type)
+    finally:
+        DTensor.full_tensor, DTensor.redistribute = original_full, original_redistribute
+
+    assert isinstance(total, DTensor)
+    assert total.placements == torch_total.placements, (total.placements, torch_total.placements)
+    torch.testing.assert_close(total.full_tensor(), expected, rtol=2e-6, atol=0)
+    for p, ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), ref.grad, rtol=2e-6, atol=1e-9)
+
+
+def test_fsdp2_fully_shard_matches_single_process_torch():
+    _launch(_fsdp2_case, 2, [2.0, math.inf, 1.0])
+
+
+def _mesh_2d_case(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    full = _full_grads(seed=4)
+    reference = _params_with(full)
+    expected = torch.nn.utils.clip_grad_norm_(reference, 0.3)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    layouts = [  # HSDP-like and tensor-parallel-like placements mixed in one call
+        [Replicate(), Shard(0)],
+        [Shard(0), Shard(1)],
+        [Replicate(), Replicate()],
+        [Shard(0), Replicate()],
+        [Replicate(), Shard(0)],
+        [Replicate(), Shard(1)],
+        [Shard(2), Replicate()],
+    ]
+    params = []
+    for g, placements in zip(full, layouts):
+        p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(g), mesh, placements))
+        p.grad = distribute_tensor(g.clone(), mesh, placements)
+        params.append(p)
+    total = fusedclip.clip_grad_norm_(params, 0.3)
+    torch.testing.assert_close(total.full_tensor(), expected, rtol=2e-6, atol=0)
+    for p, ref in zip(params, reference):
+        torch.testing.assert_close(p.grad.full_tensor(), ref.grad, rtol=2e-6, atol=1e-9)
+
+
+def test_2d_mesh_reduces_over_sharded_dims_only():
+    _launch(_mesh_2d_case, 4)
