@@ -329,6 +329,7 @@ class PlanCache:
 
 
 _get_dtype = operator.attrgetter("dtype")
+_get_nbytes = operator.attrgetter("nbytes")
 _get_device = operator.attrgetter("device")
 
 
@@ -349,13 +350,14 @@ class _PlanKey:
 
 
 def _cache_key(grads: list[Tensor]) -> _PlanKey | None:
-    """Address, size, dtype and contiguity of every grad: what makes a cached plan safe to reuse."""
+    """Address, size (in bytes), dtype and contiguity of every grad: what makes a cached plan safe to reuse."""
     try:
         addresses = tuple(map(Tensor.data_ptr, grads))
     except RuntimeError:  # tensors without storage (meta-like or functional wrappers)
         return None
     contiguous = tuple(map(Tensor.is_contiguous, grads))
-    key: tuple = (addresses, tuple(map(Tensor.numel, grads)), tuple(map(_get_dtype, grads)), contiguous)
+    # nbytes (a cheap attribute) with the dtype determines numel (a slower method call)
+    key: tuple = (addresses, tuple(map(_get_nbytes, grads)), tuple(map(_get_dtype, grads)), contiguous)
     if 0 in addresses:
         # Null addresses (empty or meta tensors) are not unique across devices; elsewhere, unified
         # virtual addressing keeps addresses of live CPU and CUDA memory apart.

@@ -359,30 +359,9 @@ double norm_chunk(const char* data, int64_t n, int kind, double p) {
   }
 }
 
-// Small chunks (many small tensors) are too short for the hardware prefetcher to ramp up on:
-// start fetching the next chunk's first lines while the current one is processed.
-constexpr int64_t kPrefetchBytes = 1024;
-
-inline void prefetch_start(const Chunk& chunk, int write) {
-  const int64_t bytes = chunk.length * dtype_size(chunk.dtype);
-  for (int64_t offset = 0; offset < bytes && offset < kPrefetchBytes; offset += 64) {
-    if (write) {
-      __builtin_prefetch(chunk.data + offset, 1, 3);
-    } else {
-      __builtin_prefetch(chunk.data + offset, 0, 3);
-    }
-  }
-}
-
 void norm_chunks(const Tables& tables, int64_t begin, int64_t end, int kind, double p, double* partials) {
-  if (begin >= end) return;
-  Chunk next = resolve_chunk(tables, begin);
   for (int64_t c = begin; c < end; ++c) {
-    const Chunk chunk = next;
-    if (c + 1 < end) {
-      next = resolve_chunk(tables, c + 1);
-      prefetch_start(next, 0);
-    }
+    const Chunk chunk = resolve_chunk(tables, c);
     double partial;
     switch (chunk.dtype) {
       case kFloat32:
@@ -444,14 +423,8 @@ void clamp_chunk(char* data, int64_t n, double clip_value) {
 
 template <template <int> class Op, class... Args>
 void for_each_chunk(const Tables& tables, int64_t begin, int64_t end, Args... args) {
-  if (begin >= end) return;
-  Chunk next = resolve_chunk(tables, begin);
   for (int64_t c = begin; c < end; ++c) {
-    const Chunk chunk = next;
-    if (c + 1 < end) {
-      next = resolve_chunk(tables, c + 1);
-      prefetch_start(next, 1);
-    }
+    const Chunk chunk = resolve_chunk(tables, c);
     switch (chunk.dtype) {
       case kFloat32:
         Op<kFloat32>::run(chunk.data, chunk.length, args...);
