@@ -53,6 +53,10 @@ def _find_nvcc() -> Path | None:
     return default if default.exists() else None
 
 
+class CudaToolchainError(RuntimeError):
+    """The CUDA part cannot be built with what was found (FUSEDCLIP_CUDA=auto then builds without it)."""
+
+
 def _cudart_static_dir(nvcc: Path) -> Path:
     """The folder holding libcudart_static.a for this nvcc (nvcc on PATH may be a wrapper script)."""
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), nvcc.resolve().parent.parent, "/usr/local/cuda"]
@@ -60,7 +64,7 @@ def _cudart_static_dir(nvcc: Path) -> Path:
         for sub in ("lib64", "lib", f"targets/{platform.machine()}-linux/lib"):
             if (Path(home) / sub / "libcudart_static.a").exists():
                 return Path(home) / sub
-    raise RuntimeError(f"libcudart_static.a not found for {nvcc}; set CUDA_HOME, or FUSEDCLIP_CUDA=0 to build without CUDA")
+    raise CudaToolchainError(f"libcudart_static.a not found for {nvcc}; set CUDA_HOME, or FUSEDCLIP_CUDA=0 to build without CUDA")
 
 
 def _cuda_archs(spec: str) -> list[tuple[str, bool]]:
@@ -110,12 +114,12 @@ class NinjaBuildExt(build_ext):
         cuda, required = ext.cuda  # type: ignore[attr-defined]
         try:
             self._build(ext, cuda)
-        except subprocess.CalledProcessError:
+        except (subprocess.CalledProcessError, CudaToolchainError) as error:
             if cuda is None or required:
                 raise
             # FUSEDCLIP_CUDA=auto: a broken CUDA toolchain must not block the CPU kernels.
             print(
-                "fusedclip: WARNING: the CUDA kernels failed to compile (see above); building the CPU kernels"
+                f"fusedclip: WARNING: the CUDA kernels could not be built ({error}); building the CPU kernels"
                 " only. Set FUSEDCLIP_CUDA=1 to make this an error, or FUSEDCLIP_CUDA=0 to skip CUDA.",
                 flush=True,
             )

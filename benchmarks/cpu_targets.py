@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--case", action="append", choices=[c.name for c in CASES], help="run only these cases")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for both providers (default: torch's)")
+    parser.add_argument("--save", type=Path, help="also append the table (markdown) to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,6 +137,13 @@ def main() -> None:
         f" (median of {args.reps} interleaved calls each; load average {load})"
     )
     print(f"{'case':<26}{'tensors':>8}{'M elems':>9}{'torch ms':>10}{'ours ms':>10}{'ratio':>8}{'floor':>7}")
+    markdown = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, loops {info['cpu_isa']}, load average {load},"
+        f" median of {args.reps}",
+        "",
+        "| case | tensors | M elements | torch ms | fusedclip ms | ratio | floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case in CASES:
         if args.case and case.name not in args.case:
             continue
@@ -145,6 +153,13 @@ def main() -> None:
             f"{row['case']:<26}{row['tensors']:>8}{row['elements_M']:>9.1f}{row['torch_ms']:>10.2f}"
             f"{row['fusedclip_ms']:>10.2f}{row['ratio']:>7.2f}x{case.target:>6.1f}x {verdict}"
         )
+        markdown.append(
+            f"| {row['case']} | {row['tensors']} | {row['elements_M']:.1f} | {row['torch_ms']:.2f} |"
+            f" {row['fusedclip_ms']:.2f} | {row['ratio']:.2f}x | {case.target:.1f}x |"
+        )
+    if args.save:
+        with args.save.open("a") as out:
+            out.write("\n".join(markdown) + "\n\n")
 
 
 if __name__ == "__main__":
