@@ -249,9 +249,12 @@ PYBIND11_MODULE(_C, m) {
         d["scale_passes"] = s.scale_passes;
         d["clamp_passes"] = s.clamp_passes;
         d["last_threads"] = s.last_threads;
+        d["norm_participants"] = s.norm_participants;
+        d["elementwise_participants"] = s.elementwise_participants;
         return d;
       },
-      "Passes over the data run so far by the CPU kernels, and the threads the last one used (for tests)");
+      "Passes over the data run so far by the CPU kernels, the threads the last one asked for, and how many"
+      " processed chunks in the last norm and the last scale/clamp pass (for tests)");
   m.def("cpu_isa", [] { return std::string(fusedclip::cpu::active_kernels().isa); },
         "The instruction set of the CPU loops in use");
   m.def("cpu_select_isa", [](const std::string& name) { return fusedclip::cpu::select_isa(name.c_str()); },

@@ -21,6 +21,8 @@ constexpr int64_t kClaimElements = 1 << 16;
 
 std::atomic<int64_t> g_norm_passes{0}, g_scale_passes{0}, g_clamp_passes{0};
 std::atomic<int> g_last_threads{0};
+// threads that processed at least one claim in the last norm / scale-or-clamp pass
+std::atomic<int> g_norm_participants{0}, g_elementwise_participants{0};
 
 // A range of chunks shared out to the threads in claims of `grain` chunks, first to last or (for
 // the pass after a norm) last to first: the chunks the norm read last may still be in cache.
@@ -64,12 +66,18 @@ struct NormJob {
   double p;
   double* partials;
   ChunkQueue queue;
+  std::atomic<int> participants{0};
 };
 
 void norm_worker(void* ctx, int /*worker*/) {
   NormJob& job = *static_cast<NormJob*>(ctx);
   int64_t begin, end;
-  while (job.queue.claim(&begin, &end)) job.kernels->norm(job.tables, begin, end, job.kind, job.p, job.partials);
+  bool worked = false;
+  while (job.queue.claim(&begin, &end)) {
+    job.kernels->norm(job.tables, begin, end, job.kind, job.p, job.partials);
+    worked = true;
+  }
+  if (worked) job.participants.fetch_add(1, std::memory_order_relaxed);
 }
 
 struct ElementwiseJob {
@@ -78,18 +86,22 @@ struct ElementwiseJob {
   bool is_scale;
   double value;  // coefficient or clip value
   ChunkQueue queue;
+  std::atomic<int> participants{0};
 };
 
 void elementwise_worker(void* ctx, int /*worker*/) {
   ElementwiseJob& job = *static_cast<ElementwiseJob*>(ctx);
   int64_t begin, end;
+  bool worked = false;
   while (job.queue.claim(&begin, &end)) {
     if (job.is_scale) {
       job.kernels->scale(job.tables, begin, end, job.value);
     } else {
       job.kernels->clamp(job.tables, begin, end, job.value);
     }
+    worked = true;
   }
+  if (worked) job.participants.fetch_add(1, std::memory_order_relaxed);
 }
 
 void run_elementwise(const PlanArgs& plan, bool is_scale, double value) {
@@ -102,6 +114,7 @@ void run_elementwise(const PlanArgs& plan, bool is_scale, double value) {
   init_queue(job.queue, plan, threads);
   job.queue.backwards = is_scale;
   parallel_run(threads, elementwise_worker, &job);
+  g_elementwise_participants.store(job.participants.load(), std::memory_order_relaxed);
   (is_scale ? g_scale_passes : g_clamp_passes).fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -118,6 +131,7 @@ void norm(const PlanArgs& plan, const NormArgs& args) {
   const int threads = threads_for(plan);
   init_queue(job.queue, plan, threads);
   parallel_run(threads, norm_worker, &job);
+  g_norm_participants.store(job.participants.load(), std::memory_order_relaxed);
   g_norm_passes.fetch_add(1, std::memory_order_relaxed);
 
   // Fixed-order reductions: chunks of a tensor in order, then tensors in order.
@@ -150,7 +164,9 @@ void scale(const PlanArgs& plan, double coef) {
 void clamp(const PlanArgs& plan, double clip_value) { run_elementwise(plan, false, clip_value); }
 
 Stats stats() {
-  return Stats{g_norm_passes.load(), g_scale_passes.load(), g_clamp_passes.load(), g_last_threads.load()};
+  return Stats{g_norm_passes.load(),         g_scale_passes.load(),
+               g_clamp_passes.load(),         g_last_threads.load(),
+               g_norm_participants.load(),    g_elementwise_participants.load()};
 }
 
 }  // namespace cpu

@@ -41,12 +41,15 @@ void scale(const PlanArgs& plan, double coef);
 // x = x > v ? v : (x < -v ? -v : x).
 void clamp(const PlanArgs& plan, double clip_value);
 
-// Counters for tests: passes over the data run so far, and the threads the last pass used.
+// Counters for tests: passes over the data run so far, the threads the last pass asked for, and
+// how many of them processed chunks in the last norm and the last scale or clamp pass.
 struct Stats {
   int64_t norm_passes;
   int64_t scale_passes;
   int64_t clamp_passes;
   int last_threads;
+  int norm_participants;
+  int elementwise_participants;
 };
 Stats stats();
 
