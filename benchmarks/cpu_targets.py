@@ -158,6 +158,7 @@ def main() -> None:
             f" {row['fusedclip_ms']:.2f} | {row['ratio']:.2f}x | {case.target:.1f}x |"
         )
     if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
         with args.save.open("a") as out:
             out.write("\n".join(markdown) + "\n\n")
 
