@@ -118,10 +118,19 @@ FC_HD double acc_combine(int kind, double a, double b) {
 }
 
 // A tensor's own norm from its accumulator (for p = 0: its count of non-zero elements).
+//
+// For other p, pow(acc, 1/p) alone is off by several ulps for large or small acc (1/p is rounded,
+// and that error is multiplied by |ln acc|); one Newton step on t^p = acc removes it.
 FC_HD double norm_from_acc(int kind, double p, double acc) {
   if (kind != kSumPow || p == 1.0) return acc;
   if (p == 2.0) return FC_SQRT(acc);
-  return FC_POW(acc, 1.0 / p);
+  const double root = FC_POW(acc, 1.0 / p);
+  if (!(acc >= 2.2250738585072014e-308 && acc <= 1.7976931348623157e308) || !(root > 0.0 && root < FC_INF)) {
+    return root;  // zero, subnormal, inf or NaN: nothing to refine
+  }
+  const double ratio = acc / FC_POW(root, p);  // about 1; (root * (1 + e))^p = acc for e = (ratio - 1) / p
+  if (!(ratio > 0.5 && ratio < 2.0)) return root;
+  return root * (1.0 + (ratio - 1.0) / p);
 }
 
 // What one tensor adds to the total accumulator (for p = 0: 1 when it holds a non-zero element).
