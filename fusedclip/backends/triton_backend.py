@@ -63,8 +63,32 @@ def _fix_interpreter_loop_bounds() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
+def _speed_up_interpreted_helpers() -> None:
+    """Stop the interpreter from re-patching ``triton.language`` on every call of a helper.
+
+    Each call of a ``@triton.jit`` helper inside an interpreted kernel re-applies the interpreter's
+    patch of ``triton.language`` (an ``inspect.getmembers`` walk, milliseconds), although the launch
+    already applied it to those same, process-wide module objects. For this module's helpers,
+    called only from its kernels, the repetition is skipped; the suite runs several times faster.
+    """
+    from triton.runtime.interpreter import InterpretedFunction, InterpreterError
+
+    class _HelperCall(InterpretedFunction):
+        def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+            try:
+                return self.rewrite()(*args, **kwargs)
+            except Exception as error:
+                raise InterpreterError(repr(error)) from error
+
+    kernels = {_kernels.norm_kernel, _kernels.scale_kernel, _kernels.clamp_kernel}
+    for value in vars(_kernels).values():
+        if type(value) is InterpretedFunction and value not in kernels:
+            value.__class__ = _HelperCall
+
+
 if _kernels is not None and _kernels.interpreted():
     _fix_interpreter_loop_bounds()
+    _speed_up_interpreted_helpers()
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +96,7 @@ if _kernels is not None and _kernels.interpreted():
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block sizes, warps and grid shape of the kernels on one kind of device."""
+    """Block sizes, warps, pipelining and grid shape of the kernels on one kind of device."""
 
     norm_block: int  # elements per loop step of the norm kernel
     norm_warps: int
@@ -80,21 +104,26 @@ class LaunchConfig:
     scale_warps: int
     finish_block: int  # slots per step when reducing partials and per-tensor values
     programs_per_sm: int  # persistent grid: this many programs per streaming multiprocessor
+    stages: int = 1  # software pipelining of the full-block loops (tl.range num_stages; 1 = none)
     max_programs: int | None = None  # a cap on the grid (the interpreter runs programs one by one)
 
 
-#: CUDA defaults (a later issue tunes them per GPU): 16 elements per thread and per step.
+#: CUDA defaults (a later issue tunes them per GPU; benchmarks/triton_gpu_bench.py --sweep compares
+#: variants): 16 elements per thread and step; at about 128 registers per thread two 8-warp programs
+#: fit on an SM, so the persistent grid has two per SM.
 CUDA_CONFIG = LaunchConfig(
-    norm_block=4096, norm_warps=8, scale_block=4096, scale_warps=8, finish_block=1024, programs_per_sm=4
+    norm_block=4096, norm_warps=8, scale_block=4096, scale_warps=8, finish_block=1024, programs_per_sm=2
 )
 #: Interpreter: small blocks and grids keep the CPU test suite fast; the logic is the same.
 INTERPRETER_CONFIG = LaunchConfig(
     norm_block=128, norm_warps=1, scale_block=128, scale_warps=1, finish_block=64, programs_per_sm=1, max_programs=3
 )
+#: the configuration in use on CUDA devices (replaceable, e.g. by a tuning sweep)
+cuda_config = CUDA_CONFIG
 
 
 def launch_config(device: torch.device) -> LaunchConfig:
-    return INTERPRETER_CONFIG if device.type == "cpu" else CUDA_CONFIG
+    return INTERPRETER_CONFIG if device.type == "cpu" else cuda_config
 
 
 @functools.lru_cache(maxsize=None)
@@ -311,7 +340,7 @@ class TritonBackend(KernelBackend):
                 KIND=int(norm.kind), P_MODE=p_mode,
                 HAS_COEF=max_norm is not None, MAX_NORM_FROM_PTR=from_ptr, HAS_GRAD_SCALE=grad_scale is not None,
                 SEGMENTED=segmented, ZERO_EMPTY_TENSORS=per_tensor is not None,
-                BLOCK=config.norm_block, FINISH_BLOCK=config.finish_block,
+                BLOCK=config.norm_block, FINISH_BLOCK=config.finish_block, STAGES=config.stages,
                 num_warps=config.norm_warps,
             )  # fmt: skip
         return total, (coef if max_norm is not None else None), acc
@@ -324,7 +353,7 @@ class TritonBackend(KernelBackend):
             _kernels.scale_kernel[(grid_size(device, tables.num_chunks, config),)](
                 tables.addresses, tables.numels, tables.dtype_codes, tables.chunk_tensor, tables.chunk_start,
                 tables.num_chunks, tables.chunk_elements, coef,
-                BLOCK=config.scale_block, num_warps=config.scale_warps,
+                BLOCK=config.scale_block, STAGES=config.stages, num_warps=config.scale_warps,
             )  # fmt: skip
 
     def launch_clamp(self, work: DeviceWork, tables: KernelTables, clip_value: float) -> None:
@@ -334,5 +363,5 @@ class TritonBackend(KernelBackend):
             _kernels.clamp_kernel[(grid_size(device, tables.num_chunks, config),)](
                 tables.addresses, tables.numels, tables.dtype_codes, tables.chunk_tensor, tables.chunk_start,
                 tables.num_chunks, tables.chunk_elements, *_clip_limits(clip_value),
-                BLOCK=config.scale_block, num_warps=config.scale_warps,
+                BLOCK=config.scale_block, STAGES=config.stages, num_warps=config.scale_warps,
             )  # fmt: skip

@@ -164,14 +164,12 @@ def _reduce_block(acc, KIND: tl.constexpr):
 
 
 @triton.jit
-def _identity_like(block, KIND: tl.constexpr):
-    """The identity of ``KIND`` in the accumulator dtype of ``block`` (a zero block)."""
+def _identity_like(zeros, KIND: tl.constexpr):
+    """The identity of ``KIND`` in the dtype of ``zeros`` (+inf for min, else zero)."""
     if KIND == MIN:
-        return block + _INF
-    elif KIND == COUNT:
-        return block.to(tl.int32)
+        return zeros + _INF
     else:
-        return block
+        return zeros
 
 
 @triton.jit
@@ -221,15 +219,18 @@ def _term(x, KIND: tl.constexpr, P_MODE: tl.constexpr, p_hi, p_lo):
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _reduce_span(ptr, start, n, p_hi, p_lo,
-                 KIND: tl.constexpr, P_MODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                 KIND: tl.constexpr, P_MODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """The float64 accumulator of the ``n`` elements at ``ptr + start``."""
     base = ptr + start
     if ALIGNED:
         base = tl.multiple_of(base, 16)
     offs = tl.arange(0, BLOCK)
-    acc = _identity_like(_widen(tl.zeros([BLOCK], dtype=ptr.dtype.element_ty), KIND), KIND)
+    if KIND == COUNT:
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+    else:
+        acc = _identity_like(_widen(tl.zeros([BLOCK], dtype=ptr.dtype.element_ty), KIND), KIND)
     n_full = (n // BLOCK) * BLOCK
-    for i in range(0, n_full, BLOCK):  # full blocks: no mask, so loads vectorise
+    for i in tl.range(0, n_full, BLOCK, num_stages=STAGES):  # full blocks: no mask, so loads vectorise
         x = tl.load(base + i + offs)
         acc = _combine(acc, _term(x, KIND, P_MODE, p_hi, p_lo), KIND)
     in_tail = n_full + offs < n
@@ -241,11 +242,11 @@ def _reduce_span(ptr, start, n, p_hi, p_lo,
 
 @triton.jit
 def _reduce_chunk(ptr, start, n, aligned, p_hi, p_lo,
-                  KIND: tl.constexpr, P_MODE: tl.constexpr, BLOCK: tl.constexpr):
+                  KIND: tl.constexpr, P_MODE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     if aligned:
-        value = _reduce_span(ptr, start, n, p_hi, p_lo, KIND, P_MODE, True, BLOCK)
+        value = _reduce_span(ptr, start, n, p_hi, p_lo, KIND, P_MODE, True, BLOCK, STAGES)
     else:
-        value = _reduce_span(ptr, start, n, p_hi, p_lo, KIND, P_MODE, False, BLOCK)
+        value = _reduce_span(ptr, start, n, p_hi, p_lo, KIND, P_MODE, False, BLOCK, STAGES)
     return value
 
 
@@ -300,7 +301,7 @@ def norm_kernel(
     KIND: tl.constexpr, P_MODE: tl.constexpr,
     HAS_COEF: tl.constexpr, MAX_NORM_FROM_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     SEGMENTED: tl.constexpr, ZERO_EMPTY_TENSORS: tl.constexpr,
-    BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -315,16 +316,16 @@ def norm_kernel(
             c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, chunk_elements)
         if code == 0:
             value = _reduce_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, p_hi, p_lo,
-                                  KIND, P_MODE, BLOCK)
+                                  KIND, P_MODE, BLOCK, STAGES)
         elif code == 1:
             value = _reduce_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, p_hi, p_lo,
-                                  KIND, P_MODE, BLOCK)
+                                  KIND, P_MODE, BLOCK, STAGES)
         elif code == 2:
             value = _reduce_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, p_hi, p_lo,
-                                  KIND, P_MODE, BLOCK)
+                                  KIND, P_MODE, BLOCK, STAGES)
         else:
             value = _reduce_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, p_hi, p_lo,
-                                  KIND, P_MODE, BLOCK)
+                                  KIND, P_MODE, BLOCK, STAGES)
         part = _combine(part, value, KIND)
 
         if SEGMENTED:
@@ -427,13 +428,13 @@ def _scaled(x, factor):
 
 
 @triton.jit
-def _scale_span(ptr, start, n, factor, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _scale_span(ptr, start, n, factor, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     base = ptr + start
     if ALIGNED:
         base = tl.multiple_of(base, 16)
     offs = tl.arange(0, BLOCK)
     n_full = (n // BLOCK) * BLOCK
-    for i in range(0, n_full, BLOCK):
+    for i in tl.range(0, n_full, BLOCK, num_stages=STAGES):
         x = tl.load(base + i + offs)
         tl.store(base + i + offs, _scaled(x, factor))
     in_tail = n_full + offs < n
@@ -442,18 +443,18 @@ def _scale_span(ptr, start, n, factor, ALIGNED: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
-def _scale_chunk(ptr, start, n, aligned, factor, BLOCK: tl.constexpr):
+def _scale_chunk(ptr, start, n, aligned, factor, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     if aligned:
-        _scale_span(ptr, start, n, factor, True, BLOCK)
+        _scale_span(ptr, start, n, factor, True, BLOCK, STAGES)
     else:
-        _scale_span(ptr, start, n, factor, False, BLOCK)
+        _scale_span(ptr, start, n, factor, False, BLOCK, STAGES)
 
 
 @triton.jit(do_not_specialize=["num_chunks", "chunk_elements"])
 def scale_kernel(
     addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, num_chunks, chunk_elements,
     coef_ptr,  # 0-d float32/float64 on the device
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """``x = round(x * coef)`` in float32 (float64 for float64 grads); no grad byte moves when coef >= 1."""
     coef = tl.load(coef_ptr).to(tl.float64)
@@ -463,13 +464,13 @@ def scale_kernel(
             t, address, start, n, code, aligned = _load_chunk(
                 c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, chunk_elements)
             if code == 0:
-                _scale_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, coef32, BLOCK)
+                _scale_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, coef32, BLOCK, STAGES)
             elif code == 1:
-                _scale_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, coef32, BLOCK)
+                _scale_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, coef32, BLOCK, STAGES)
             elif code == 2:
-                _scale_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, coef32, BLOCK)
+                _scale_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, coef32, BLOCK, STAGES)
             else:
-                _scale_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, coef, BLOCK)
+                _scale_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, coef, BLOCK, STAGES)
 
 
 @triton.jit
@@ -483,13 +484,13 @@ def _clamped(x, limit):
 
 
 @triton.jit
-def _clamp_span(ptr, start, n, limit, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _clamp_span(ptr, start, n, limit, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     base = ptr + start
     if ALIGNED:
         base = tl.multiple_of(base, 16)
     offs = tl.arange(0, BLOCK)
     n_full = (n // BLOCK) * BLOCK
-    for i in range(0, n_full, BLOCK):
+    for i in tl.range(0, n_full, BLOCK, num_stages=STAGES):
         x = tl.load(base + i + offs)
         tl.store(base + i + offs, _clamped(x, limit))
     in_tail = n_full + offs < n
@@ -498,15 +499,15 @@ def _clamp_span(ptr, start, n, limit, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _clamp_chunk(ptr, start, n, aligned, limit_bits, BLOCK: tl.constexpr):
+def _clamp_chunk(ptr, start, n, aligned, limit_bits, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # the limit, already rounded to the grad dtype on the host, converts exactly
     limit = _f64(limit_bits)
     if ptr.dtype.element_ty != tl.float64:
         limit = limit.to(tl.float32)
     if aligned:
-        _clamp_span(ptr, start, n, limit, True, BLOCK)
+        _clamp_span(ptr, start, n, limit, True, BLOCK, STAGES)
     else:
-        _clamp_span(ptr, start, n, limit, False, BLOCK)
+        _clamp_span(ptr, start, n, limit, False, BLOCK, STAGES)
 
 
 @triton.jit(do_not_specialize=["num_chunks", "chunk_elements", "limit_fp32_bits", "limit_fp16_bits",
@@ -514,20 +515,20 @@ def _clamp_chunk(ptr, start, n, aligned, limit_bits, BLOCK: tl.constexpr):
 def clamp_kernel(
     addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, num_chunks, chunk_elements,
     limit_fp32_bits: tl.int64, limit_fp16_bits: tl.int64, limit_bf16_bits: tl.int64, limit_fp64_bits: tl.int64,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """``x > v ? v : (x < -v ? -v : x)`` in one pass (NaN stays NaN); ``v`` per dtype as torch rounds it."""
     for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
         t, address, start, n, code, aligned = _load_chunk(
             c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, chunk_elements)
         if code == 0:
-            _clamp_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, limit_fp32_bits, BLOCK)
+            _clamp_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, limit_fp32_bits, BLOCK, STAGES)
         elif code == 1:
-            _clamp_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, limit_fp16_bits, BLOCK)
+            _clamp_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, limit_fp16_bits, BLOCK, STAGES)
         elif code == 2:
-            _clamp_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, limit_bf16_bits, BLOCK)
+            _clamp_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, limit_bf16_bits, BLOCK, STAGES)
         else:
-            _clamp_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, limit_fp64_bits, BLOCK)
+            _clamp_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, limit_fp64_bits, BLOCK, STAGES)
 
 
 def interpreted() -> bool:
