@@ -173,33 +173,19 @@ def _identity_like(zeros, KIND: tl.constexpr):
 
 
 @triton.jit
-def _scalar_identity(KIND: tl.constexpr):
-    """The identity of ``KIND`` as a float64 scalar."""
-    zero = tl.sum(tl.zeros([1], dtype=tl.float64), axis=0)
-    if KIND == MIN:
-        return zero + _INF
-    else:
-        return zero
-
-
-@triton.jit
-def _widen(x, KIND: tl.constexpr):
-    """Elements in the accumulator dtype: float64 for sums, float32/64 (exact) for the others.
-
-    Half types go through float32: exact, and the interpreter converts bfloat16 only to float32.
-    """
+def _widen(x):
+    """Elements as float64 (exact). Half types go through float32: the interpreter converts
+    bfloat16 only to float32."""
     if x.dtype == tl.float64:
         return x
-    elif KIND == SUM_POW:
-        return _to_f32(x).to(tl.float64)
     else:
-        return _to_f32(x)
+        return _to_f32(x).to(tl.float64)
 
 
 @triton.jit
 def _term(x, KIND: tl.constexpr, P_MODE: tl.constexpr, p_hi, p_lo):
     """Each element's contribution to the accumulator."""
-    w = _widen(x, KIND)
+    w = _widen(x)
     if KIND == COUNT:
         return (w != 0).to(tl.int32)  # NaN != 0: counted, as in torch
     else:
@@ -218,36 +204,69 @@ def _term(x, KIND: tl.constexpr, P_MODE: tl.constexpr, p_hi, p_lo):
 # one chunk
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _reduce_span(ptr, start, n, p_hi, p_lo,
-                 KIND: tl.constexpr, P_MODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    """The float64 accumulator of the ``n`` elements at ``ptr + start``."""
+def _block_identity(KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """A block of accumulators holding the identity: int32 counts, float64 otherwise."""
+    if KIND == COUNT:
+        return tl.zeros([BLOCK], dtype=tl.int32)
+    else:
+        return _identity_like(tl.zeros([BLOCK], dtype=tl.float64), KIND)
+
+
+@triton.jit
+def _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo,
+                     KIND: tl.constexpr, P_MODE: tl.constexpr, ALIGNED: tl.constexpr, PER_CHUNK: tl.constexpr,
+                     BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """The ``n`` elements at ``ptr + start`` folded, lane by lane, into ``acc`` (the program's
+    running accumulators) and, when PER_CHUNK, into ``chunk_acc`` too. Folding into ``acc`` the
+    same way in both modes keeps the total bitwise the same with or without per-tensor outputs."""
     base = ptr + start
     if ALIGNED:
         base = tl.multiple_of(base, 16)
     offs = tl.arange(0, BLOCK)
-    if KIND == COUNT:
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-    else:
-        acc = _identity_like(_widen(tl.zeros([BLOCK], dtype=ptr.dtype.element_ty), KIND), KIND)
     n_full = (n // BLOCK) * BLOCK
     for i in tl.range(0, n_full, BLOCK, num_stages=STAGES):  # full blocks: no mask, so loads vectorise
-        x = tl.load(base + i + offs)
-        acc = _combine(acc, _term(x, KIND, P_MODE, p_hi, p_lo), KIND)
+        term = _term(tl.load(base + i + offs), KIND, P_MODE, p_hi, p_lo)
+        acc = _combine(acc, term, KIND)
+        if PER_CHUNK:
+            chunk_acc = _combine(chunk_acc, term, KIND)
     in_tail = n_full + offs < n
-    x = tl.load(base + n_full + offs, mask=in_tail, other=0.0)
-    term = _term(x, KIND, P_MODE, p_hi, p_lo)
-    acc = _combine(acc, tl.where(in_tail, term, _identity_like(tl.zeros_like(term), KIND)), KIND)
-    return _reduce_block(acc, KIND)
+    term = _term(tl.load(base + n_full + offs, mask=in_tail, other=0.0), KIND, P_MODE, p_hi, p_lo)
+    term = tl.where(in_tail, term, _identity_like(tl.zeros_like(term), KIND))
+    acc = _combine(acc, term, KIND)
+    if PER_CHUNK:
+        chunk_acc = _combine(chunk_acc, term, KIND)
+    return acc, chunk_acc
 
 
 @triton.jit
-def _reduce_chunk(ptr, start, n, aligned, p_hi, p_lo,
-                  KIND: tl.constexpr, P_MODE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+def _accumulate_typed(ptr, start, n, aligned, acc, chunk_acc, p_hi, p_lo, KIND: tl.constexpr,
+                      P_MODE: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     if aligned:
-        value = _reduce_span(ptr, start, n, p_hi, p_lo, KIND, P_MODE, True, BLOCK, STAGES)
+        acc, chunk_acc = _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo,
+                                          KIND, P_MODE, True, PER_CHUNK, BLOCK, STAGES)
     else:
-        value = _reduce_span(ptr, start, n, p_hi, p_lo, KIND, P_MODE, False, BLOCK, STAGES)
-    return value
+        acc, chunk_acc = _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo,
+                                          KIND, P_MODE, False, PER_CHUNK, BLOCK, STAGES)
+    return acc, chunk_acc
+
+
+@triton.jit
+def _accumulate_chunk(address, code, start, n, aligned, acc, chunk_acc, p_hi, p_lo, KIND: tl.constexpr,
+                      P_MODE: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """One chunk folded in: its int64 address becomes a pointer of the chunk's dtype."""
+    if code == 0:
+        acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.float32)), start, n, aligned, acc,
+                                           chunk_acc, p_hi, p_lo, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
+    elif code == 1:
+        acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.float16)), start, n, aligned, acc,
+                                           chunk_acc, p_hi, p_lo, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
+    elif code == 2:
+        acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, acc,
+                                           chunk_acc, p_hi, p_lo, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
+    else:
+        acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.float64)), start, n, aligned, acc,
+                                           chunk_acc, p_hi, p_lo, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
+    return acc, chunk_acc
 
 
 @triton.jit
@@ -310,25 +329,15 @@ def norm_kernel(
     inv_p_hi = _f64(inv_p_hi_bits)
     inv_p_lo = _f64(inv_p_lo_bits)
 
-    part = _scalar_identity(KIND)
+    # One block of lane accumulators across all the program's chunks, reduced once at the end.
+    acc = _block_identity(KIND, BLOCK)
     for c in range(pid, num_chunks, programs):
         t, address, start, n, code, aligned = _load_chunk(
             c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, chunk_elements)
-        if code == 0:
-            value = _reduce_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, p_hi, p_lo,
-                                  KIND, P_MODE, BLOCK, STAGES)
-        elif code == 1:
-            value = _reduce_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, p_hi, p_lo,
-                                  KIND, P_MODE, BLOCK, STAGES)
-        elif code == 2:
-            value = _reduce_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, p_hi, p_lo,
-                                  KIND, P_MODE, BLOCK, STAGES)
-        else:
-            value = _reduce_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, p_hi, p_lo,
-                                  KIND, P_MODE, BLOCK, STAGES)
-        part = _combine(part, value, KIND)
-
-        if SEGMENTED:
+        if SEGMENTED:  # each chunk's own value too, for its tensor's result
+            acc, chunk_acc = _accumulate_chunk(address, code, start, n, aligned, acc, _block_identity(KIND, BLOCK),
+                                               p_hi, p_lo, KIND, P_MODE, True, BLOCK, STAGES)
+            value = _reduce_block(chunk_acc, KIND)
             first = tl.load(first_chunk_ptr + t)
             count = tl.load(first_chunk_ptr + t + 1) - first
             if count == 1:
@@ -342,6 +351,10 @@ def norm_kernel(
                     tensor_acc = _reduce_values(chunk_values_ptr + first, count, KIND, FINISH_BLOCK)
                     tl.store(tensor_values_ptr + t, _root(tensor_acc, KIND, P_MODE, inv_p_hi, inv_p_lo))
                     tl.store(tensor_tickets_ptr + t, 0)
+        else:
+            acc, _ = _accumulate_chunk(address, code, start, n, aligned, acc, acc,
+                                       p_hi, p_lo, KIND, P_MODE, False, BLOCK, STAGES)
+    part = _reduce_block(acc, KIND)
 
     tl.store(partials_ptr + pid, part)
     tl.debug_barrier()
