@@ -36,59 +36,10 @@ except Exception as error:  # triton missing or broken: the backend reports why
     _IMPORT_ERROR = f"triton cannot be imported ({type(error).__name__}: {error})"
 
 
-def _fix_interpreter_loop_bounds() -> None:
-    """Let Triton's interpreter take loop bounds from kernel arguments under NumPy >= 2.4.
-
-    Triton <= 3.6's interpreter turns a scalar into a Python int with ``int(array of shape (1,))``,
-    which NumPy 2.4 refuses (triton-lang/triton#9171, fixed upstream by #9172). Its per-launch patch
-    of ``tl.tensor.__index__`` is wrapped so the scalar is taken out of the array first.
-    """
-    import numpy
-    from triton.runtime import interpreter
-
-    try:
-        int(numpy.ones(1))
-        return  # this NumPy still converts size-1 arrays: nothing to fix
-    except TypeError:
-        pass
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "fusedclip_fix", False):
-        return
-
-    def patch_lang_tensor(tensor, scope) -> None:  # noqa: ANN001 - mirrors triton's private signature
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor.fusedclip_fix = True  # type: ignore[attr-defined]
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-def _speed_up_interpreted_helpers() -> None:
-    """Stop the interpreter from re-patching ``triton.language`` on every call of a helper.
-
-    Each call of a ``@triton.jit`` helper inside an interpreted kernel re-applies the interpreter's
-    patch of ``triton.language`` (an ``inspect.getmembers`` walk, milliseconds), although the launch
-    already applied it to those same, process-wide module objects. For this module's helpers,
-    called only from its kernels, the repetition is skipped; the suite runs several times faster.
-    """
-    from triton.runtime.interpreter import InterpretedFunction, InterpreterError
-
-    class _HelperCall(InterpretedFunction):
-        def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
-            try:
-                return self.rewrite()(*args, **kwargs)
-            except Exception as error:
-                raise InterpreterError(repr(error)) from error
-
-    kernels = {_kernels.norm_kernel, _kernels.scale_kernel, _kernels.clamp_kernel}
-    for value in vars(_kernels).values():
-        if type(value) is InterpretedFunction and value not in kernels:
-            value.__class__ = _HelperCall
-
-
 if _kernels is not None and _kernels.interpreted():
-    _fix_interpreter_loop_bounds()
-    _speed_up_interpreted_helpers()
+    from .triton_interpreter import adapt_interpreter
+
+    adapt_interpreter(_kernels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +125,7 @@ def _exponents(norm: NormSpec) -> tuple[int, int, int, int, int]:
     return (0, *_split(norm.p), *_split(1.0 / norm.p))
 
 
+@functools.lru_cache(maxsize=64)
 def _clip_limits(clip_value: float) -> tuple[int, int, int, int]:
     """``clip_value`` rounded to float32, float16, bfloat16 and float64 as torch rounds a scalar bound."""
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
