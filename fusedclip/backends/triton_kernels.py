@@ -12,8 +12,9 @@ a table, so the kernels check the alignment of each chunk at run time and take a
 
 The norm kernel follows the kernel contract in :mod:`fusedclip.backends.kernel_base`:
 
-* each program reduces its chunks in order into one float64 partial (sums of ``|x|^p`` in float64,
-  max/min of ``|x|`` propagating NaN, counts of non-zero elements);
+* each program folds its chunks, in order, into one block of lane accumulators (sums of ``|x|^p``
+  in float64, max/min of ``|x|`` propagating NaN, counts of non-zero elements) and reduces that
+  block once, into its partial;
 * per-tensor results (``per_tensor`` output, and p = 0 which counts tensors) need every tensor's own
   value: a tensor with one chunk is finished by the program that reduced it; for a longer tensor
   each chunk value goes to a workspace slot, and the program that takes the tensor's last ticket
