@@ -60,8 +60,8 @@ class LaunchConfig:
 
 
 #: CUDA defaults (a later issue tunes them per GPU; benchmarks/triton_gpu_bench.py --sweep compares
-#: variants): 16 elements per thread and step; at about 128 registers per thread two 8-warp programs
-#: fit on an SM, so the persistent grid has two per SM.
+#: variants): 16 elements per thread and step. The sm_90 builds use about 110-115 registers per
+#: thread (norm p=2, scale), so two 8-warp programs fit on an SM: the persistent grid has two per SM.
 CUDA_CONFIG = LaunchConfig(
     norm_block=4096, norm_warps=8, scale_block=4096, scale_warps=8, finish_block=1024, programs_per_sm=2
 )
