@@ -180,11 +180,10 @@ def _scale_at_unmapped_memory(backend: str, coef: float) -> subprocess.Completed
 
 
 def test_unclipped_scale_touches_no_grad_byte(backend):
-    for coef in (1.0, 2.5, math.inf):
-        done = _scale_at_unmapped_memory(backend, coef)
-        assert done.returncode == 0 and "no grad byte touched" in done.stdout, done.stderr[-2000:]
-    # the control: a real scaling does dereference the (unmapped) grad and fails
-    for coef in (0.5, math.nan):
+    done = _scale_at_unmapped_memory(backend, 1.0)
+    assert done.returncode == 0 and "no grad byte touched" in done.stdout, done.stderr[-2000:]
+    # the control: any other coefficient (above 1 too: a folded grad scale) dereferences the grad
+    for coef in (0.5, 2.5, math.nan):
         done = _scale_at_unmapped_memory(backend, coef)
         assert done.returncode != 0, f"coef {coef}: the scale kernel never read the grad"
 

@@ -233,3 +233,15 @@ def test_pow_split_is_exact():
         hi, lo = _from_bits(hi_bits), _from_bits(lo_bits)
         assert hi + lo == value
         assert (hi_bits & 0xFFF) == 0, "hi keeps at most 41 significant bits"
+
+
+@pytest.mark.parametrize("coef", [2.0, 1.0 + 2**-40, 0.25])
+def test_scale_applies_every_coefficient_but_one(device, coef):
+    """A coefficient above 1 (a grad scale folded in) is applied; only exactly 1 skips the pass."""
+    tensors = grads(make_params([(300,), (5, 7)], DTYPE_SETS["all4"], device=device, zero_tensor=False))
+    before = [t.clone() for t in tensors]
+    call = engine.prepare(tensors, "triton")
+    engine.scale_(call, torch.tensor(coef, dtype=torch.float64, device=device))
+    for t, b in zip(tensors, before):
+        opmath = torch.float64 if t.dtype == torch.float64 else torch.float32
+        assert torch.equal(t, (b.to(opmath) * torch.tensor(coef, dtype=torch.float64).to(opmath)).to(t.dtype))

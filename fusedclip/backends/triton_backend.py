@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -188,9 +189,15 @@ def workspace(plan: DevicePlan, tables: KernelTables, programs: int) -> Workspac
     return found
 
 
+#: Triton's interpreter patches ``triton.language`` process-wide for the length of a launch (and
+#: restores it after), so two threads interpreting kernels at once break each other: one at a time.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _launch_context(device: torch.device) -> Iterator[None]:
-    """Triton launches on the current CUDA device; the interpreter's numpy must not warn about inf/NaN."""
+    """Triton launches on the current CUDA device. Interpreted launches run one at a time, and
+    NumPy must not warn about the infinities and NaNs the kernels handle on purpose."""
     if device.type == "cuda":
         if device.index is None or device.index == torch.cuda.current_device():
             yield
@@ -200,7 +207,7 @@ def _launch_context(device: torch.device) -> Iterator[None]:
     else:
         import numpy
 
-        with numpy.errstate(all="ignore"):
+        with _INTERPRETER_LOCK, numpy.errstate(all="ignore"):
             yield
 
 

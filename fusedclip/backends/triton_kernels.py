@@ -470,9 +470,12 @@ def scale_kernel(
     coef_ptr,  # 0-d float32/float64 on the device
     BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """``x = round(x * coef)`` in float32 (float64 for float64 grads); no grad byte moves when coef >= 1."""
+    """``x = round(x * coef)`` in float32 (float64 for float64 grads); no grad byte moves when coef == 1.
+
+    A coefficient above 1 is applied: with a grad scale folded in (AMP's inverse scale) it can be.
+    """
     coef = tl.load(coef_ptr).to(tl.float64)
-    if (coef < 1.0) | (coef != coef):  # NaN must reach the grads, as in torch
+    if coef != 1.0:  # NaN too: it must reach the grads, as in torch
         coef32 = coef.to(tl.float32)
         for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
             t, address, start, n, code, aligned = _load_chunk(
