@@ -1,0 +1,289 @@
+"""The GPU contract of the kernel backends (``triton`` and ``cuda``), checked on a CUDA device.
+
+* exactly two kernel launches per ``clip_grad_norm_`` call, for any tensor count and dtype mix, and
+  no copies or memsets (counted with torch.profiler);
+* CUDA-graph capture and replay, with grads changed in place between replays;
+* no host synchronisation (``torch.cuda.set_sync_debug_mode("error")``);
+* an unclipped call touches no grad byte (the scale kernel is pointed at unmapped memory);
+* one tensor of more than 2**31 elements; 10**5 tensors in one call;
+* work is issued on the current stream, and concurrent calls on two streams do not interfere.
+
+Every test needs a GPU (the ``gpu`` marker skips them elsewhere); a backend that cannot run is
+skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import HAS_CUDA, require_backend
+from reference import (
+    DTYPE_SETS,
+    assert_no_worse_than_torch,
+    check_clip_against_torch,
+    clone_params,
+    grads,
+    ideal_total_norm,
+    make_params,
+)
+
+import fusedclip
+
+pytestmark = pytest.mark.gpu
+
+KERNEL_BACKENDS = ["triton", "cuda"]
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    if not HAS_CUDA:
+        pytest.skip("no CUDA device on this machine")
+    require_backend("cuda", request.param)
+    return request.param
+
+
+def _shapes(count: int) -> list[tuple[int, ...]]:
+    """``count`` shapes of varied sizes, some spanning several 64 Ki-element chunks."""
+    sizes = [1, 17, 4096, 65536 + 3, 300_001, 255, 8]
+    return [(sizes[i % len(sizes)],) for i in range(count)]
+
+
+def _cuda_params(count: int, dtypes: str, seed: int = 0) -> list[torch.nn.Parameter]:
+    return make_params(_shapes(count), DTYPE_SETS[dtypes], device="cuda", seed=seed, zero_tensor=False, none_grad=False)
+
+
+# --------------------------------------------------------------------------------------------
+# launches
+# --------------------------------------------------------------------------------------------
+def _device_activity(fn) -> tuple[list[str], list[str]]:
+    """(kernel names, copy/memset names) that ``fn`` put on the device."""
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    transfers = [e.name for e in device_events if e.name.startswith(("Memcpy", "Memset"))]
+    kernels = [e.name for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
+    return kernels, transfers
+
+
+@pytest.mark.parametrize("count", [1, 7, 300, 2000])
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16", "all4"])
+def test_exactly_two_kernel_launches_per_clip_grad_norm(backend, count, dtypes):
+    params = _cuda_params(count, dtypes)
+    fusedclip.clip_grad_norm_(params, 1e-3, backend=backend)  # compile, plan, workspace
+    for max_norm in (1e-3, math.inf):  # clipped, and unclipped (the scale kernel exits at once)
+        kernels, transfers = _device_activity(lambda: fusedclip.clip_grad_norm_(params, max_norm, backend=backend))
+        assert len(kernels) == 2, f"expected 2 kernels, got {kernels}"
+        assert transfers == [], f"a call must not copy or memset: {transfers}"
+    for norm_type in (0.0, math.inf, 3.0):
+        kernels, transfers = _device_activity(
+            lambda: fusedclip.clip_grad_norm_(params, 1e-3, norm_type, backend=backend)  # noqa: B023
+        )
+        assert len(kernels) == 2 and transfers == [], (norm_type, kernels, transfers)
+    kernels, transfers = _device_activity(lambda: fusedclip.clip_grad_value_(params, 0.1, backend=backend))
+    assert len(kernels) == 1 and transfers == [], (kernels, transfers)
+
+
+# --------------------------------------------------------------------------------------------
+# graphs and syncs
+# --------------------------------------------------------------------------------------------
+def test_cuda_graph_capture_and_replay_follows_grads_changed_in_place(backend):
+    params = _cuda_params(40, "all4", seed=1)
+    max_norm = 0.5
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up where the capture will run: compile, plan, workspace
+        for _ in range(2):
+            fusedclip.clip_grad_norm_(params, max_norm, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = fusedclip.clip_grad_norm_(params, max_norm, backend=backend)
+
+    generator = torch.Generator().manual_seed(5)
+    for step in range(4):
+        scale = [1e-3, 1.0, 30.0, 1e3][step]  # unclipped first, clipped after
+        fresh = [(torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale).to("cuda", p.dtype)
+                 for p in params]
+        for p, f in zip(params, fresh):
+            p.grad.copy_(f)  # in place: the captured addresses stay valid
+        theirs = clone_params(params)
+        graph.replay()
+        reference_total = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        check_clip_against_torch(params, theirs, fresh, total, reference_total, max_norm, 2.0)
+
+
+def test_no_host_synchronisation(backend):
+    params = _cuda_params(30, "bf16+fp32", seed=2)
+    device_max_norm = torch.tensor(0.5, device="cuda")
+    calls = [
+        lambda: fusedclip.clip_grad_norm_(params, 0.5, backend=backend),
+        lambda: fusedclip.clip_grad_norm_(params, device_max_norm, 0.0, backend=backend),
+        lambda: fusedclip.clip_grad_norm_(params, 0.5, math.inf, backend=backend),
+        lambda: fusedclip.clip_grads_with_norm_(
+            params, 0.5, fusedclip.get_total_norm(grads(params), 3.0, backend=backend), backend=backend
+        ),
+        lambda: fusedclip.clip_grad_value_(params, 0.01, backend=backend),
+    ]
+    for call in calls:  # warm up: compile, plan (its first table upload may sync), workspace
+        call()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+
+
+_SCALE_AT_UNMAPPED_MEMORY = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from fusedclip import backends, plan
+    from fusedclip.backends.base import DeviceWork
+
+    name, coef = sys.argv[1], float(sys.argv[2])
+    numel = 1 << 20
+    holder = torch.ones(numel, device="cuda")
+    work = DeviceWork(plan.build_plan([holder], True).devices[0], [holder])
+    # one float32 tensor of 1 Mi elements at address 64 KiB, which no CUDA allocation maps
+    packed = torch.tensor([1 << 16, numel, 0, 0, 1, 0, 0], dtype=torch.int64, device="cuda")
+    tables = plan._slice_tables(packed, 1, 1, numel, numel)
+    coef = torch.tensor(coef, dtype=torch.float64, device="cuda")
+    backends.get_backend(name).launch_scale(work, tables, coef)
+    torch.cuda.synchronize()
+    print("no grad byte touched")
+    """
+)
+
+
+def _scale_at_unmapped_memory(backend: str, coef: float) -> subprocess.CompletedProcess:
+    # A fault poisons the CUDA context, so each launch runs in its own process.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-c", _SCALE_AT_UNMAPPED_MEMORY, backend, repr(coef)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=root,
+    )  # fmt: skip
+
+
+def test_unclipped_scale_touches_no_grad_byte(backend):
+    done = _scale_at_unmapped_memory(backend, 1.0)
+    assert done.returncode == 0 and "no grad byte touched" in done.stdout, done.stderr[-2000:]
+    # the control: any other coefficient (above 1 too: a folded grad scale) dereferences the grad
+    for coef in (0.5, 2.5, math.nan):
+        done = _scale_at_unmapped_memory(backend, coef)
+        assert done.returncode != 0, f"coef {coef}: the scale kernel never read the grad"
+
+
+# --------------------------------------------------------------------------------------------
+# sizes
+# --------------------------------------------------------------------------------------------
+def test_one_bfloat16_tensor_beyond_2_to_the_31_elements(backend):
+    numel = 2**31 + 2**20 + 3
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * numel * 2:
+        pytest.skip(f"needs {3 * numel * 2 / 2**30:.1f} GiB of free GPU memory")
+    grad = torch.zeros(numel, dtype=torch.bfloat16, device="cuda")
+    marks = {0: 4.0, 2**31 - 1: 1.0, 2**31 + 5: 2.0, numel - 2: -3.0, numel - 1: 3.0}
+    for index, value in marks.items():
+        grad[index] = value
+    param = torch.nn.Parameter(torch.zeros((), dtype=torch.bfloat16, device="cuda").expand(numel), requires_grad=False)
+    param.grad = grad
+
+    sum_squares = sum(v * v for v in marks.values())
+    expectations = {2.0: math.sqrt(sum_squares), 1.0: sum(abs(v) for v in marks.values()), math.inf: 4.0, 0.0: 1.0}
+    for norm_type, expected in expectations.items():
+        total = fusedclip.get_total_norm([grad], norm_type, backend=backend)
+        assert total.dtype == torch.bfloat16
+        assert float(total) == float(torch.tensor(expected, dtype=torch.float64).to(torch.bfloat16)), norm_type
+
+    total = fusedclip.clip_grad_norm_([param], 1.0, backend=backend)
+    coef = torch.tensor(1.0 / (math.sqrt(sum_squares) + 1e-6), dtype=torch.float64).float()
+    for index, value in marks.items():
+        expected = (torch.tensor(value, dtype=torch.float32) * coef).to(torch.bfloat16)
+        assert float(grad[index]) == float(expected), index
+    assert int(torch.count_nonzero(grad)) == len(marks), "a zero became non-zero: offsets wrapped"
+
+
+def test_a_hundred_thousand_tensors_in_one_call(backend):
+    generator = torch.Generator().manual_seed(4)
+    count = 100_000
+    sizes = torch.randint(1, 65, (count,), generator=generator).tolist()
+    dtypes = [torch.float32, torch.bfloat16]
+    params = []
+    for i, size in enumerate(sizes):
+        param = torch.nn.Parameter(torch.empty(size, dtype=dtypes[i % 2], device="cuda"), requires_grad=False)
+        params.append(param)
+    for dtype in dtypes:  # fill the grads of one dtype from one random buffer (one upload)
+        group = [p for p in params if p.dtype == dtype]
+        values = torch.randn(sum(p.numel() for p in group), generator=generator).to("cuda", dtype)
+        for p, v in zip(group, torch.split(values, [p.numel() for p in group])):
+            p.grad = v.clone()
+    theirs = clone_params(params)
+    before = [p.grad.clone() for p in params]
+    max_norm = 1.0
+
+    ours_total = fusedclip.clip_grad_norm_(params, max_norm, backend=backend)
+    torch_total = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    ideal = ideal_total_norm(before, 2.0)
+    assert_no_worse_than_torch(ours_total, torch_total, ideal, what="total norm")
+    coef = torch.clamp(max_norm / (ideal + 1e-6), max=1.0)
+    for dtype in dtypes:  # every element of every grad, one comparison per dtype
+        pick = [i for i, p in enumerate(params) if p.dtype == dtype]
+        mine = torch.cat([params[i].grad for i in pick])
+        reference = torch.cat([theirs[i].grad for i in pick])
+        ideal_grads = torch.cat([before[i] for i in pick]).double().cpu() * coef
+        assert_no_worse_than_torch(mine, reference, ideal_grads, what=f"{dtype} grads")
+
+
+# --------------------------------------------------------------------------------------------
+# streams
+# --------------------------------------------------------------------------------------------
+def test_work_is_ordered_on_the_current_stream(backend):
+    params = make_params([(4_000_000,), (3_000_001,), (64,)], [torch.bfloat16, torch.float32], device="cuda",
+                         zero_tensor=False, none_grad=False)  # fmt: skip
+    fusedclip.clip_grad_norm_(params, 1.0, backend=backend)  # warm up
+    generator = torch.Generator().manual_seed(9)
+    fresh_host = [torch.randn(p.shape, generator=generator) * 50 for p in params]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for p, f in zip(params, fresh_host):
+            p.grad.copy_(f.to("cuda", p.dtype))  # the new values exist on `side` only
+        total = fusedclip.clip_grad_norm_(params, 1.0, backend=backend)
+    torch.cuda.synchronize()
+    fresh = [f.to("cuda", p.dtype) for f, p in zip(fresh_host, params)]
+    theirs = [torch.nn.Parameter(f.clone()) for f in fresh]
+    for t, f in zip(theirs, fresh):
+        t.grad = f.clone()
+    reference_total = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    check_clip_against_torch(params, theirs, fresh, total, reference_total, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 0.0])
+def test_concurrent_calls_on_two_streams_do_not_share_a_workspace(backend, norm_type):
+    params = _cuda_params(60, "all4", seed=3)
+    tensors = grads(params)
+    expected = fusedclip.get_total_norm(tensors, norm_type, backend=backend)
+    torch.cuda.synchronize()
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    results = []
+    for _ in range(25):
+        for stream in streams:
+            with torch.cuda.stream(stream):
+                results.append(fusedclip.get_total_norm(tensors, norm_type, backend=backend))
+    torch.cuda.synchronize()
+    assert all(torch.equal(r, expected) for r in results)
