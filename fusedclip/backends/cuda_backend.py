@@ -19,23 +19,22 @@ from ..plan import DTYPE_CODES, KernelTables
 from .base import ACC_DTYPE, DeviceWork
 from .kernel_base import KernelBackend
 
-_SCRATCH_KEY = "cuda"
+_SCRATCH_KEY = "cuda-workspace"
 
 
 class _Workspace:
-    """Per plan and device: the norm kernel's float64 partials and its two self-resetting counters."""
+    """Per plan and stream: the norm kernel's float64 partials and its two self-resetting counters
+    (two streams never share one, so concurrent calls on them cannot mix their partials)."""
 
-    __slots__ = ("buffer", "partials", "counters", "device_index", "plan_args")
+    __slots__ = ("buffer", "partials", "counters")
 
     def __init__(self, tables: KernelTables, device: torch.device, device_index: int) -> None:
         units = _ext.C.cuda_norm_units(device_index, tables.num_chunks, tables.chunk_elements)
-        # One extra float64 slot holds the two uint32 counters; zeroed once here, then every
-        # norm launch leaves them at zero for the next one.
+        # One extra float64 slot holds the two uint32 counters: zeroed once here (on the stream
+        # that will use them), then every norm launch leaves them at zero for the next one.
         self.buffer = torch.zeros(units + 1, dtype=ACC_DTYPE, device=device)
         self.partials = self.buffer.data_ptr()
         self.counters = self.partials + 8 * units
-        self.device_index = device_index
-        self.plan_args = (tables.packed.data_ptr(), tables.num_tensors, tables.num_chunks, tables.chunk_elements)
 
 
 def _device_scalar(value: Tensor, device: torch.device) -> Tensor:
@@ -92,17 +91,19 @@ class CudaBackend(KernelBackend):
 
     # -- launches ---------------------------------------------------------------------------------
     @staticmethod
-    def _workspace(work: DeviceWork, tables: KernelTables) -> _Workspace:
-        workspace = work.plan.scratch.get(_SCRATCH_KEY)
-        if workspace is None:
-            device = work.device
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            workspace = work.plan.scratch[_SCRATCH_KEY] = _Workspace(tables, device, index)
-        return workspace
+    def _launch_target(work: DeviceWork) -> tuple[int, int]:
+        """(device index, handle of torch's current stream on it)."""
+        device = work.device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return index, torch.cuda.current_stream(index).cuda_stream
 
     @staticmethod
-    def _stream(workspace: _Workspace) -> int:
-        return torch.cuda.current_stream(workspace.device_index).cuda_stream
+    def _workspace(work: DeviceWork, tables: KernelTables, index: int, stream: int) -> _Workspace:
+        key = (_SCRATCH_KEY, stream)
+        workspace = work.plan.scratch.get(key)
+        if workspace is None:
+            workspace = work.plan.scratch.setdefault(key, _Workspace(tables, work.device, index))
+        return workspace
 
     def launch_norm(
         self,
@@ -115,7 +116,8 @@ class CudaBackend(KernelBackend):
         grad_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         device = work.device
-        workspace = self._workspace(work, tables)
+        index, stream = self._launch_target(work)
+        workspace = self._workspace(work, tables, index, stream)
         total = torch.empty((), dtype=out_dtype, device=device)
         acc = torch.empty((), dtype=ACC_DTYPE, device=device)
         coef = None if max_norm is None else torch.empty((), dtype=ACC_DTYPE, device=device)
@@ -131,11 +133,11 @@ class CudaBackend(KernelBackend):
             per_tensor_out = torch.empty(tables.num_tensors, dtype=ACC_DTYPE, device=device)
         scale = None if grad_scale is None else _device_scalar(grad_scale, device)
 
-        with torch.cuda.device(workspace.device_index):
+        with torch.cuda.device(index):
             _ext.C.cuda_norm(
-                *workspace.plan_args,
-                workspace.device_index,
-                self._stream(workspace),
+                *self._plan_args(tables),
+                index,
+                stream,
                 int(norm.kind),
                 norm.p,
                 total.data_ptr(),
@@ -155,22 +157,18 @@ class CudaBackend(KernelBackend):
             per_tensor.copy_(per_tensor_out)  # type: ignore[union-attr]
         return total, coef, acc
 
+    @staticmethod
+    def _plan_args(tables: KernelTables) -> tuple[int, int, int, int]:
+        return tables.packed.data_ptr(), tables.num_tensors, tables.num_chunks, tables.chunk_elements
+
     def launch_scale(self, work: DeviceWork, tables: KernelTables, coef: Tensor) -> None:
-        workspace = self._workspace(work, tables)
+        index, stream = self._launch_target(work)
         if coef.device != work.device or coef.dtype not in DTYPE_CODES:
             coef = _device_scalar(coef, work.device)
-        with torch.cuda.device(workspace.device_index):
-            _ext.C.cuda_scale(
-                *workspace.plan_args,
-                workspace.device_index,
-                self._stream(workspace),
-                coef.data_ptr(),
-                DTYPE_CODES[coef.dtype],
-            )
+        with torch.cuda.device(index):
+            _ext.C.cuda_scale(*self._plan_args(tables), index, stream, coef.data_ptr(), DTYPE_CODES[coef.dtype])
 
     def launch_clamp(self, work: DeviceWork, tables: KernelTables, clip_value: float) -> None:
-        workspace = self._workspace(work, tables)
-        with torch.cuda.device(workspace.device_index):
-            _ext.C.cuda_clamp(
-                *workspace.plan_args, workspace.device_index, self._stream(workspace), float(clip_value)
-            )
+        index, stream = self._launch_target(work)
+        with torch.cuda.device(index):
+            _ext.C.cuda_clamp(*self._plan_args(tables), index, stream, float(clip_value))
