@@ -1,0 +1,153 @@
+"""Measuring one call: wall, device and host CPU time; launches; the copy reference; the fp64 norm."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .environment import synchronize
+from .metrics import bandwidth_gbps, copy_bytes_moved, median
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One call: wall time (device synchronised), device time (CUDA events) and host CPU time."""
+
+    wall_s: float
+    device_s: float | None
+    cpu_s: float
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> tuple[Sample, object]:
+    """Run ``fn`` once and time it. The device is synchronised before and after, so the wall time
+    covers the host work and the device work of the call and nothing queued before it. Host CPU
+    time is the process's CPU time (all threads) until ``fn`` returns: on a GPU that is the host
+    side of the call without the wait; on a CPU it is the whole call on every thread it used."""
+    cuda = device.type == "cuda"
+    if cuda:
+        start_event = torch.cuda.Event(enable_timing=True)
+        end_event = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+    wall_start = time.perf_counter()
+    cpu_start = time.process_time()
+    if cuda:
+        start_event.record()
+    result = fn()
+    cpu_end = time.process_time()
+    if cuda:
+        end_event.record()
+        torch.cuda.synchronize(device)
+    wall_end = time.perf_counter()
+    device_s = start_event.elapsed_time(end_event) / 1e3 if cuda else None
+    return Sample(wall_end - wall_start, device_s, cpu_end - cpu_start), result
+
+
+def timing_seconds(samples: list[Sample], device: torch.device) -> float | None:
+    """The time bandwidth is computed from: device time on a GPU, wall time on a CPU."""
+    if device.type == "cuda":
+        return median([s.device_s for s in samples])
+    return median([s.wall_s for s in samples])
+
+
+@dataclass(frozen=True)
+class CopyReference:
+    buffer_bytes: int
+    seconds: float
+    gbps: float
+
+
+def measure_copy(device: torch.device, buffer_bytes: int, reps: int = 15) -> CopyReference:
+    """Median time of ``dst.copy_(src)`` over a buffer far larger than the cache."""
+    elements = max(1, buffer_bytes // 4)
+    src = torch.empty(elements, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    samples = [time_call(lambda: dst.copy_(src), device)[0] for _ in range(reps)]
+    seconds = timing_seconds(samples, device)
+    assert seconds is not None
+    nbytes = elements * 4
+    gbps = bandwidth_gbps(copy_bytes_moved(nbytes), seconds)
+    assert gbps is not None
+    return CopyReference(nbytes, seconds, gbps)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's native start/stop chatter on file descriptor 2 (it would break the
+    progress display); Python exceptions still propagate normally."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. captured by a test runner)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def launch_kind(device: torch.device) -> str:
+    """What :func:`count_launches` counts on ``device``, for column headers and notes."""
+    return "CUDA kernels" if device.type == "cuda" else "torch ops"
+
+
+def count_launches(fn: Callable[[], object], device: torch.device) -> int:
+    """Launches of one call, from torch.profiler.
+
+    On CUDA: device kernels (memcpy and memset excluded). On a CPU there are no launches, so this
+    counts top-level torch operator calls (an operator called inside another is not counted):
+    the dispatcher round trips a call makes. Work inside a compiled extension that does not go
+    through torch's dispatcher is invisible here.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with _quiet_stderr(), profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        kernels = [
+            e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+        ]
+        if kernels:
+            return len(kernels)
+        # No device activity recorded (CUPTI unavailable): count the runtime's launch calls instead.
+        return sum(1 for e in events if "LaunchKernel" in e.name)
+    return sum(1 for e in events if e.name.startswith("aten::") and not _inside_operator(e))
+
+
+def _inside_operator(event: object) -> bool:
+    parent = getattr(event, "cpu_parent", None)
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = getattr(parent, "cpu_parent", None)
+    return False
+
+
+def reference_norm(grads: list[Tensor], chunk_elements: int = 1 << 24) -> float:
+    """The 2-norm of all grads computed in float64, chunk by chunk (no full fp64 copy)."""
+    if not grads:
+        return 0.0
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    for grad in grads:
+        for chunk in grad.reshape(-1).split(chunk_elements):
+            total += chunk.to(torch.float64).square().sum()
+    return math.sqrt(total.item())
