@@ -18,7 +18,7 @@ import torch
 from fusedclip.bench import cli, measure, metrics, providers, runner
 from fusedclip.bench.environment import describe
 from fusedclip.bench.errors import BenchError
-from fusedclip.bench.gradsets import MAX_COPIES, TARGET_NORM, GradSet, copies_needed
+from fusedclip.bench.gradsets import BASE_NORM, CLIPPED_SCALE, MAX_COPIES, MAX_NORM, GradSet, copies_needed
 from fusedclip.bench.report import fmt_number, render_markdown
 from fusedclip.bench.results import ROW_FIELDS, SCHEMA, Results, Row
 from fusedclip.bench.suites import DTYPES, SUITES, Suite, Variant
@@ -157,13 +157,27 @@ def test_gradset_copies_are_identical_and_restored_in_place():
         for grad, pristine in zip(gradset.grads(copy), gradset.pristine):
             assert torch.equal(grad, pristine) and grad.data_ptr() != pristine.data_ptr()
     norm = measure.reference_norm(gradset.pristine)
-    assert norm == pytest.approx(TARGET_NORM, rel=0.5)
+    assert norm == pytest.approx(BASE_NORM, rel=0.01)  # normalised, then rounded to each dtype
     addresses = [g.data_ptr() for g in gradset.grads(1)]
     torch.nn.utils.clip_grad_norm_(gradset.params[1], 1.0)
     assert not torch.equal(gradset.grads(1)[0], gradset.pristine[0])
     gradset.restore(1)
     assert [g.data_ptr() for g in gradset.grads(1)] == addresses
     assert all(torch.equal(g, p) for g, p in zip(gradset.grads(1), gradset.pristine))
+
+
+def test_gradset_scale_is_exact_and_undone_exactly():
+    gradset = GradSet(TINY_SHAPES, [torch.float16, torch.bfloat16, torch.float32, torch.float16], CPU, copies=2)
+    base = [g.clone() for g in gradset.pristine]
+    gradset.set_scale(CLIPPED_SCALE)
+    for copy in range(2):
+        assert all(torch.equal(g, b * CLIPPED_SCALE) for g, b in zip(gradset.grads(copy), base))
+    assert measure.reference_norm(gradset.pristine) == CLIPPED_SCALE * measure.reference_norm(base)
+    gradset.set_scale(1.0)
+    assert all(torch.equal(g, b) for g, b in zip(gradset.grads(1), base))
+    with pytest.raises(ValueError, match="power of two"):
+        gradset.set_scale(3.0)
+    assert BASE_NORM < MAX_NORM < BASE_NORM * CLIPPED_SCALE  # one max_norm: unclipped, then clipped
 
 
 def test_copies_span_twice_the_cache_within_memory():
@@ -174,7 +188,9 @@ def test_copies_span_twice_the_cache_within_memory():
 
 
 def test_reference_norm_is_float64_over_chunks():
-    grads = [torch.randn(100, dtype=torch.bfloat16), torch.randn(3, 7)]
+    # big grads are split, small ones of one dtype batched together
+    grads = [torch.randn(100, dtype=torch.bfloat16), torch.randn(3, 7), torch.randn(3), torch.randn(2, 2)]
+    grads += [torch.randn(4, dtype=torch.bfloat16), torch.randn(5, dtype=torch.float16), torch.randn(6)]
     expected = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
     assert measure.reference_norm(grads, chunk_elements=7) == pytest.approx(expected, rel=1e-12)
     assert measure.reference_norm([]) == 0.0
@@ -445,13 +461,24 @@ def test_a_failing_provider_is_a_row_not_a_crash(tiny_suite):
     assert all(r.ok for r in run.rows if r.provider == "torch")
 
 
-def test_compile_budget_and_tensor_cap_skip_with_reasons(tiny_suite):
+def test_compile_budget_and_tensor_cap_skip_with_reasons(tiny_suite, monkeypatch):
+    monkeypatch.setitem(SUITES, "tiny2", Suite("tiny2", "another", lambda: [Variant(TINY_SHAPES[:3], "full")]))
     baseline = providers.discover(CPU)[0]
-    compiling = providers.Provider("torch-compile", "pretend compile", _eager, compiles=True)
-    run = _runner([baseline, compiling], compile_budget_s=1e-9).run()
-    rows = {r.case: r for r in run.rows if r.provider == "torch-compile"}
-    assert rows["clipped"].ok and rows["clipped"].compile_s is not None  # the first compile is allowed
-    assert rows["unclipped"].status == "skipped" and "budget" in rows["unclipped"].reason
+    binds = []
+
+    def counting_bind(max_norm):
+        binds.append(max_norm)
+        return _eager(max_norm)
+
+    compiling = providers.Provider("torch-compile", "pretend compile", counting_bind, compiles=True)
+    run = _runner([baseline, compiling], suites=["tiny", "tiny2"], compile_budget_s=1e-9).run()
+    rows = {(r.set, r.case): r for r in run.rows if r.provider == "torch-compile"}
+    # sets run from the fewest tensors: tiny2 compiles once for both cases, then the budget is spent
+    assert binds == [MAX_NORM]
+    assert rows[("tiny2", "clipped")].ok and rows[("tiny2", "unclipped")].ok
+    assert rows[("tiny2", "clipped")].compile_s == rows[("tiny2", "unclipped")].compile_s > 0
+    assert rows[("tiny", "clipped")].status == "skipped" and "budget" in rows[("tiny", "clipped")].reason
+    assert [r.set for r in run.rows][0] == "tiny"  # rows come back in report order
     run = _runner([baseline, compiling], compile_budget_s=100.0, compile_max_tensors=2).run()
     capped = [r for r in run.rows if r.provider == "torch-compile"]
     assert all(r.status == "skipped" and "--compile-max-tensors 2" in r.reason for r in capped)
@@ -463,20 +490,21 @@ def test_clipped_calls_clip_every_time(tiny_suite):
     def recording(max_norm):
         def clip(params):
             grads = [p.grad for p in params]
-            before = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            seen.append((max_norm, before))
-            return norm
+            seen.append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads)))
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
         return clip
 
     baseline = providers.discover(CPU)[0]
-    _runner([baseline, providers.Provider("recording", "records", recording)], reps=4).run()
-    clipped = [before for max_norm, before in seen if max_norm == runner.CLIPPED_MAX_NORM]
-    assert len(clipped) >= 5
-    # every clipped call saw the restored grads (norm ~100), never an already-clipped set (norm ~1)
-    assert all(before > 10 * runner.CLIPPED_MAX_NORM for before in clipped)
-    assert all(before < runner.UNCLIPPED_MAX_NORM for _, before in seen)
+    run = _runner([baseline, providers.Provider("recording", "records", recording)], reps=4).run()
+    # every call saw the base grads (unclipped case) or the base grads x4 (clipped case), never a
+    # set clipped by an earlier call (norm MAX_NORM)
+    clipped = [norm for norm in seen if norm == pytest.approx(BASE_NORM * CLIPPED_SCALE, rel=0.01)]
+    unclipped = [norm for norm in seen if norm == pytest.approx(BASE_NORM, rel=0.01)]
+    assert len(clipped) + len(unclipped) == len(seen)
+    assert len(clipped) == len(unclipped) == 1 + 1 + 4  # warm-up, profiled call, rounds
+    errors = {r.case: r.norm_rel_err for r in run.rows if r.provider == "recording"}
+    assert errors["clipped"] < 1e-6 and errors["unclipped"] < 1e-6  # fp32 grads, fp64 reference
 
 
 def test_single_tensor_mix_is_noted_not_measured(monkeypatch):
@@ -569,3 +597,19 @@ def test_environment_reports_a_cache_and_memory():
     info = describe(CPU)
     assert info.slug == "cpu" and info.cache_bytes > 0 and info.memory_bytes > 0
     assert os.cpu_count() is None or info.threads >= 1
+
+
+def test_launch_counts_match_between_cases_and_quick_reuses_them(tiny_suite, monkeypatch):
+    known = {p.name: p for p in providers.discover(CPU)}
+    chosen = [known["torch"], known["torch-loop"], known["fusedclip-torch"]]
+    run = _runner(chosen).run()
+    counts = {(r.case, r.provider): r.launches for r in run.rows}
+    for provider in ("torch", "torch-loop", "fusedclip-torch"):
+        assert counts[("clipped", provider)] == counts[("unclipped", provider)] >= 1
+
+    profiled = []
+    real_count = runner.count_launches
+    monkeypatch.setattr(runner, "count_launches", lambda fn, device: profiled.append(1) or real_count(fn, device))
+    run = _runner(chosen, launches_every_case=False).run()
+    assert len(profiled) == len(chosen)  # once per provider, on the clipped call
+    assert {(r.case, r.provider): r.launches for r in run.rows} == counts

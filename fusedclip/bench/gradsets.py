@@ -6,6 +6,11 @@ clipped call scales its grads in place, so after each clipped call the copy is r
 pristine grads (outside the timed region): every call sees the same data, and every clipped call
 really clips (a set already clipped once would have a norm at the threshold, and the next call's
 coefficient would round to 1).
+
+The clipped and unclipped cases use the same ``max_norm`` (so one torch.compile graph serves
+both) and differ by the grads instead: the unclipped case has a total norm of ``BASE_NORM``, the
+clipped case the same grads times ``CLIPPED_SCALE``, a power of two, so the scaling is exact in
+every dtype and undone exactly.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from torch import Tensor
 
 from .suites import Shape
 
-#: the grads are drawn so that their total norm is about this (realistic, and far from fp16's range)
-TARGET_NORM = 100.0
+#: total norm of the grads in the unclipped case (realistic, and far from fp16's limits)
+BASE_NORM = 100.0
+#: the clipped case's grads are the same grads times this (exact: a power of two)
+CLIPPED_SCALE = 4.0
+#: max_norm of both cases: above BASE_NORM, below BASE_NORM * CLIPPED_SCALE (coefficient ~0.5)
+MAX_NORM = 200.0
 #: working copies kept at most (fusedclip's plan cache holds 16 layouts; stay well inside it)
 MAX_COPIES = 8
 
@@ -47,14 +56,20 @@ class GradSet:
         if len(shapes) != len(dtypes):
             raise ValueError("one dtype per shape is needed")
         self.device = device
+        self.scale = 1.0
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-        elements = sum(math.prod(shape) for shape in shapes)
-        sigma = TARGET_NORM / math.sqrt(max(elements, 1))
-        self.pristine: list[Tensor] = []
-        for shape, dtype in zip(shapes, dtypes):
-            values = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-            self.pristine.append(values.mul_(sigma).to(dtype))
+        numels = [math.prod(shape) for shape in shapes]
+        # One draw for the whole set (fast for 10000 small tensors), normalised to BASE_NORM; the
+        # pristine grads are pieces of it in their own dtypes.
+        values = torch.randn(sum(numels), generator=generator, device=device, dtype=torch.float32)
+        norm = float(torch.linalg.vector_norm(values, dtype=torch.float64)) if values.numel() else 0.0
+        if norm > 0:
+            values.mul_(BASE_NORM / norm)
+        self.pristine: list[Tensor] = [
+            piece.view(shape).to(dtype, copy=True) for piece, shape, dtype in zip(values.split(numels), shapes, dtypes)
+        ]
+        del values
         self.params: list[list[Tensor]] = [self._parameters() for _ in range(copies)]
 
     def _parameters(self) -> list[Tensor]:
@@ -80,3 +95,15 @@ class GradSet:
     def restore(self, copy: int) -> None:
         """Put the pristine values back into a working copy, in place (same storage)."""
         torch._foreach_copy_(self.grads(copy), self.pristine)
+
+    def set_scale(self, scale: float) -> None:
+        """Make the pristine grads (and every working copy) the base grads times ``scale``, a power
+        of two, so that the change is exact and exactly undone."""
+        if scale <= 0 or math.log2(scale) != int(math.log2(scale)):
+            raise ValueError(f"scale must be a power of two, got {scale}")
+        if scale == self.scale:
+            return
+        torch._foreach_mul_(self.pristine, scale / self.scale)
+        self.scale = scale
+        for copy in range(self.copies):
+            self.restore(copy)

@@ -112,7 +112,6 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> int:
     the dispatcher round trips a call makes. Work inside a compiled extension that does not go
     through torch's dispatcher is invisible here.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -121,33 +120,90 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> int:
     with _quiet_stderr(), profile(activities=activities) as prof:
         fn()
         synchronize(device)
-    events = prof.events()
+    events = _raw_events(prof)
     if device.type == "cuda":
-        kernels = [
-            e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
-        ]
+        kernels = [e for e in events if e.is_device and not e.name.startswith(("Memcpy", "Memset"))]
         if kernels:
             return len(kernels)
         # No device activity recorded (CUPTI unavailable): count the runtime's launch calls instead.
         return sum(1 for e in events if "LaunchKernel" in e.name)
-    return sum(1 for e in events if e.name.startswith("aten::") and not _inside_operator(e))
+    return _top_level_operators(events)
 
 
-def _inside_operator(event: object) -> bool:
-    parent = getattr(event, "cpu_parent", None)
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = getattr(parent, "cpu_parent", None)
-    return False
+@dataclass(frozen=True)
+class _Event:
+    name: str
+    is_device: bool
+    thread: int
+    start_ns: int
+    end_ns: int
+
+
+def _raw_events(prof: object) -> list[_Event]:
+    """The profiler's events without building its event tree (which takes seconds for the
+    tens of thousands of events a call on 10000 tensors records)."""
+    from torch.autograd import DeviceType
+
+    try:
+        raw = prof.profiler.kineto_results.events()  # type: ignore[attr-defined]
+        return [
+            _Event(e.name(), e.device_type() == DeviceType.CUDA, e.start_thread_id(), e.start_ns(), e.end_ns())
+            for e in raw
+        ]
+    except AttributeError:  # pragma: no cover - a torch whose profiler internals moved
+        return [
+            _Event(
+                e.name,
+                e.device_type == DeviceType.CUDA,
+                e.thread,
+                int(e.time_range.start * 1000),
+                int(e.time_range.end * 1000),
+            )
+            for e in prof.events()  # type: ignore[attr-defined]
+        ]
+
+
+def _top_level_operators(events: list[_Event]) -> int:
+    """Operators (``aten::*``) not nested inside another operator on the same thread."""
+    count = 0
+    by_thread: dict[int, list[_Event]] = {}
+    for event in events:
+        if not event.is_device and event.name.startswith("aten::"):
+            by_thread.setdefault(event.thread, []).append(event)
+    for thread_events in by_thread.values():
+        thread_events.sort(key=lambda e: (e.start_ns, -e.end_ns))  # an enclosing op comes first
+        open_until: list[int] = []  # end times of the operators enclosing the current point
+        for event in thread_events:
+            while open_until and open_until[-1] <= event.start_ns:
+                open_until.pop()
+            if not open_until:
+                count += 1
+            open_until.append(event.end_ns)
+    return count
 
 
 def reference_norm(grads: list[Tensor], chunk_elements: int = 1 << 24) -> float:
-    """The 2-norm of all grads computed in float64, chunk by chunk (no full fp64 copy)."""
+    """The 2-norm of all grads computed in float64. Small grads of one dtype are concatenated, and
+    large ones split, into pieces of about ``chunk_elements`` (few ops, no full fp64 copy)."""
     if not grads:
         return 0.0
     total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for grad in grads:
-        for chunk in grad.reshape(-1).split(chunk_elements):
-            total += chunk.to(torch.float64).square().sum()
+        by_dtype.setdefault(grad.dtype, []).append(grad.reshape(-1))
+    for flats in by_dtype.values():
+        batch: list[Tensor] = []
+        batch_elements = 0
+        for flat in flats + [None]:  # None flushes the last batch
+            if flat is not None and flat.numel() <= chunk_elements:
+                batch.append(flat)
+                batch_elements += flat.numel()
+                if batch_elements < chunk_elements:
+                    continue
+            if batch:
+                total += torch.cat(batch).to(torch.float64).square().sum()
+                batch, batch_elements = [], 0
+            if flat is not None and flat.numel() > chunk_elements:
+                for piece in flat.split(chunk_elements):
+                    total += piece.to(torch.float64).square().sum()
     return math.sqrt(total.item())

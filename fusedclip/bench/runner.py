@@ -1,11 +1,14 @@
 """The benchmark loop: every set, dtype and case, with the providers interleaved call by call.
 
 For each (set, dtype) the grads are created once (a pristine copy and rotating working copies),
-and the fp64 norm is computed. Then for each case (clipped, unclipped) every provider is bound,
-warmed up (the first call of torch.compile compiles; that time is recorded apart and budgeted),
-profiled once for its launch count, and timed: rounds of one call per provider, the order rotated
-every round, each call on the next working copy, the copy restored after a clipped call. Medians
-over the rounds go into the rows.
+the fp64 norm is computed, and every provider is bound once (torch.compile compiles on its first
+call, once for both cases; that time is recorded apart and budgeted). Then for each case (clipped,
+unclipped) every provider is warmed up, profiled once for its launch count, and timed: rounds of
+one call per provider, the order rotated every round, each call on the next working copy, the copy
+restored after a clipped call. Medians over the rounds go into the rows.
+
+Sets run from the fewest tensors to the most, so that the torch.compile budget (compile time
+grows with the number of tensors) covers as many sets as it can; rows come back in report order.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .environment import DeviceInfo
-from .gradsets import GradSet, copies_needed
+from .gradsets import CLIPPED_SCALE, MAX_NORM, GradSet, copies_needed
 from .measure import Sample, count_launches, reference_norm, time_call, timing_seconds
 from .metrics import bandwidth_gbps, bytes_moved, median, relative_error, share, speedup
 from .progress import NoProgress, Progress
@@ -26,11 +29,8 @@ from .providers import BASELINE, Clip, Provider
 from .results import STATUS_FAILED, STATUS_SKIPPED, Row
 from .suites import DTYPES, SUITES, DtypeSpec, Suite, Variant
 
-#: max_norm of the clipped case: the grads' norm is about 100, so every call clips (coef ~0.01)
-CLIPPED_MAX_NORM = 1.0
-#: max_norm of the unclipped case: far above the norm, so the coefficient is 1
-UNCLIPPED_MAX_NORM = 1e6
-CASES = (("clipped", CLIPPED_MAX_NORM), ("unclipped", UNCLIPPED_MAX_NORM))
+#: (case, factor applied to the base grads); max_norm is MAX_NORM in both
+CASES = (("clipped", CLIPPED_SCALE), ("unclipped", 1.0))
 #: share of the free memory one set's grads may use (pristine + working copies + temporaries)
 MEMORY_SHARE = 0.45
 
@@ -47,6 +47,7 @@ class Options:
     target_s: float = 1.0  # timed seconds aimed at per (set, dtype, case)
     compile_budget_s: float = 0.0
     compile_max_tensors: int = 300
+    launches_every_case: bool = True  # False: count on the clipped call, reuse for the unclipped one
     seed: int = 0
 
 
@@ -62,6 +63,15 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
+@dataclass
+class _Bound:
+    """The providers bound for one (set, dtype), shared by its cases."""
+
+    calls: dict[str, Clip] = field(default_factory=dict)
+    unusable: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (status, reason)
+    compile_s: dict[str, float] = field(default_factory=dict)
+
+
 class Runner:
     def __init__(self, options: Options, info: DeviceInfo, copy_gbps: float, progress: Progress | None = None):
         self.options = options
@@ -70,27 +80,38 @@ class Runner:
         self.copy_gbps = copy_gbps
         self.progress = progress or NoProgress()
         self.run_state = Run()
+        self.launch_counts: dict[tuple[str, str, str], int] = {}  # (set, dtype, provider) -> launches
         self.memory_budget = int(info.memory_bytes * MEMORY_SHARE)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Run:
+        budget = self._budget()
         cells = [(SUITES[s], DTYPES[d]) for s in self.options.suites for d in self.options.dtypes]
+        order = sorted(cells, key=lambda cell: cell[0].fit(budget, cell[1]).tensors)
         self.progress.start(len(cells) * len(CASES))
         try:
-            for suite, spec in cells:
-                self._measure_set(suite, spec)
+            for suite, spec in order:
+                self._measure_set(suite, spec, budget)
         finally:
             self.progress.stop()
+        self.run_state.rows.sort(key=self._report_order)
         return self.run_state
+
+    def _report_order(self, row: Row) -> tuple[int, int, int, int]:
+        providers = [p.name for p in self.options.providers]
+        return (
+            self.options.suites.index(row.set),
+            self.options.dtypes.index(row.dtype),
+            [case for case, _ in CASES].index(row.case),
+            providers.index(row.provider),
+        )
 
     def _budget(self) -> int:
         budget = self.options.budget_bytes
-        # pristine + at least one working copy must fit
-        memory_cap = self.memory_budget // 2
+        memory_cap = self.memory_budget // 2  # pristine + at least one working copy must fit
         return memory_cap if budget is None else min(budget, memory_cap)
 
-    def _measure_set(self, suite: Suite, spec: DtypeSpec) -> None:
-        budget = self._budget()
+    def _measure_set(self, suite: Suite, spec: DtypeSpec, budget: int) -> None:
         variant = suite.fit(budget, spec)
         dtypes = spec.dtypes_for(variant.shapes)
         label = f"{suite.name} {spec.name}"
@@ -109,18 +130,35 @@ class Runner:
         copies = copies_needed(grad_bytes, self.info.cache_bytes, self.memory_budget)
         self.progress.step(f"{label}: creating grads")
         gradset = GradSet(variant.shapes, dtypes, self.device, copies, seed=self.options.seed)
-        reference = reference_norm(gradset.pristine)
+        reference = reference_norm(gradset.pristine)  # exact for every case: the scales are powers of two
+        bound = self._bind(variant)
         try:
-            for case, max_norm in CASES:
+            for case, scale in CASES:
                 self.progress.step(f"{label} {case}")
-                rows = _Cell(self, suite, variant, spec, gradset, reference, case, max_norm, grad_bytes).measure()
-                self.run_state.rows.extend(rows)
+                gradset.set_scale(scale)
+                cell = _Cell(self, suite, variant, spec, gradset, reference * scale, case, grad_bytes, bound)
+                self.run_state.rows.extend(cell.measure())
                 self.progress.advance()
         finally:
-            del gradset
+            del gradset, bound
+            if any(p.compiles for p in self.options.providers):
+                torch._dynamo.reset()  # drop this set's graphs before the next set's grads
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _bind(self, variant: Variant) -> _Bound:
+        bound = _Bound()
+        for provider in self.options.providers:
+            reason = self.compile_skip_reason(variant) if provider.compiles else None
+            if reason is not None:
+                bound.unusable[provider.name] = (STATUS_SKIPPED, reason)
+                continue
+            try:
+                bound.calls[provider.name] = provider.bind(MAX_NORM)
+            except Exception as error:
+                bound.unusable[provider.name] = (STATUS_FAILED, _short(error))
+        return bound
 
     def _skip_cases(self, label: str) -> None:
         for case, _ in CASES:
@@ -152,20 +190,19 @@ class _Cell:
         gradset: GradSet,
         reference: float,
         case: str,
-        max_norm: float,
         grad_bytes: int,
+        bound: _Bound,
     ) -> None:
         self.runner = runner
         self.device = runner.device
-        self.variant = variant
         self.gradset = gradset
         self.reference = reference
         self.clipped = case == "clipped"
-        self.max_norm = max_norm
+        self.bound = bound
         self._copies = itertools.cycle(range(gradset.copies))
         self.rows: dict[str, Row] = {}
         for provider in runner.options.providers:
-            self.rows[provider.name] = Row(
+            row = Row(
                 set=suite.name,
                 scale=variant.scale,
                 tensors=variant.tensors,
@@ -177,24 +214,30 @@ class _Cell:
                 bytes_moved=bytes_moved(grad_bytes, self.clipped),
                 copies=gradset.copies,
             )
-        self.calls: dict[str, Clip] = {}
+            if provider.name in bound.unusable:
+                row.status, row.reason = bound.unusable[provider.name]
+            self.rows[provider.name] = row
+        self.providers = [p for p in runner.options.providers if p.name in bound.calls]
         self.warm_s: dict[str, float] = {}
         self.samples: dict[str, list[Sample]] = {}
 
     def measure(self) -> list[Row]:
-        for provider in self.runner.options.providers:
+        for provider in self.providers:
             self._warm_up(provider)
-        for name in list(self.calls):
+        for name in self._live():
             self._count_launches(name)
         self._timed_rounds()
         self._fill_rows()
         return list(self.rows.values())
 
+    def _live(self) -> list[str]:
+        return [p.name for p in self.providers if p.name in self.bound.calls]
+
     # -- one call on the next working copy ------------------------------------------------------
     def _call(self, name: str) -> tuple[Sample, object]:
         copy = next(self._copies)
         params = self.gradset.params[copy]
-        fn = self.calls[name]
+        fn = self.bound.calls[name]
         try:
             return time_call(lambda: fn(params), self.device)
         finally:
@@ -202,42 +245,41 @@ class _Cell:
                 self.gradset.restore(copy)
 
     def _fail(self, name: str, error: BaseException) -> None:
-        row = self.rows[name]
-        row.status, row.reason = STATUS_FAILED, _short(error)
-        self.calls.pop(name, None)
+        """A provider that cannot take this set is a row, not a crash (nor tried again on it)."""
+        reason = _short(error)
+        self.rows[name].status, self.rows[name].reason = STATUS_FAILED, reason
+        self.bound.calls.pop(name, None)
+        self.bound.unusable[name] = (STATUS_FAILED, reason)
         self.samples.pop(name, None)
-        if name == "torch-compile":
-            torch._dynamo.reset()
         if isinstance(error, torch.OutOfMemoryError) and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _warm_up(self, provider: Provider) -> None:
         row = self.rows[provider.name]
-        if provider.compiles:
-            reason = self.runner.compile_skip_reason(self.variant)
-            if reason is not None:
-                row.status, row.reason = STATUS_SKIPPED, reason
-                return
         try:
-            self.calls[provider.name] = provider.bind(self.max_norm)
-            sample, norm = self._call(provider.name)  # compiles, for torch.compile
-            if provider.compiles:
-                row.compile_s = sample.wall_s
+            sample, norm = self._call(provider.name)
+            if provider.compiles and provider.name not in self.bound.compile_s:
+                # that first call compiled: record it apart, and warm up once more
+                self.bound.compile_s[provider.name] = sample.wall_s
                 self.runner.run_state.compile_spent_s += sample.wall_s
                 sample, norm = self._call(provider.name)
             row.norm_rel_err = relative_error(float(norm), self.reference)  # type: ignore[arg-type]
             self.warm_s[provider.name] = sample.wall_s
-        except Exception as error:  # a provider that cannot take this set is a row, not a crash
-            if provider.compiles:
-                row.compile_s = None
+        except Exception as error:
             self._fail(provider.name, error)
+        row.compile_s = self.bound.compile_s.get(provider.name)
 
     def _count_launches(self, name: str) -> None:
+        row = self.rows[name]
+        key = (row.set, row.dtype, name)
+        if not self.runner.options.launches_every_case and key in self.runner.launch_counts:
+            row.launches = self.runner.launch_counts[key]
+            return
         copy = next(self._copies)
         params = self.gradset.params[copy]
-        fn = self.calls[name]
+        fn = self.bound.calls[name]
         try:
-            self.rows[name].launches = count_launches(lambda: fn(params), self.device)
+            row.launches = self.runner.launch_counts[key] = count_launches(lambda: fn(params), self.device)
         except Exception as error:
             self._fail(name, error)
         finally:
@@ -248,7 +290,7 @@ class _Cell:
         options = self.runner.options
         if options.reps is not None:
             return options.reps
-        per_round = sum(self.warm_s[name] for name in self.calls)
+        per_round = sum(self.warm_s[name] for name in self._live())
         if self.clipped:
             per_round *= 1.5  # the restores
         if per_round <= 0:
@@ -256,13 +298,16 @@ class _Cell:
         return max(options.min_reps, min(options.max_reps, math.ceil(options.target_s / per_round)))
 
     def _timed_rounds(self) -> None:
-        if not self.calls:
+        names = self._live()
+        if not names:
             return
         rounds = self._rounds()
-        self.samples = {name: [] for name in self.calls}
+        self.samples = {name: [] for name in names}
         for index in range(rounds):
-            names = list(self.calls)
-            shift = index % len(names)  # rotate the order so no provider always runs first
+            names = self._live()
+            if not names:
+                break
+            shift = index % len(names)  # rotate the order so that no provider always runs first
             for name in names[shift:] + names[:shift]:
                 try:
                     sample, _ = self._call(name)
@@ -270,25 +315,21 @@ class _Cell:
                     self._fail(name, error)
                     continue
                 self.samples[name].append(sample)
-        for name, row in self.rows.items():
-            if name in self.samples:
-                row.reps = len(self.samples[name])
 
     def _fill_rows(self) -> None:
-        device = self.device
         baseline = self.samples.get(BASELINE)
         baseline_wall = median([s.wall_s for s in baseline]) if baseline else None
         for name, samples in self.samples.items():
             if not samples:
                 continue
             row = self.rows[name]
+            row.reps = len(samples)
             wall = median([s.wall_s for s in samples])
             device_s = median([s.device_s for s in samples])
+            cpu_s = median([s.cpu_s for s in samples])
             row.wall_ms = None if wall is None else wall * 1e3
             row.device_ms = None if device_s is None else device_s * 1e3
-            cpu = median([s.cpu_s for s in samples])
-            row.cpu_ms = None if cpu is None else cpu * 1e3
-            row.gbps = bandwidth_gbps(row.bytes_moved, timing_seconds(samples, device))
+            row.cpu_ms = None if cpu_s is None else cpu_s * 1e3
+            row.gbps = bandwidth_gbps(row.bytes_moved, timing_seconds(samples, self.device))
             row.copy_share = share(row.gbps, self.runner.copy_gbps)
             row.speedup = speedup(baseline_wall, wall)
-
