@@ -129,9 +129,12 @@ def test_fit_scales_down_within_budget_keeping_real_shapes(name, budget_mb):
 
 
 def test_llama_scale_is_stated_when_scaled():
-    variant = SUITES["llama2-7b"].fit(256 << 20, DTYPES["bf16"])
+    variant = SUITES["llama2-7b"].fit(512 << 20, DTYPES["bf16"])
     assert variant.scale == "1/32 layers, no embeddings"
     assert variant.tensors == 9
+    variant = SUITES["llama2-7b"].fit(128 << 20, DTYPES["bf16"])  # q, k, v, o of one layer: 4 x 32 MiB
+    assert variant.scale == "first 4/9 tensors of 1/32 layers, no embeddings"
+    assert variant.shapes == ((4096, 4096),) * 4
     assert SUITES["llama2-7b"].fit(None, DTYPES["bf16"]).scale == "full"
 
 
@@ -589,8 +592,12 @@ def test_progress_falls_back_without_rich(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_rich)
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
     display, note = progress.make_progress(True)
     assert isinstance(display, progress.PlainProgress) and "rich is not installed" in note
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    display, note = progress.make_progress(True)  # a log file gets lines, not a redrawn bar
+    assert isinstance(display, progress.PlainProgress) and note is None
 
 
 def test_environment_reports_a_cache_and_memory():

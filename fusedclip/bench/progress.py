@@ -96,6 +96,8 @@ def make_progress(enabled: bool = True) -> tuple[Progress, str | None]:
     """The best display available, and a note when it is a fallback."""
     if not enabled:
         return NoProgress(), None
+    if not sys.stderr.isatty():  # a log file: lines, not a redrawn bar
+        return PlainProgress(), None
     try:
         return RichProgress(), None
     except ImportError:

@@ -128,8 +128,9 @@ def _layered(
 ) -> Callable[[], list[Variant]]:
     """Variants of a stack of identical layers, largest first: the whole set, then fewer layers
     with the embeddings, then fewer layers without them (for sets whose embeddings alone exceed the
-    budget). ``drop_embeddings_first`` drops the embeddings before any layer instead, for sets
-    whose point is their number of tensors."""
+    budget), then the first tensors of one layer (for sets whose layer alone exceeds it).
+    ``drop_embeddings_first`` drops the embeddings before any layer instead, for sets whose point
+    is their number of tensors."""
 
     def variants() -> list[Variant]:
         order = [(True, layers)]
@@ -147,6 +148,9 @@ def _layered(
             if with_embeddings and kept == layers:
                 scale = "full"
             found.append(Variant(tuple(shapes), scale))
+        for kept in range(len(layer) - 1, 0, -1):
+            scale = f"first {kept}/{len(layer)} tensors of 1/{layers} layers, no embeddings"
+            found.append(Variant(tuple(layer[:kept]), scale))
         return found
 
     return variants
