@@ -135,6 +135,9 @@ def test_llama_scale_is_stated_when_scaled():
     variant = SUITES["llama2-7b"].fit(128 << 20, DTYPES["bf16"])  # q, k, v, o of one layer: 4 x 32 MiB
     assert variant.scale == "first 4/9 tensors of 1/32 layers, no embeddings"
     assert variant.shapes == ((4096, 4096),) * 4
+    # one tensor cannot mix dtypes: the mix takes the smallest variant it applies to, over budget
+    variant = SUITES["llama2-7b"].fit(64 << 20, DTYPES["mix"])
+    assert variant.tensors == 2 and DTYPES["mix"].nbytes(variant) == 96 << 20
     assert SUITES["llama2-7b"].fit(None, DTYPES["bf16"]).scale == "full"
 
 
@@ -322,7 +325,7 @@ def test_quick_defaults_are_small_and_skip_torch_compile():
     assert options.suites == cli.QUICK_SUITES and options.dtypes == cli.QUICK_DTYPES
     assert options.budget_bytes == cli.QUICK_BUDGET_MB << 20
     assert "torch-compile" not in [p.name for p in options.providers]
-    assert any("torch-compile" in note for note in notes)
+    assert not options.launches_every_case and any("counted on one clipped call" in note for note in notes)
     assert "llama2-7b" not in options.suites  # its smallest real-shaped variant is one 7B layer
 
 
@@ -374,7 +377,7 @@ def test_run_writes_markdown_json_and_csv_with_consistent_numbers(capsys, tmp_pa
         assert row["launches"] >= 1
         assert 0 <= row["norm_rel_err"] < 1e-2
     by_key = {(r["dtype"], r["case"], r["provider"]): r for r in rows}
-    for (dtype, case, provider), row in by_key.items():
+    for (dtype, case, _), row in by_key.items():
         baseline = by_key[(dtype, case, "torch")]
         assert row["speedup"] == pytest.approx(baseline["wall_ms"] / row["wall_ms"])
 
@@ -398,7 +401,8 @@ def test_quick_plumbing_runs_end_to_end(capsys, tmp_path, monkeypatch, tiny_suit
     assert data["meta"]["options"]["quick"] is True
     assert {r["dtype"] for r in data["rows"]} == set(cli.QUICK_DTYPES)
     assert "torch-compile" not in {r["provider"] for r in data["rows"]}
-    assert "torch-compile` not measured" in out
+    assert data["meta"]["providers"]["torch-compile"]["available"].startswith("off: its compile budget is 0")
+    assert "- `torch-compile`: off: its compile budget is 0" in out
 
 
 def test_save_writes_the_committed_files_with_the_regenerate_command(

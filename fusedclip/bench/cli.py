@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_names(requested: Sequence[str] | None, known: Sequence[str], aliases: dict[str, str], what: str) -> list[str]:
+def resolve_names(
+    requested: Sequence[str] | None, known: Sequence[str], aliases: dict[str, str], what: str
+) -> list[str]:
     """Requested names (repeatable options, comma lists) validated and deduplicated, in the order
     given; ``None`` when nothing was requested."""
     if not requested:
@@ -147,7 +149,6 @@ def make_options(args: argparse.Namespace, info: DeviceInfo, known: list[Provide
                 " give --compile-budget SECONDS"
             )
         providers = [p for p in providers if not p.compiles]
-        notes.append("`torch-compile` not measured: its compile budget is 0 (--quick turns it off; see --compile-budget)")
     elif any(p.compiles for p in providers):
         notes.append(
             f"`torch-compile`: compile time is excluded from its timings and reported in the JSON (compile_s);"
@@ -201,7 +202,9 @@ def list_everything(info: DeviceInfo, known: list[Provider]) -> str:
     lines = ["Sets:"]
     for suite in SUITES.values():
         full = suite.full()
-        lines.append(f"  {suite.name:<12} {full.tensors:>6} tensors {full.elements / 1e6:>9.1f} M elements  {suite.title}")
+        lines.append(
+            f"  {suite.name:<12} {full.tensors:>6} tensors {full.elements / 1e6:>9.1f} M elements  {suite.title}"
+        )
     lines.append("Dtypes:")
     lines += [f"  {spec.name:<12} {spec.label}" for spec in DTYPES.values()]
     lines.append(f"Providers on {info.device} ({info.name}):")
@@ -209,6 +212,17 @@ def list_everything(info: DeviceInfo, known: list[Provider]) -> str:
         state = "available" if provider.available else f"unavailable: {provider.unavailable}"
         lines.append(f"  {provider.name:<17} {provider.label}; {state}")
     return "\n".join(lines) + "\n"
+
+
+def _availability(provider: Provider, options: Options) -> bool | str:
+    """True for a measured provider, else why it was not measured."""
+    if provider in options.providers:
+        return True
+    if provider.unavailable:
+        return provider.unavailable
+    if provider.compiles and options.compile_budget_s == 0:
+        return "off: its compile budget is 0 (--quick turns it off; see --compile-budget)"
+    return "not selected (--provider)"
 
 
 def build_meta(
@@ -266,10 +280,7 @@ def build_meta(
             " i.e. dispatcher round trips; work inside a compiled extension that bypasses the dispatcher is not"
             " counted, so compare it between torch-based providers only."
         ),
-        "providers": {
-            p.name: {"label": p.label, "available": True if p in options.providers else (p.unavailable or "not selected")}
-            for p in known
-        },
+        "providers": {p.name: {"label": p.label, "available": _availability(p, options)} for p in known},
         "notes": [],
     }
 
@@ -350,4 +361,3 @@ def _write_outputs(args: argparse.Namespace, results: Results, info: DeviceInfo,
         if can_chart:
             write_chart(results, stem.with_suffix(".png"))
             print(f"fusedclip-bench: wrote {stem.with_suffix('.png')}", file=sys.stderr)
-

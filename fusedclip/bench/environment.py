@@ -54,7 +54,9 @@ def describe(device: torch.device) -> DeviceInfo:
         free, _ = torch.cuda.mem_get_info(device)
         cache = int(getattr(props, "L2_cache_size", 0)) or _DEFAULT_CACHE
         return DeviceInfo(device, props.name, _slug(props.name), cache, int(free), threads)
-    return DeviceInfo(device, f"{_cpu_model()} ({threads} threads)", "cpu", _cpu_cache_bytes(), _available_ram(), threads)
+    return DeviceInfo(
+        device, f"{_cpu_model()} ({threads} threads)", "cpu", _cpu_cache_bytes(), _available_ram(), threads
+    )
 
 
 def _slug(name: str) -> str:

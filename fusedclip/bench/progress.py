@@ -106,4 +106,7 @@ def make_progress(enabled: bool = True) -> tuple[Progress, str | None]:
         return TqdmProgress(), None
     except ImportError:
         pass
-    return PlainProgress(), "rich is not installed: plain progress lines (pip install 'fusedclip[bench]' for a progress bar)"
+    return (
+        PlainProgress(),
+        "rich is not installed: plain progress lines (pip install 'fusedclip[bench]' for a progress bar)",
+    )

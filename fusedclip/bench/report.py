@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
 
 from .metrics import bytes_moved
 from .providers import BASELINE
@@ -92,6 +92,15 @@ def header_lines(results: Results, regenerate: str | None = None) -> list[str]:
     return lines + [""]
 
 
+def _both_cases(cell: dict[tuple[str, str], Row], provider: str, value: Callable[[Row], str]) -> str:
+    """``clipped / unclipped`` values of one provider ("—" where it was not measured)."""
+    parts = []
+    for case in ("clipped", "unclipped"):
+        row = cell.get((case, provider))
+        parts.append("—" if row is None or not row.ok else value(row))
+    return " / ".join(parts)
+
+
 def summary_lines(results: Results) -> list[str]:
     providers = [p for p in providers_measured(results) if p != BASELINE]
     lines = [
@@ -106,16 +115,8 @@ def summary_lines(results: Results) -> list[str]:
     for (set_name, dtype), cell in cells_of(results).items():
         any_row = next(iter(cell.values()))
         entries = [set_name, str(any_row.tensors), any_row.scale, dtype]
-
-        def pair(provider: str, value: Any) -> str:
-            parts = []
-            for case in ("clipped", "unclipped"):
-                row = cell.get((case, provider))
-                parts.append("—" if row is None or not row.ok else value(row))
-            return " / ".join(parts)
-
-        entries.append(pair(BASELINE, lambda r: fmt_number(r.wall_ms)))
-        entries += [pair(p, lambda r: fmt_speedup(r.speedup)) for p in providers]
+        entries.append(_both_cases(cell, BASELINE, lambda r: fmt_number(r.wall_ms)))
+        entries += [_both_cases(cell, p, lambda r: fmt_speedup(r.speedup)) for p in providers]
         body.append(entries)
     lines += _table(header, body, ["l", "r", "l", "l", "r"] + ["r"] * len(providers))
     return lines + [""]

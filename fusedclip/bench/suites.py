@@ -55,14 +55,16 @@ class Suite:
         return self._variants[0]
 
     def fit(self, budget_bytes: int | None, dtype: DtypeSpec) -> Variant:
-        """The largest variant whose grads take at most ``budget_bytes`` in ``dtype`` (the
-        smallest variant when none does; the whole set when there is no budget)."""
+        """The largest variant whose grads take at most ``budget_bytes`` in ``dtype`` (the smallest
+        variant when none does; the whole set when there is no budget). Variants the dtype cannot
+        apply to (one tensor cannot mix dtypes) are passed over while another one remains."""
+        candidates = [v for v in self._variants if dtype.dtypes_for(v.shapes) is not None] or self._variants
         if budget_bytes is None:
-            return self._variants[0]
-        for variant in self._variants:
+            return candidates[0]
+        for variant in candidates:
             if dtype.nbytes(variant) <= budget_bytes:
                 return variant
-        return self._variants[-1]
+        return candidates[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,4 +224,3 @@ SUITES: dict[str, Suite] = {
         Suite("huge", "one huge tensor of 2^31 elements", _huge()),
     )
 }
-
