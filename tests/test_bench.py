@@ -624,3 +624,19 @@ def test_launch_counts_match_between_cases_and_quick_reuses_them(tiny_suite, mon
     run = _runner(chosen, launches_every_case=False).run()
     assert len(profiled) == len(chosen)  # once per provider, on the clipped call
     assert {(r.case, r.provider): r.launches for r in run.rows} == counts
+
+
+@pytest.mark.gpu
+def test_cuda_run_reports_device_time_and_kernels(capsys, tmp_path, tiny_suite, small_copy):
+    code, out, err = run_cli(
+        capsys, "--device", "cuda", "--suite", tiny_suite, "--dtype", "bf16", "--provider", "fusedclip",
+        "--reps", "3", "--no-progress", "--compile-budget", "0", "--json", str(tmp_path / "g.json"),
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert data["meta"]["launches_counted"] == "CUDA kernels"
+    assert data["meta"]["bandwidth_time"].startswith("device")
+    for row in data["rows"]:
+        assert row["status"] == "ok" and row["device_ms"] > 0 and row["launches"] >= 1
+        assert row["gbps"] == pytest.approx(row["bytes_moved"] / (row["device_ms"] / 1e3) / 1e9)
+    assert "| device ms |" in out

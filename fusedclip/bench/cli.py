@@ -299,7 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    info = describe(pick_device(args.device))
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, streams and launches all on the measured device
+    info = describe(device)
     known = discover(info.device)
     if args.list:
         sys.stdout.write(list_everything(info, known))

@@ -32,7 +32,9 @@ class DeviceInfo:
 def pick_device(requested: str | None) -> torch.device:
     """``requested`` ("cpu", "cuda", "cuda:1"), else CUDA when present, else the CPU."""
     if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     try:
         device = torch.device(requested)
     except RuntimeError as error:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .measure import reference_norm
 from .suites import Shape
 
 #: total norm of the grads in the unclipped case (realistic, and far from fp16's limits)
@@ -63,7 +64,7 @@ class GradSet:
         # One draw for the whole set (fast for 10000 small tensors), normalised to BASE_NORM; the
         # pristine grads are pieces of it in their own dtypes.
         values = torch.randn(sum(numels), generator=generator, device=device, dtype=torch.float32)
-        norm = float(torch.linalg.vector_norm(values, dtype=torch.float64)) if values.numel() else 0.0
+        norm = reference_norm([values])  # in fp64 chunks: no fp64 copy of a huge set
         if norm > 0:
             values.mul_(BASE_NORM / norm)
         self.pristine: list[Tensor] = [

@@ -175,11 +175,20 @@ def _not_measured(rows: list[Row]) -> list[str]:
 def notes_lines(results: Results) -> list[str]:
     meta = results.meta
     example = bytes_moved(1, True)
+    device_ms = (
+        [
+            "- **device ms**: median time between CUDA events recorded before and after the call: the device"
+            " timeline of the call, including gaps where the device waits for the host to launch."
+        ]
+        if meta["device"].startswith("cuda")
+        else []
+    )
     lines = [
         "## How to read this",
         "",
         "- **wall ms**: median wall-clock time of one call, the device synchronised before and after, so it"
         " includes the host work (Python, planning, launches) and the device work.",
+        *device_ms,
         "- **host CPU ms**: median process CPU time (all threads) until the call returns. On a CPU the call"
         " runs on every intra-op thread, so it can exceed the wall time; on a GPU it is the host side only.",
         f"- **GB/s**: bytes the call must move over the median {meta['bandwidth_time']} time. Byte model: with N"
@@ -191,8 +200,8 @@ def notes_lines(results: Results) -> list[str]:
         "- **speedup**: the baseline's median wall time over this provider's, measured in the same rounds.",
         "- **norm rel. err**: |returned norm − fp64 norm of the same grads| / fp64 norm. bf16/fp16 norms are"
         " returned in bf16/fp16, as torch does, so their error is at least that dtype's rounding.",
-        "- **scale**: sets larger than the run's byte budget keep real tensor shapes and drop whole layers"
-        " (then the embeddings); the huge tensor is shortened.",
+        "- **scale**: sets larger than the run's byte budget keep real tensor shapes: they drop whole layers,"
+        " then the embeddings, then the last tensors of the one layer left; the huge tensor is shortened.",
         "- **cases**: random grads with a total norm of 100 (unclipped) or the same grads times 4 (clipped,"
         " coefficient about 0.5; exact in every dtype); max_norm is 200 in both, so one torch.compile graph"
         " serves both cases.",
