@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import shlex
 import sys
@@ -318,6 +319,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"fusedclip-bench: {note}", file=sys.stderr)
 
     started = time.time()
+    load_start = _load_average()
     buffer = copy_buffer_bytes(info, args.quick)
     copy_start = measure_copy(info.device, buffer)
     run = Runner(options, info, copy_start.gbps, progress).run()
@@ -328,6 +330,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     meta = build_meta(args, argv, info, known, options, copy_start, copy_end)
     meta["started"] = datetime.datetime.fromtimestamp(started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta["duration_s"] = time.time() - started
+    meta["load_average"] = {"start": load_start, "end": _load_average(), "cpus": os.cpu_count()}
     meta["compile_spent_s"] = run.compile_spent_s
     meta["notes"] = notes + run.notes
     results = Results(meta, run.rows)
@@ -336,6 +339,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     sys.stdout.flush()
     _write_outputs(args, results, info, missing_chart is None)
     return 0
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: other work on the machine skews every timing."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def _rescale_shares(rows: list, copy_gbps: float) -> None:

@@ -77,6 +77,15 @@ def header_lines(results: Results, regenerate: str | None = None) -> list[str]:
         ],
         ["timing", meta["timing"]],
     ]
+    load = meta.get("load_average") or {}
+    if load.get("start") is not None:
+        info.append(
+            [
+                "machine load",
+                f"1-minute load average {load['start']:g} at the start, {load['end']:g} at the end, on"
+                f" {load['cpus']} logical CPUs (other work on the machine skews every timing)",
+            ]
+        )
     lines += _table(["", ""], info, ["l", "l"]) + [""]
     lines.append("Providers (baseline first):")
     lines.append("")
