@@ -640,3 +640,10 @@ def test_cuda_run_reports_device_time_and_kernels(capsys, tmp_path, tiny_suite, 
         assert row["status"] == "ok" and row["device_ms"] > 0 and row["launches"] >= 1
         assert row["gbps"] == pytest.approx(row["bytes_moved"] / (row["device_ms"] / 1e3) / 1e9)
     assert "| device ms |" in out
+
+
+def test_busy_machine_is_flagged():
+    assert cli._busy_warning({"start": 0.1, "end": 1.9, "cpus": 2}) is None  # the run's own load
+    assert "busy" in cli._busy_warning({"start": 1.5, "end": 2.0, "cpus": 2})
+    assert "busy" in cli._busy_warning({"start": 0.2, "end": 3.5, "cpus": 2})
+    assert cli._busy_warning({"start": None, "end": None, "cpus": 2}) is None

@@ -333,6 +333,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     meta["load_average"] = {"start": load_start, "end": _load_average(), "cpus": os.cpu_count()}
     meta["compile_spent_s"] = run.compile_spent_s
     meta["notes"] = notes + run.notes
+    busy = _busy_warning(meta["load_average"])
+    if busy:
+        meta["notes"].insert(0, busy)
+        print(f"fusedclip-bench: {busy}", file=sys.stderr)
     results = Results(meta, run.rows)
 
     sys.stdout.write(render_markdown(results))
@@ -347,6 +351,20 @@ def _load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
         return None
+
+
+def _busy_warning(load: dict) -> str | None:
+    """A warning when other work kept the machine busy during the run."""
+    cpus = load.get("cpus") or 1
+    worst = max((v for v in (load.get("start"), load.get("end")) if v is not None), default=None)
+    # the run itself keeps up to all CPUs busy at the end; before it starts, anything is someone else's
+    if (load.get("start") or 0) >= 0.5 * cpus or (worst is not None and worst >= 1.5 * cpus):
+        return (
+            f"**The machine was busy during this run** (1-minute load average {load.get('start')} at the start,"
+            f" {load.get('end')} at the end, on {cpus} logical CPUs): threads that wait for a CPU make single"
+            " timings jump by large factors. Treat outliers with suspicion and rerun on an idle machine."
+        )
+    return None
 
 
 def _rescale_shares(rows: list, copy_gbps: float) -> None:
