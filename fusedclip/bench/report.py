@@ -73,7 +73,7 @@ def header_lines(results: Results, regenerate: str | None = None) -> list[str]:
         ["run", f"{meta['started']}, {meta['duration_s']:.0f} s: `{meta['command']}`"],
         [
             "copy bandwidth",
-            f"{copy['gbps']:.1f} GB/s (`dst.copy_(src)` of {copy['buffer_bytes'] / 2**20:.0f} MiB, median, same run)",
+            f"{copy['gbps']:.1f} GB/s (fastest `dst.copy_(src)` of {copy['buffer_bytes'] / 2**20:.0f} MiB, same run)",
         ],
         ["timing", meta["timing"]],
     ]
@@ -204,7 +204,9 @@ def notes_lines(results: Results) -> list[str]:
         f" the bytes of all grads, the norm pass reads N and a clipping call also reads and writes every grad"
         f" (2N): {example}N when clipped, N when not. torch scales even when the coefficient is 1, so it moves"
         " 3N either way; the model counts what the call must move, not what an implementation chooses to.",
-        "- **of copy**: that bandwidth as a share of the `copy_` bandwidth above (2 bytes moved per byte copied).",
+        "- **of copy**: that bandwidth as a share of the `copy_` bandwidth above (2 bytes counted per byte"
+        " copied; on most CPUs the copy's write first reads the destination line too, so in-place work like"
+        " clipping can exceed 100%).",
         f"- **{meta['launches_counted']}/call**: {meta['launches_note']}",
         "- **speedup**: the baseline's median wall time over this provider's, measured in the same rounds.",
         "- **norm rel. err**: |returned norm − fp64 norm of the same grads| / fp64 norm. bf16/fp16 norms are"
