@@ -647,3 +647,14 @@ def test_busy_machine_is_flagged():
     assert "busy" in cli._busy_warning({"start": 1.5, "end": 2.0, "cpus": 2})
     assert "busy" in cli._busy_warning({"start": 0.2, "end": 3.5, "cpus": 2})
     assert cli._busy_warning({"start": None, "end": None, "cpus": 2}) is None
+
+
+def test_console_script_and_module_share_the_entry_point():
+    import tomllib
+    from pathlib import Path
+
+    from fusedclip.bench import __main__ as entry
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fusedclip-bench"] == "fusedclip.bench.__main__:main"
+    assert entry.main is cli.main
