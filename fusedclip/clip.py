@@ -209,7 +209,7 @@ def get_total_norm(
         from . import ops
 
         return ops.compiled_get_total_norm(tensors, norm, error_if_nonfinite, foreach, backend, group)
-    check_tensors(tensors, "tensors")
+    tensors = check_tensors(tensors, "tensors")
     error_if_nonfinite = check_error_if_nonfinite(error_if_nonfinite)
     foreach = check_foreach(foreach)
     requested_backend(backend)
@@ -235,7 +235,7 @@ def get_norms(
         tensor's device. With ``group``, the total is global and the per-tensor norms local.
     """
     tensors = as_list(tensors, "tensors")
-    check_tensors(tensors, "tensors")
+    tensors = check_tensors(tensors, "tensors")
     norm = parse_norm_type(norm_type)
     requested_backend(backend)
     if not tensors:

@@ -16,6 +16,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from .plan import PLAIN_TENSOR_TYPES, PlainTensors
+
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 MaxNorm = Union[float, int, Tensor]
 
@@ -47,23 +49,33 @@ def _bad_item(items: list, what: str) -> TypeError:
 
 
 _get_grad = operator.attrgetter("grad")
+# The C getter behind Tensor.grad, called directly: p.grad on a Parameter first looks the name up
+# through the class hierarchy and the instance dict, which costs more than the getter itself.
+_read_grad = Tensor.grad.__get__
 
 
 def grads_of(params: list) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, in order; non-tensors raise ``TypeError``."""
-    try:
-        grads = [grad for grad in map(_get_grad, params) if grad is not None]  # one .grad read each
-    except AttributeError:
-        raise _bad_item(params, "parameters") from None
-    check_tensors(grads, "gradients")
-    return grads
+    if set(map(type, params)) <= PLAIN_TENSOR_TYPES:  # nothing overrides .grad
+        grads = [grad for grad in map(_read_grad, params) if grad is not None]
+    else:
+        try:
+            grads = [grad for grad in map(_get_grad, params) if grad is not None]  # one .grad read each
+        except AttributeError:
+            raise _bad_item(params, "parameters") from None
+    return check_tensors(grads, "gradients")
 
 
-def check_tensors(tensors: list, what: str) -> None:
-    """Raise ``TypeError`` unless every item is a Tensor (one C-level pass over the types)."""
+def check_tensors(tensors: list, what: str) -> list[Tensor]:
+    """``tensors``, after raising ``TypeError`` unless every item is a Tensor (one C-level pass over
+    the types); a :class:`~fusedclip.plan.PlainTensors` when none is a subclass, so later checks
+    need not look again."""
     kinds = set(map(type, tensors))
-    if kinds and not all(issubclass(kind, Tensor) for kind in kinds):
+    if kinds <= PLAIN_TENSOR_TYPES:
+        return PlainTensors(tensors)
+    if not all(issubclass(kind, Tensor) for kind in kinds):
         raise _bad_item(tensors, what)
+    return tensors
 
 
 def check_max_norm(max_norm: Any) -> float | Tensor:

@@ -48,7 +48,7 @@ _REAL_OF_COMPLEX = {
     torch.complex64: torch.float32,
     torch.complex128: torch.float64,
 }
-_PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -244,9 +244,20 @@ class Plan:
         return self.devices[0] if len(self.devices) == 1 else None
 
 
+class PlainTensors(list):
+    """A list whose items were checked to be plain torch.Tensor or Parameter objects.
+
+    The public functions check the types of the grads once per call (``inputs.grads_of``,
+    ``inputs.check_tensors``) and pass this list on, so the later checks (``all_plain``, the plan
+    cache) cost nothing per tensor. Never mutated after the check.
+    """
+
+    __slots__ = ()
+
+
 def all_plain(tensors: list[Tensor]) -> bool:
     """True when every item is a plain torch.Tensor or Parameter (no DTensor or other subclass)."""
-    return set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES
+    return type(tensors) is PlainTensors or set(map(type, tensors)) <= PLAIN_TENSOR_TYPES
 
 
 def _kernel_reason(dtypes: set[torch.dtype]) -> str | None:
@@ -326,7 +337,7 @@ class PlanCache:
 
     def plan_for(self, grads: list[Tensor]) -> Plan:
         """The plan for these grads; built (and cached) when their layout has not been seen."""
-        if not set(map(type, grads)) <= _PLAIN_TENSOR_TYPES:
+        if not all_plain(grads):
             return build_plan(grads, False, self.chunk_elements)  # wrapper/fake tensors: no addresses
         key = _cache_key(grads)
         if key is None:
@@ -388,7 +399,7 @@ def _cache_key(grads: list[Tensor]) -> _PlanKey | None:
         key += (tuple(map(_get_device, grads)),)
     else:
         key += (grads[0].device,)
-    if not all(contiguous):
+    if False in contiguous:
         key += (tuple((g.shape, g.stride()) for g, c in zip(grads, contiguous) if not c),)
     return _PlanKey(key)
 

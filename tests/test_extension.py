@@ -177,6 +177,125 @@ def test_runs_repeat_bit_for_bit(chunk_elements):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+# ---- float blocks and their float64 fallback ------------------------------------------------------
+#
+# Sums of |x| and x * x over float32/float16/bfloat16 data go in float blocks of 256 elements, with a
+# float64 recomputation of any block float cannot sum accurately (see chunk_kernels_impl.h). These
+# inputs put whole blocks, single blocks and block tails on either side of that line.
+
+BLOCK = 256
+
+
+def _block_cases(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    finfo = torch.finfo(dtype)
+
+    def randn(n: int, scale: float) -> torch.Tensor:
+        return (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    cases = {
+        "ordinary": randn(70_001, 1.0),  # two chunks, a tail after the last block of each
+        "huge": randn(3 * BLOCK + 5, finfo.max / 64),  # squares and sums overflow float
+        "tiny": randn(3 * BLOCK + 5, finfo.tiny * 8),  # squares underflow float
+        "subnormal": randn(2 * BLOCK, finfo.tiny / 64),
+        "zeros": torch.zeros(4 * BLOCK + 3, dtype=dtype),
+    }
+    mixed = randn(8 * BLOCK, 1.0)
+    mixed[3] = finfo.max / 2  # one block whose float sum overflows, among ordinary ones
+    mixed[BLOCK + 7] = finfo.tiny  # one tiny value among ordinary ones: float is accurate
+    mixed[2 * BLOCK : 3 * BLOCK] = randn(BLOCK, finfo.tiny * 4)  # one all-tiny block
+    mixed[4 * BLOCK : 5 * BLOCK] = 0.0  # one all-zero block
+    cases["mixed"] = mixed
+    with_inf = randn(2 * BLOCK, 1.0)
+    with_inf[BLOCK + 1] = -math.inf
+    cases["inf"] = with_inf
+    with_nan = randn(2 * BLOCK, 1.0)
+    with_nan[5] = math.nan
+    cases["nan"] = with_nan
+    return cases
+
+
+def _exact_sum(tensor: torch.Tensor, p: float) -> float:
+    """sum |x|^p correctly rounded to float64 (squares of these dtypes are exact in float64)."""
+    values = tensor.double().abs()
+    return math.fsum((values * values if p == 2 else values).tolist())
+
+
+def _accumulators(tensor: torch.Tensor, p: float) -> float:
+    backend, work = engine.prepare([tensor], "cpu").works[0]
+    return float(backend.accumulate(work, parse_norm_type(p)))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_float_blocks_are_accurate_for_any_input_and_identical_across_isas(dtype, p):
+    supported = _ext.C.build_info()["cpu_isas_supported"]
+    best = _ext.C.cpu_isa()
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for isa in supported:
+            assert _ext.C.cpu_select_isa(isa)
+            results[isa] = {name: _accumulators(t, p) for name, t in _block_cases(dtype).items()}
+    finally:
+        _ext.C.cpu_select_isa(best)
+    first = results[supported[0]]
+    for isa in supported[1:]:
+        for name, value in results[isa].items():
+            assert value == first[name] or (math.isnan(value) and math.isnan(first[name])), (isa, name)
+    for name, tensor in _block_cases(dtype).items():
+        ours, exact = first[name], _exact_sum(tensor, p)
+        if math.isnan(exact) or math.isinf(exact):
+            assert math.isnan(ours) == math.isnan(exact) and (math.isnan(ours) or ours == exact), name
+            continue
+        # float blocks: within the rounding of 8 adds, a product and a 32-lane tree per block; a
+        # block recomputed in float64 (or summed in float64 as a tail): far closer
+        allowed = 16 * 2.0**-24 * exact
+        assert abs(ours - exact) <= allowed, f"{dtype} {name}: {ours!r} vs exact {exact!r}"
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_float_cannot_sum_are_recomputed_in_float64(dtype):
+    """Blocks whose float sum overflows or underflows are exact to float64 rounding, not inf or 0."""
+    cases = _block_cases(dtype)
+    for name in ("huge", "tiny", "subnormal"):
+        for p in (2.0, 1.0):
+            if p == 1.0 and name != "huge":
+                continue  # sums of |x| of small values lose nothing in float
+            ours, exact = _accumulators(cases[name], p), _exact_sum(cases[name], p)
+            assert 0 < exact < math.inf
+            assert abs(ours - exact) <= 1e-13 * exact, f"{name} p={p}: {ours!r} vs exact {exact!r}"
+
+
+@needs_ext
+def test_the_callers_flush_to_zero_setting_does_not_change_results(threads):
+    """The kernels run with the default floating-point environment on every thread."""
+    threads(2)
+    tiny = torch.finfo(torch.float32).tiny
+    gen = torch.Generator().manual_seed(3)
+    grads_in = [
+        torch.randn(300_001, generator=gen) * tiny * 4,  # subnormal squares and subnormal products
+        (torch.randn(5_000, generator=gen) * tiny / 8).to(torch.float32),
+        (torch.randn(70_000, generator=gen) * 1e-30).to(torch.bfloat16),
+    ]
+    outcomes = []
+    for flush in (False, True):
+        if not torch.set_flush_denormal(flush):
+            pytest.skip("this CPU cannot flush denormals")
+        try:
+            tensors = [g.clone() for g in grads_in]
+            norms = [fusedclip.get_total_norm(tensors, q, backend="cpu") for q in (2.0, 1.0)]
+            engine.scale_(engine.prepare(tensors, "cpu"), torch.tensor(1 / 3, dtype=torch.float64))
+            outcomes.append((norms, tensors))
+        finally:
+            torch.set_flush_denormal(False)
+    (norms_a, grads_a), (norms_b, grads_b) = outcomes
+    assert all(torch.equal(a, b) for a, b in zip(norms_a, norms_b))
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(grads_a, grads_b))
+    assert bool((grads_a[1] != 0).any()), "subnormal results must survive the scale"
+
+
 # ---- passes over the data -------------------------------------------------------------------------
 
 

@@ -6,10 +6,22 @@
 // picked by the linker for the baseline code, could crash a CPU without AVX2. For the same reason
 // no standard-library templates are used here.
 //
-// Determinism: a chunk's sum is kept in 16 logical double lanes (element i goes to lane i % 16,
-// in order), combined by a fixed tree, then the scalar tail is added. Products of float, half and
-// bfloat16 values are exact in double, and nothing is contracted into fused multiply-adds
-// (-ffp-contract=off), so every instruction set gives the same bits.
+// Determinism: every instruction set gives the same bits, because every sum is taken in one fixed
+// order whatever the vector width, and nothing is contracted into fused multiply-adds
+// (-ffp-contract=off). The kernels run with the default floating-point environment (see
+// cpu_ops.cpp), so flush-to-zero set by the caller cannot change a result either.
+//
+// Sums of |x| and x * x (p = 1, 2) of float32, float16 and bfloat16 data go block by block: a block
+// of 256 elements is summed in float (element i of the block into lane i % 32, at most 8 adds per
+// lane, then the 32 lanes by a fixed tree) and the block sum is added to the chunk's double
+// accumulator. Float arithmetic is several times cheaper than widening every element to double, so
+// the loop runs at memory speed. A block sum that float cannot be trusted with is recomputed in
+// double: not finite (an overflow, or an inf/NaN in the data), or for squares below 1e-30, where
+// products may have lost bits to underflow (1e-30 is 2^18 times above the worst such loss). So the
+// result is accurate for any finite input, where float32 accumulation alone overflows beyond ~1e19.
+// Everything else (float64 data, the tail of a chunk after its last whole block, other norms)
+// widens to double: 16 logical double lanes (element i into lane i % 16), combined by a fixed tree,
+// then the scalar tail. Products of float, half and bfloat16 values are exact in double.
 #pragma once
 
 #include <cstdint>
@@ -120,10 +132,46 @@ struct Simd {
     return _mm256_blendv_pd(low, hi, _mm256_cmp_pd(low, hi, _CMP_GT_OQ));
   }
   static VF set1_f(float x) { return _mm256_set1_ps(x); }
+  static VF add_f(VF a, VF b) { return _mm256_add_ps(a, b); }
   static VF mul_f(VF a, VF b) { return _mm256_mul_ps(a, b); }
+  static VF abs_f(VF a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static VF clamp_f(VF x, VF lo, VF hi) {
     const VF low = _mm256_blendv_ps(x, lo, _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
     return _mm256_blendv_ps(low, hi, _mm256_cmp_ps(low, hi, _CMP_GT_OQ));
+  }
+  // 16 bfloat16 values in place, x = bf16(op(float(x))), rounded as store_f<kBFloat16> rounds. One
+  // 32-byte load holds 8 even elements in the low halves of its 32-bit words and 8 odd ones in
+  // the high halves: each half becomes a float without unpacking, and the rounded results go back
+  // into the same halves, so no pack or lane shuffle is needed.
+  static constexpr bool kHasBf16x16 = true;
+  template <class Op>
+  static void transform_bf16x16(char* p, Op op) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    const __m256 even = op(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+    const __m256 odd = op(_mm256_castsi256_ps(_mm256_and_si256(x, high)));
+    __m256i re = round_to_bf16_high(even), ro = round_to_bf16_high(odd);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q)) != 0) {  // rare: NaN -> 0x7fc0
+      const __m256i nan = _mm256_set1_epi32(0x7fc00000);
+      re = _mm256_blendv_epi8(re, nan, _mm256_castps_si256(_mm256_cmp_ps(even, even, _CMP_UNORD_Q)));
+      ro = _mm256_blendv_epi8(ro, nan, _mm256_castps_si256(_mm256_cmp_ps(odd, odd, _CMP_UNORD_Q)));
+    }
+    const __m256i packed = _mm256_or_si256(_mm256_srli_epi32(re, 16), _mm256_and_si256(ro, high));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  }
+  // bits + 0x7fff + (bit 16 of bits): the upper 16 bits are the bf16 rounded to nearest even
+  static __m256i round_to_bf16_high(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+  }
+  // The 32 lanes of four vectors (lanes 8a .. 8a + 7 in accs[a]) summed by the fixed tree of
+  // combine_block_lanes: lane k += lane k + w for w = 16, 8, 4, 2, 1.
+  static float combine32_f(const VF* accs) {
+    const VF w8 = _mm256_add_ps(_mm256_add_ps(accs[0], accs[2]), _mm256_add_ps(accs[1], accs[3]));
+    const __m128 w4 = _mm_add_ps(_mm256_castps256_ps128(w8), _mm256_extractf128_ps(w8, 1));
+    const __m128 w2 = _mm_add_ps(w4, _mm_movehl_ps(w4, w4));
+    return _mm_cvtss_f32(_mm_add_ss(w2, _mm_movehdup_ps(w2)));
   }
 
   template <int D>
@@ -220,10 +268,23 @@ struct Simd {
     return low > hi ? hi : low;
   }
   static VF set1_f(float x) { return x; }
+  static VF add_f(VF a, VF b) { return a + b; }
   static VF mul_f(VF a, VF b) { return a * b; }
+  static VF abs_f(VF a) { return __builtin_fabsf(a); }
+  static constexpr bool kHasBf16x16 = false;
+  template <class Op>
+  static void transform_bf16x16(char*, Op) {}
   static VF clamp_f(VF x, VF lo, VF hi) {
     const VF low = x < lo ? lo : x;
     return low > hi ? hi : low;
+  }
+  static float combine32_f(const VF* accs) {
+    float lanes[32];
+    for (int k = 0; k < 32; ++k) lanes[k] = accs[k];
+    for (int width = 16; width >= 1; width /= 2) {
+      for (int k = 0; k < width; ++k) lanes[k] += lanes[k + width];
+    }
+    return lanes[0];
   }
   template <int D>
   static VD load_d(const char* p) {
@@ -270,25 +331,96 @@ inline double combine_lanes(const VD* accs) {
 
 // ---- norm partial of one chunk --------------------------------------------------------------------
 
-// sum of |x| (kSquare = false) or of x * x (kSquare = true), in double
+// The 16 double lanes of a sum of |x| (kSquare = false) or x * x (kSquare = true) over `groups`
+// groups of 16 elements.
 template <int D, bool kSquare>
-double sum_chunk(const char* data, int64_t n) {
+inline void add_to_double_lanes(const char* data, int64_t groups, VD* accs) {
   constexpr int64_t es = elem_size<D>();
-  VD accs[kAccs];
-  for (int a = 0; a < kAccs; ++a) accs[a] = Simd::zero_d();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  for (int64_t g = 0; g < groups; ++g) {
     VD x[kAccs];
-    Simd::load16_d<D>(data + i * es, x);
+    Simd::load16_d<D>(data + g * kLanes * es, x);
 #pragma GCC unroll 16
     for (int a = 0; a < kAccs; ++a) accs[a] = Simd::add_d(accs[a], kSquare ? Simd::mul_d(x[a], x[a]) : Simd::abs_d(x[a]));
   }
+}
+
+// sum of |x| or x * x in double: the 16 lanes, then the scalar tail
+template <int D, bool kSquare>
+double sum_double(const char* data, int64_t n) {
+  VD accs[kAccs];
+  for (int a = 0; a < kAccs; ++a) accs[a] = Simd::zero_d();
+  const int64_t whole = n / kLanes * kLanes;
+  add_to_double_lanes<D, kSquare>(data, whole / kLanes, accs);
   double tail = 0.0;
-  for (; i < n; ++i) {
+  for (int64_t i = whole; i < n; ++i) {
     const double x = load1d<D>(data, i);
     tail += kSquare ? x * x : abs_d(x);
   }
   return combine_lanes(accs) + tail;
+}
+
+// A block of float, half or bfloat16 data summed in float (see the top of this file).
+constexpr int kBlockLanes = 32;
+constexpr int kBlockDepth = 8;  // adds per lane: the float rounding error stays within ~8 ulps
+constexpr int64_t kBlock = kBlockLanes * kBlockDepth;
+constexpr int kBlockAccs = kBlockLanes / kF;
+static_assert(kBlockLanes % kF == 0 && (kF == 1 || kBlockAccs == 4), "combine32_f expects 32 scalars or 4 vectors");
+static_assert(kBlock % kLanes == 0, "a block is whole groups of the double lanes");
+
+template <int D, bool kSquare>
+inline VF block_term(const char* p) {
+  const VF x = Simd::load_f<D>(p);
+  return kSquare ? Simd::mul_f(x, x) : Simd::abs_f(x);
+}
+
+template <int D, bool kSquare>
+inline float block_sum_float(const char* block) {
+  constexpr int64_t es = elem_size<D>();
+  VF accs[kBlockAccs];
+#pragma GCC unroll 32
+  for (int a = 0; a < kBlockAccs; ++a) accs[a] = block_term<D, kSquare>(block + a * kF * es);
+#pragma GCC unroll 1
+  for (int row = 1; row < kBlockDepth; ++row) {
+#pragma GCC unroll 32
+    for (int a = 0; a < kBlockAccs; ++a) {
+      accs[a] = Simd::add_f(accs[a], block_term<D, kSquare>(block + (row * kBlockLanes + a * kF) * es));
+    }
+  }
+  return Simd::combine32_f(accs);
+}
+
+// The block's sum in double, for the rare blocks float cannot sum.
+template <int D, bool kSquare>
+double block_sum_double(const char* block) {
+  VD accs[kAccs];
+  for (int a = 0; a < kAccs; ++a) accs[a] = Simd::zero_d();
+  add_to_double_lanes<D, kSquare>(block, kBlock / kLanes, accs);
+  return combine_lanes(accs);
+}
+
+// The block's sum, in float where float gives it accurately, else in double.
+template <int D, bool kSquare>
+inline double block_sum(const char* block) {
+  const float sum = block_sum_float<D, kSquare>(block);
+  constexpr float kFloatMax = 3.40282346638528859812e+38f;
+  // Every term is >= 0 and rounding is monotonic, so a finite sum means no partial sum overflowed.
+  if (__builtin_expect(kSquare ? (sum >= 1e-30f && sum <= kFloatMax) : sum <= kFloatMax, 1)) return sum;
+  // A sum of |x| is 0 only for an all-zero block; squares may also have underflowed.
+  if (kSquare && sum == 0.0f && block_sum_float<D, false>(block) == 0.0f) return 0.0;
+  return block_sum_double<D, kSquare>(block);
+}
+
+template <int D, bool kSquare>
+double sum_chunk(const char* data, int64_t n) {
+  if constexpr (D == kFloat64) {
+    return sum_double<D, kSquare>(data, n);
+  } else {
+    constexpr int64_t es = elem_size<D>();
+    double acc = 0.0;
+    int64_t i = 0;
+    for (; i + kBlock <= n; i += kBlock) acc += block_sum<D, kSquare>(data + i * es);
+    return i == n ? acc : acc + sum_double<D, kSquare>(data + i * es, n - i);
+  }
 }
 
 // max |x| (kMax) or min |x| (kMin), NaN-propagating; exact, so the order does not matter
@@ -394,6 +526,9 @@ void scale_chunk(char* data, int64_t n, double coef) {
   } else {
     const float cf = static_cast<float>(coef);
     const VF c = Simd::set1_f(cf);
+    if constexpr (D == kBFloat16 && Simd::kHasBf16x16) {
+      for (; i + 16 <= n; i += 16) Simd::transform_bf16x16(data + i * es, [c](VF x) { return Simd::mul_f(x, c); });
+    }
     for (; i + kF <= n; i += kF) Simd::store_f<D>(data + i * es, Simd::mul_f(Simd::load_f<D>(data + i * es), c));
     for (; i < n; ++i) store1f<D>(data, i, load1f<D>(data, i) * cf);
   }
@@ -413,6 +548,9 @@ void clamp_chunk(char* data, int64_t n, double clip_value) {
   } else {
     const float v = static_cast<float>(clip_value);
     const VF lo = Simd::set1_f(-v), hi = Simd::set1_f(v);
+    if constexpr (D == kBFloat16 && Simd::kHasBf16x16) {
+      for (; i + 16 <= n; i += 16) Simd::transform_bf16x16(data + i * es, [lo, hi](VF x) { return Simd::clamp_f(x, lo, hi); });
+    }
     for (; i + kF <= n; i += kF) Simd::store_f<D>(data + i * es, Simd::clamp_f(Simd::load_f<D>(data + i * es), lo, hi));
     for (; i < n; ++i) {
       const float x = load1f<D>(data, i);

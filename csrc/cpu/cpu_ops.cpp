@@ -4,6 +4,10 @@
 #include <atomic>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 #include "../fusedclip.h"
 #include "chunk_kernels.h"
 #include "thread_pool.h"
@@ -18,6 +22,26 @@ constexpr int64_t kParallelMinElements = 1 << 18;
 // Elements claimed at a time by a thread (whole chunks): large enough that claiming is cheap,
 // small enough that a thread descheduled by a noisy neighbour leaves little work behind.
 constexpr int64_t kClaimElements = 1 << 16;
+
+// The default floating-point environment (round to nearest, no flush-to-zero, no
+// denormals-are-zero) for the duration of a thread's share of a pass. Worker threads start with
+// it, but the calling thread carries whatever the program set (torch.set_flush_denormal), and a
+// result must not depend on which thread processed a chunk.
+class DefaultFloatEnvironment {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  DefaultFloatEnvironment() : saved_(_mm_getcsr()) {
+    if (saved_ != kDefault) _mm_setcsr(kDefault);
+  }
+  ~DefaultFloatEnvironment() {
+    if (saved_ != kDefault) _mm_setcsr(saved_);
+  }
+
+ private:
+  static constexpr unsigned kDefault = 0x1f80;  // all exceptions masked, nearest, no FTZ/DAZ
+  unsigned saved_;
+#endif
+};
 
 std::atomic<int64_t> g_norm_passes{0}, g_scale_passes{0}, g_clamp_passes{0};
 std::atomic<int> g_last_threads{0};
@@ -71,6 +95,7 @@ struct NormJob {
 
 void norm_worker(void* ctx, int /*worker*/) {
   NormJob& job = *static_cast<NormJob*>(ctx);
+  const DefaultFloatEnvironment environment;
   int64_t begin, end;
   bool worked = false;
   while (job.queue.claim(&begin, &end)) {
@@ -91,6 +116,7 @@ struct ElementwiseJob {
 
 void elementwise_worker(void* ctx, int /*worker*/) {
   ElementwiseJob& job = *static_cast<ElementwiseJob*>(ctx);
+  const DefaultFloatEnvironment environment;
   int64_t begin, end;
   bool worked = false;
   while (job.queue.claim(&begin, &end)) {

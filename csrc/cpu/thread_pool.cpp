@@ -2,76 +2,133 @@
 
 #include <pthread.h>
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FC_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define FC_CPU_RELAX() asm volatile("yield" ::: "memory")
+#else
+#define FC_CPU_RELAX() ((void)0)
+#endif
+
 namespace fusedclip {
 namespace cpu {
 namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// How long a worker keeps polling for the next job after finishing one before it sleeps. A clip
+// call is a norm pass and, a few microseconds of Python later, a scale pass: a worker still polling
+// joins the scale pass at once, where a sleeping one takes 5-60 us to wake (the longer when its
+// core went idle). Bounded, so idle workers give the cores back to torch's own threads.
+constexpr auto kWorkerSpin = std::chrono::microseconds(250);
+// How long the caller polls for workers still inside the job before it sleeps: at most the rest
+// of one claim (cpu_ops.cpp), usually a few microseconds.
+constexpr auto kCallerSpin = std::chrono::microseconds(100);
+
+// Poll `ready` until it holds or `limit` has passed; true when it holds.
+template <class Ready>
+bool spin_until(Ready ready, Clock::duration limit) {
+  const Clock::time_point deadline = Clock::now() + limit;
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (ready()) return true;
+      FC_CPU_RELAX();
+    }
+    if (Clock::now() >= deadline) return ready();
+  }
+}
 
 class ThreadPool {
  public:
   // Runs the job on the caller plus up to threads - 1 workers; false when the pool is busy.
   //
   // The caller never waits for a worker that has not started: once the caller has run out of
-  // work it closes the job, and a worker that wakes up later leaves the job alone. So a worker
+  // work it closes the job, and a worker that arrives later leaves the job alone. So a worker
   // descheduled by a noisy neighbour costs nothing (the work is claimed dynamically, see
   // cpu_ops.cpp); the caller only waits for workers still inside fn.
+  //
+  // Publishing a job costs the caller one atomic increment while the workers are still polling
+  // after the previous job, and a futex wake only when some of them went to sleep.
   bool run(int threads, void (*fn)(void*, int), void* ctx) {
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     const int helpers = threads - 1;
-    {
+    if (static_cast<int>(workers_.size()) < helpers) start_workers(helpers);
+    fn_ = fn;
+    ctx_ = ctx;
+    helpers_ = helpers;
+    open_.store(true);
+    generation_.fetch_add(1);  // publishes the fields above (seq_cst)
+    if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
-      while (static_cast<int>(workers_.size()) < helpers) {
-        const int index = static_cast<int>(workers_.size()) + 1;
-        workers_.emplace_back([this, index] { worker_loop(index); });
-      }
-      fn_ = fn;
-      ctx_ = ctx;
-      helpers_ = helpers;
-      open_ = true;
-      ++generation_;
+      wake_.notify_all();
     }
-    if (helpers > 0) wake_.notify_all();
     fn(ctx, 0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    open_ = false;
-    done_.wait(lock, [this] { return running_ == 0; });
+    open_.store(false);
+    if (!spin_until([this] { return running_.load() == 0; }, kCallerSpin)) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, [this] { return running_.load() == 0; });
+    }
     return true;
   }
 
  private:
-  void worker_loop(int index) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
+  void start_workers(int helpers) {
+    while (static_cast<int>(workers_.size()) < helpers) {
+      const int index = static_cast<int>(workers_.size()) + 1;
+      const uint64_t seen = generation_.load();
+      workers_.emplace_back([this, index, seen] { worker_loop(index, seen); });
+    }
+  }
+
+  void worker_loop(int index, uint64_t seen) {
     for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (index > helpers_ || !open_) continue;  // not needed, or the caller already finished
-      void (*fn)(void*, int) = fn_;
-      void* ctx = ctx_;
-      ++running_;
-      lock.unlock();
-      fn(ctx, index);
-      lock.lock();
-      if (--running_ == 0 && !open_) done_.notify_one();
+      uint64_t now = seen;
+      const auto changed = [&] { return (now = generation_.load()) != seen; };
+      if (!spin_until(changed, kWorkerSpin)) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleepers_.fetch_add(1);  // before the last check: run() then sees a sleeper and notifies
+        wake_.wait(lock, changed);
+        sleepers_.fetch_sub(1);
+      }
+      seen = now;
+      join(index, now);
+    }
+  }
+
+  // Take part in job `generation` if it is still open and needs this worker.
+  void join(int index, uint64_t generation) {
+    // Announce first, then check: either the caller sees this worker in running_ and waits for
+    // it, or this worker sees the job closed (or replaced) and backs out (all seq_cst).
+    running_.fetch_add(1);
+    if (open_.load() && generation_.load() == generation && index <= helpers_) fn_(ctx_, index);
+    if (running_.fetch_sub(1) == 1 && !open_.load()) {
+      std::lock_guard<std::mutex> lock(mutex_);  // the caller may be about to sleep on done_
+      done_.notify_one();
     }
   }
 
   std::mutex run_mutex_;  // one call at a time
-  std::mutex mutex_;      // guards everything below
+  std::mutex mutex_;      // for sleeping: wake_ and done_
   std::condition_variable wake_, done_;
-  std::vector<std::thread> workers_;
-  uint64_t generation_ = 0;
-  int helpers_ = 0;
-  int running_ = 0;    // workers inside fn
-  bool open_ = false;  // the caller is still working: late workers may join
+  std::vector<std::thread> workers_;  // touched only under run_mutex_
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleepers_{0};  // workers asleep (or about to be) on wake_
+  std::atomic<int> running_{0};   // workers inside join()
+  std::atomic<bool> open_{false};  // the caller is still working: late workers may join
+  // the job, written by run() before generation_ is incremented
   void (*fn_)(void*, int) = nullptr;
   void* ctx_ = nullptr;
+  int helpers_ = 0;
 };
 
 // Never destroyed: worker threads are left to the process exit, and a forked child (whose
