@@ -102,10 +102,13 @@ export PYTHONDONTWRITEBYTECODE=1
 
 # ---- the tests ---------------------------------------------------------------------------------------------
 # Everything that runs the compiled CPU kernels, or the code around them: Triton (interpreter) and GPU
-# tests do not touch fusedclip._C's CPU code and would only run slower here.
+# tests do not touch fusedclip._C's CPU code and would only run slower here. Then the sanitizer
+# workload (misaligned views ending at their allocation's end, thousands of tensors, every norm type).
+run_driver=0
 if [ "$#" -eq 0 ]; then
     set -- -q -p no:cacheprovider -m "not gpu and not interpreter" \
         --ignore=tests/test_triton.py --ignore=tests/test_triton_compile.py --ignore=tests/test_gpu_contract.py
+    run_driver=1
 fi
 echo "+ LD_PRELOAD=$LD_PRELOAD"
 echo "+ ASAN_OPTIONS=$ASAN_OPTIONS UBSAN_OPTIONS=$UBSAN_OPTIONS"
@@ -114,6 +117,12 @@ cd "$TREE"
 set +e
 python -m pytest "$@" 2>&1 | tee "$WORK/pytest.log"
 status=${PIPESTATUS[0]}
+if [ "$run_driver" -eq 1 ]; then
+    echo "+ python benchmarks/sanitize_driver.py --device cpu --backends cpu"
+    python benchmarks/sanitize_driver.py --device cpu --backends cpu 2>&1 | tee -a "$WORK/pytest.log"
+    driver_status=${PIPESTATUS[0]}
+    [ "$status" -eq 0 ] && status=$driver_status
+fi
 if grep -qE "ERROR: AddressSanitizer|runtime error:" "$WORK/pytest.log"; then
     # (the detection tests provoke reports in child processes whose output pytest does not print)
     echo "sanitizer report(s) in $WORK/pytest.log" >&2

@@ -4,7 +4,7 @@
 #   benchmarks/sanitize_gpu.sh [LOG_DIR]
 #
 # LOG_DIR defaults to $OUT/sanitize-gpu when OUT is set, else build/sanitize-gpu. Runs
-# benchmarks/sanitize_gpu_driver.py (every kernel path of the `cuda` and `triton` backends on
+# benchmarks/sanitize_driver.py (every kernel path of the `cuda` and `triton` backends on
 # awkward inputs, results checked against float64) once without the sanitizer, then under each of
 # memcheck, racecheck, initcheck and synccheck, one log per tool. Exit status 0 only when the
 # plain run passed and every tool reported 0 errors (and racecheck 0 hazards); the verdicts are
@@ -84,7 +84,7 @@ if [[ ",$BACKENDS," == *,cuda,* ]] && ! python -c "from fusedclip import _ext; r
 fi
 
 # shellcheck disable=SC2206  # DRIVER_ARGS is a list of words
-driver=(python benchmarks/sanitize_gpu_driver.py --backends "$BACKENDS" ${DRIVER_ARGS:-})
+driver=(python benchmarks/sanitize_driver.py --backends "$BACKENDS" ${DRIVER_ARGS:-})
 
 # ---- a plain run: correct results, warm Triton cache ----------------------------------------------------------
 started=$SECONDS

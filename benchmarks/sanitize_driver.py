@@ -1,16 +1,20 @@
-"""A small workload for compute-sanitizer: every kernel path of the ``cuda`` and ``triton`` backends.
+"""A small workload for sanitizers: every kernel path of a kernel backend, on awkward inputs.
 
-benchmarks/sanitize_gpu.sh runs this under compute-sanitizer's memcheck, racecheck, initcheck and
-synccheck. Each section calls the public API on awkward inputs: mixed dtypes in one call, every
+benchmarks/sanitize_gpu.sh runs it for the ``cuda`` and ``triton`` backends under
+compute-sanitizer's memcheck, racecheck, initcheck and synccheck; benchmarks/sanitize_cpu.sh runs
+it for the ``cpu`` backend in the AddressSanitizer build. Each section calls the public API on awkward inputs: mixed dtypes in one call, every
 norm type, sizes on both sides of chunk boundaries, empty and one-element tensors, thousands of
 small tensors, views that start misaligned and end exactly at the end of their allocation (run with
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that a read past a grad is a read past an allocation), strided
 grads, max_norm on the device, grad scales (AMP), per-tensor norms, non-finite grads and a second
 stream. Results are checked against a float64 reference, so a run that silently did nothing fails.
 
-    python benchmarks/sanitize_gpu_driver.py                      # cuda and triton on the GPU
-    python benchmarks/sanitize_gpu_driver.py --backends triton     # one backend
-    python benchmarks/sanitize_gpu_driver.py --device cpu --backends cpu,torch   # the logic, on a CPU
+    python benchmarks/sanitize_driver.py                      # cuda and triton on the GPU
+    python benchmarks/sanitize_driver.py --backends triton     # one backend
+    python benchmarks/sanitize_driver.py --device cpu --backends cpu   # the logic, on a CPU
+
+The checks assume a kernel backend (cuda, triton, cpu: float64 accumulation, one rounding); the
+torch backend accumulates in float32 and is not what this driver is for.
 
 Exit status: 0 when every check passed, 1 on a wrong result, 2 when a requested backend cannot run.
 """
@@ -73,6 +77,11 @@ def many_small(device: str, gen: torch.Generator, small: bool) -> list[torch.Ten
     return [_values(n, DTYPES[i % 4], device, gen) for i, n in enumerate(sizes)]
 
 
+def one_dtype(dtype: torch.dtype, device: str, gen: torch.Generator) -> list[torch.Tensor]:
+    """The total is written in the grads' own dtype (bfloat16, float16, float32)."""
+    return [_values(n, dtype, device, gen, 0.1) for n in (3, CHUNK + 1, 999)]
+
+
 def with_empty(device: str, gen: torch.Generator) -> list[torch.Tensor]:
     return [_values(0, torch.float32, device, gen), _values(5, torch.bfloat16, device, gen), _values(0, torch.float64, device, gen)]
 
@@ -93,8 +102,9 @@ def _eps(dtype: torch.dtype) -> float:
 def check_close(name: str, got: float, want: float, dtype: torch.dtype, terms: int = 1) -> None:
     """Within two units of rounding of the result's dtype (the kernels round the total once), plus
     what summing ``terms`` float64 values in another order may cost."""
-    if math.isnan(want) or math.isinf(want):
-        ok = (math.isnan(got) and math.isnan(want)) or got == want
+    rounded = float(torch.tensor(want, dtype=torch.float64).to(dtype))  # may overflow float16 to inf
+    if math.isnan(want) or math.isinf(rounded):
+        ok = (math.isnan(got) and math.isnan(want)) or got == rounded
     else:
         ok = abs(got - want) <= (2 * _eps(dtype) + terms * _eps(torch.float64)) * abs(want) + 1e-300
     if not ok:
@@ -225,7 +235,7 @@ def run_side_stream(backend: str, device: str, gen: torch.Generator) -> None:
     if device != "cuda":
         return
     grads = mixed_sizes(device, gen, small=True)
-    want = reference_norm(grads, 2.0)
+    want = reference_norm(host(grads), 2.0)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -268,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             "strided views": strided_views(args.device, gen),
             "many small": many_small(args.device, gen, args.small),
             "with empty": with_empty(args.device, gen),
+            "bfloat16 only": one_dtype(torch.bfloat16, args.device, gen),
+            "float16 only": one_dtype(torch.float16, args.device, gen),
+            "float32 only": one_dtype(torch.float32, args.device, gen),
         }
         run_sets(backend, sets)
         run_non_finite(backend, args.device, gen)
