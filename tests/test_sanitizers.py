@@ -1,18 +1,22 @@
-"""The sanitizer build of fusedclip._C catches what it is there to catch.
+"""Sanitizer builds catch what they are there to catch; the sanitizer workload checks what it runs.
 
-These tests run only where the loaded extension was built with FUSEDCLIP_SANITIZE (see
+The detection tests run only where the loaded extension was built with FUSEDCLIP_SANITIZE (see
 benchmarks/sanitize_cpu.sh, which also sets FUSEDCLIP_SANITIZE_TEST=1 so that they cannot be
 skipped there). In a normal run they are skipped: provoking an out-of-bounds access in an
 uninstrumented build would be undefined behaviour, not a test.
 
-Each case hands the compiled kernels a plan table (the packed int64 buffer of fusedclip/plan.py)
-in a child process: a valid one, which must succeed, and a corrupt one, which must kill the child
-with the sanitizer's report pointing into the extension. A corrupt table stands for a bug in the
-plan or in a kernel's indexing, the errors these sanitizers exist to find.
+Each detection case hands the compiled kernels a plan table (the packed int64 buffer of
+fusedclip/plan.py) in a child process: a valid one, which must succeed, and a corrupt one, which
+must kill the child with the sanitizer's report pointing into the extension. A corrupt table
+stands for a bug in the plan or in a kernel's indexing, the errors these sanitizers exist to find.
+
+The workload tests always run: benchmarks/sanitize_driver.py (what compute-sanitizer runs on a GPU)
+must pass on the cpu backend and must fail when a kernel scales wrongly.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -130,3 +134,43 @@ def test_undefined_behaviour_sanitizer_reports_an_overflowing_offset():
     result = _run_child("norm", "offset_overflows")
     _assert_killed_by_report(result, "runtime error:")
     assert "overflow" in result.stderr, result.stderr[-3000:]
+
+
+# ---- the sanitizer workload (benchmarks/sanitize_driver.py) -------------------------------------------
+# On a GPU it runs under compute-sanitizer; here its checks run on the cpu backend, so that a driver
+# that cannot pass (or cannot fail) is found without a GPU.
+
+
+def _load_driver():
+    spec = importlib.util.spec_from_file_location("sanitize_driver", ROOT / "benchmarks" / "sanitize_driver.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+needs_ext = pytest.mark.skipif(_ext.C is None, reason=f"fusedclip._C is not built: {_ext.MISSING_REASON}")
+
+
+@needs_ext
+def test_the_sanitizer_workload_passes_on_the_cpu_backend(capsys):
+    assert _load_driver().main(["--device", "cpu", "--backends", "cpu", "--small"]) == 0
+    assert "cpu: every section passed" in capsys.readouterr().out
+
+
+@needs_ext
+def test_the_sanitizer_workload_catches_a_wrongly_scaled_grad(monkeypatch):
+    from fusedclip.backends.cpu_backend import CpuBackend
+
+    scale = CpuBackend.launch_scale
+
+    def off_by_a_thousandth(self, work, tables, coef):
+        scale(self, work, tables, coef * 1.001)
+
+    monkeypatch.setattr(CpuBackend, "launch_scale", off_by_a_thousandth)
+    with pytest.raises(AssertionError, match="scaled wrongly"):
+        _load_driver().main(["--device", "cpu", "--backends", "cpu", "--small"])
+
+
+def test_the_sanitizer_workload_refuses_a_backend_that_cannot_run(capsys):
+    assert _load_driver().main(["--device", "cpu", "--backends", "no-such-backend"]) == 2
+    assert "cannot run no-such-backend" in capsys.readouterr().err
