@@ -83,7 +83,11 @@ def one_dtype(dtype: torch.dtype, device: str, gen: torch.Generator) -> list[tor
 
 
 def with_empty(device: str, gen: torch.Generator) -> list[torch.Tensor]:
-    return [_values(0, torch.float32, device, gen), _values(5, torch.bfloat16, device, gen), _values(0, torch.float64, device, gen)]
+    return [
+        _values(0, torch.float32, device, gen),
+        _values(5, torch.bfloat16, device, gen),
+        _values(0, torch.float64, device, gen),
+    ]
 
 
 # ---- reference and checks ----------------------------------------------------------------------------
@@ -91,7 +95,12 @@ def with_empty(device: str, gen: torch.Generator) -> list[torch.Tensor]:
 
 def reference_norm(grads: list[torch.Tensor], p: float) -> float:
     """torch's definition (p-norm of the per-tensor p-norms), computed in float64."""
-    per = [torch.linalg.vector_norm(g.double().reshape(-1), p) if g.numel() else torch.zeros((), dtype=torch.float64, device=g.device) for g in grads]
+    per = [
+        torch.linalg.vector_norm(g.double().reshape(-1), p)
+        if g.numel()
+        else torch.zeros((), dtype=torch.float64, device=g.device)
+        for g in grads
+    ]
     return float(torch.linalg.vector_norm(torch.stack(per), p))
 
 
@@ -117,9 +126,13 @@ def check_scaled(name: str, before: list[torch.Tensor], after: list[torch.Tensor
         expected = (b.double() * coef).to(b.dtype)
         info = torch.finfo(b.dtype)
         try:  # atol: one step between subnormals (fp16 grads times a small coefficient reach them)
-            torch.testing.assert_close(a, expected, rtol=2 * info.eps, atol=info.smallest_normal * info.eps, equal_nan=True)
+            torch.testing.assert_close(
+                a, expected, rtol=2 * info.eps, atol=info.smallest_normal * info.eps, equal_nan=True
+            )
         except AssertionError as error:
-            raise AssertionError(f"{name}: grad {i} ({b.dtype}, {b.numel()} elements) scaled wrongly: {error}") from None
+            raise AssertionError(
+                f"{name}: grad {i} ({b.dtype}, {b.numel()} elements) scaled wrongly: {error}"
+            ) from None
 
 
 def _terms(grads: list[torch.Tensor]) -> int:
@@ -175,7 +188,9 @@ def run_sets(backend: str, sets: dict[str, list[torch.Tensor]]) -> None:
         total = fusedclip.clip_grad_norm_(params, device_max, math.inf, backend=backend)
         check_close(f"{set_name} max_norm tensor total", float(total), want_inf, total.dtype)
         after = host(grads)
-        check_scaled(f"{set_name} max_norm tensor", snapshot, after, min(float(device_max) / (float(total) + 1e-6), 1.0))
+        check_scaled(
+            f"{set_name} max_norm tensor", snapshot, after, min(float(device_max) / (float(total) + 1e-6), 1.0)
+        )
         snapshot = after
 
         # the split API: get_total_norm then clip_grads_with_norm_

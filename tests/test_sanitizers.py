@@ -98,7 +98,13 @@ CHILD = textwrap.dedent(
 def _run_child(kernel: str, lie: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(
-        [sys.executable, "-c", CHILD, kernel, lie], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+        [sys.executable, "-c", CHILD, kernel, lie],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
     )
 
 
