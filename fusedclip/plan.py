@@ -138,6 +138,7 @@ class DevicePlan:
     _tables: dict[torch.device, KernelTables] = field(default_factory=dict)
     _staging: dict[int, Tensor] | None = None
     _aliased: bool | None = None
+    _upload_source: Tensor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -196,7 +197,21 @@ class DevicePlan:
         codes = [DTYPE_CODES[dtype] for dtype in self.dtypes]
         cpu_tables = build_tables(addresses, list(self.numels), codes, self.chunk_elements)
         self._tables[torch.device("cpu")] = cpu_tables
-        tables = cpu_tables if self.device.type == "cpu" else cpu_tables.to(self.device)
+        if self.device.type == "cpu":
+            tables = cpu_tables
+        elif self.device.type == "cuda":
+            # from pinned memory, asynchronously: building a plan never synchronises the host
+            # (the pinned source stays referenced until the plan dies, so the copy cannot outlive it)
+            self._upload_source = cpu_tables.packed.pin_memory()
+            tables = _slice_tables(
+                self._upload_source.to(self.device, non_blocking=True),
+                cpu_tables.num_tensors,
+                cpu_tables.num_chunks,
+                cpu_tables.chunk_elements,
+                cpu_tables.max_numel,
+            )
+        else:
+            tables = cpu_tables.to(self.device)
         self._tables[self.device] = tables
         return tables
 
@@ -294,6 +309,9 @@ class PlanCache:
         self.size = size
         self.chunk_elements = chunk_elements
         self._plans: OrderedDict[_PlanKey, tuple[_PlanKey, Plan]] = OrderedDict()
+        # plans used while a CUDA graph was being captured: a replay reads their tables and
+        # workspaces, so they are never evicted (clear() releases them)
+        self._pinned: dict[_PlanKey, Plan] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -301,6 +319,7 @@ class PlanCache:
     def clear(self) -> None:
         with self._lock:
             self._plans.clear()
+            self._pinned.clear()
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -318,13 +337,18 @@ class PlanCache:
                 stored_key, plan = entry
                 self._plans.move_to_end(stored_key)  # found by identity: no second comparison
                 self.hits += 1
-                return plan
-        plan = build_plan(grads, True, self.chunk_elements)
-        with self._lock:
-            self.misses += 1
-            self._plans[key] = (key, plan)
-            while len(self._plans) > self.size:
-                self._plans.popitem(last=False)
+            else:
+                plan = self._pinned.get(key)
+        if plan is None:
+            plan = build_plan(grads, True, self.chunk_elements)
+            with self._lock:
+                self.misses += 1
+                self._plans[key] = (key, plan)
+                while len(self._plans) > self.size:
+                    self._plans.popitem(last=False)
+        if grads[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            with self._lock:
+                self._pinned[key] = plan
         return plan
 
 

@@ -14,6 +14,7 @@ skipped with its reason.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import subprocess
@@ -34,6 +35,7 @@ from reference import (
 )
 
 import fusedclip
+from fusedclip import plan
 
 pytestmark = pytest.mark.gpu
 
@@ -108,6 +110,13 @@ def test_cuda_graph_capture_and_replay_follows_grads_changed_in_place(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, max_norm, backend=backend)
+
+    # other calls push the captured plan out of the LRU; captured plans are pinned, so the graph's
+    # tables and workspaces must survive that
+    keep = [torch.randn(5, device="cuda") for _ in range(plan.CACHE_SIZE + 4)]
+    for tensor in keep:
+        fusedclip.get_total_norm([tensor], backend=backend)
+    gc.collect()
 
     generator = torch.Generator().manual_seed(5)
     for step in range(4):

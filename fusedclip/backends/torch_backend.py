@@ -4,6 +4,11 @@ It follows torch's own recipe (per-tensor norms with ``_foreach_norm``, then a n
 fusedclip's accuracy rules: per-tensor norms are accumulated in float32 (float64 for float64 grads)
 and never rounded to bf16/fp16 on the way, the combination happens in float64, and the coefficient
 comes from the unrounded total. ``foreach`` is honoured exactly as torch honours it.
+
+Cost of that accuracy: on the CPU, torch's reductions of bf16/fp16 tensors with a float32 result
+take an unvectorised path (about 20x slower than torch's own bf16 norm, which rounds every
+per-tensor norm to bf16). The automatic choice on CPUs is the compiled ``cpu`` backend; this
+fallback only runs bf16 CPU grads when the extension is missing or it is asked for by name.
 """
 
 from __future__ import annotations
