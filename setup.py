@@ -12,6 +12,12 @@ Switches (environment variables):
   CUDA_HOME                  where to find nvcc and libcudart_static (else nvcc on PATH, /usr/local/cuda)
   CXX                        the C++ compiler (default c++)
   MAX_JOBS                   parallel compile jobs (default: ninja's choice)
+  FUSEDCLIP_SANITIZE         a debugging build: "1" means "address,undefined" (AddressSanitizer and
+                             UndefinedBehaviorSanitizer); any other value is a list for the compiler's
+                             -fsanitize=. The C++ sources get -g -O1 -fno-omit-frame-pointer, and UB
+                             aborts instead of printing. The .cu file is compiled as usual (its kernels
+                             are checked by compute-sanitizer: benchmarks/sanitize_gpu.sh). Python is not
+                             instrumented, so the runtime must be preloaded: benchmarks/sanitize_cpu.sh.
 
 CPU code is portable (no -march=native): the chunk loops are compiled twice, for any x86-64 CPU and
 for AVX2+FMA+F16C, and the extension picks one at run time. CUDA is linked statically
@@ -84,6 +90,30 @@ def _cuda_archs(spec: str) -> list[tuple[str, bool]]:
     return archs
 
 
+def _sanitizers(spec: str) -> list[str]:
+    """FUSEDCLIP_SANITIZE: '' or '0' -> [], '1' -> ['address', 'undefined'], 'address,undefined' -> the same."""
+    if spec in ("", "0"):
+        return []
+    if spec == "1":
+        return ["address", "undefined"]
+    names = [name for name in re.split(r"[,\s]+", spec.lower()) if name]
+    for name in names:
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+            raise ValueError(f"FUSEDCLIP_SANITIZE: cannot read {name!r}; use 1 or a list such as 'address,undefined'")
+    return names
+
+
+def _sanitize_flags(names: list[str]) -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for a sanitizer build; -O1 -g keeps reports readable and runs tolerable."""
+    if not names:
+        return [], []
+    sanitize = "-fsanitize=" + ",".join(names)
+    compile_flags = [sanitize, "-fno-omit-frame-pointer", "-g", "-O1"]
+    if "undefined" in names:
+        compile_flags.append("-fno-sanitize-recover=undefined")  # a UB report is a failure, not a log line
+    return compile_flags, [sanitize]
+
+
 def _is_x86_64() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
@@ -142,6 +172,11 @@ class NinjaBuildExt(build_ext):
         cxx_flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wextra"]
         cxx_flags += ["-Wno-unused-function"]
         link_flags = ["-shared", "-pthread"]
+        sanitizers = _sanitizers(_env("FUSEDCLIP_SANITIZE", ""))
+        sanitize_compile, sanitize_link = _sanitize_flags(sanitizers)
+        if sanitizers:  # the later -O1 wins over -O3
+            cxx_flags += sanitize_compile
+            link_flags += sanitize_link
         if sys.platform == "darwin":
             link_flags += ["-undefined", "dynamic_lookup"]
 
@@ -212,7 +247,10 @@ class NinjaBuildExt(build_ext):
         jobs = os.environ.get("MAX_JOBS")
         if jobs:
             command += ["-j", jobs]
-        print("fusedclip: building", output.name, "with", "CPU + CUDA kernels" if cuda else "CPU kernels", flush=True)
+        what = "CPU + CUDA kernels" if cuda else "CPU kernels"
+        if sanitizers:
+            what += f" (sanitizers: {','.join(sanitizers)})"
+        print("fusedclip: building", output.name, "with", what, flush=True)
         subprocess.run(command, check=True)
 
 
