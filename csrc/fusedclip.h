@@ -7,7 +7,10 @@
 //
 // Semantics (the Python side documents the same in fusedclip/backends/kernel_base.py):
 //  * accumulator: finite p != 0: sum of |x|^p in double; inf: max |x|; -inf: min |x| (both
-//    NaN-propagating); 0: number of tensors holding an element != 0 (NaN counts).
+//    NaN-propagating); 0: number of tensors holding an element != 0 (NaN counts). The CPU kernels
+//    sum p = 1, 2 over float/half/bfloat16 data in float blocks of 256 elements added into the
+//    double sum, with blocks float cannot sum exactly enough redone in double
+//    (cpu/chunk_kernels_impl.h): at least float accumulation, as the API promises, at memory speed.
 //  * total: accumulator (p = 1, inf, -inf, 0), its square root (p = 2) or its 1/p power; times |s|
 //    when a grad scale s is given (not for p = 0).
 //  * coefficient: r = max_norm / (total + 1e-6); c = r > 1 ? 1 : r (NaN propagates); times s.

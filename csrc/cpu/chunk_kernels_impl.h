@@ -529,6 +529,7 @@ void scale_chunk(char* data, int64_t n, double coef) {
     if constexpr (D == kBFloat16 && Simd::kHasBf16x16) {
       for (; i + 16 <= n; i += 16) Simd::transform_bf16x16(data + i * es, [c](VF x) { return Simd::mul_f(x, c); });
     }
+#pragma GCC unroll 4
     for (; i + kF <= n; i += kF) Simd::store_f<D>(data + i * es, Simd::mul_f(Simd::load_f<D>(data + i * es), c));
     for (; i < n; ++i) store1f<D>(data, i, load1f<D>(data, i) * cf);
   }

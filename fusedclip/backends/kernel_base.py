@@ -14,6 +14,9 @@ The kernel contract every subclass implements (see ``csrc/fusedclip.h`` for the 
 * accumulator: finite p != 0: sum of ``|x|^p`` in float64; inf: max ``|x|``; -inf: min ``|x|``
   (both NaN-propagating); 0: the number of tensors holding an element ``!= 0`` (NaN counts).
   Zero-size tensors contribute nothing (the engine rejects them first for -inf and p < 0).
+  The ``cpu`` kernels sum p = 1, 2 of float32/float16/bfloat16 data in float32 blocks of 256
+  elements added into the float64 sum, redoing in float64 any block float32 cannot sum safely
+  (overflow, inf/NaN, tiny squares): still at least float32 accumulation and overflow-safe.
 * total: the accumulator (p = 1, inf, -inf, 0), its square root (p = 2) or its ``1/p`` power;
   then, when ``grad_scale`` ``s`` is given and p != 0, ``total * |s|``.
 * coefficient (float64): ``r = max_norm / (total + 1e-6)``; ``c = r > 1 ? 1 : r`` (NaN
