@@ -171,7 +171,7 @@ class NinjaBuildExt(build_ext):
         defines = []
         cxx_flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wextra"]
         cxx_flags += ["-Wno-unused-function"]
-        link_flags = ["-shared", "-pthread"]
+        link_flags = ["-shared", "-pthread", "-ldl"]  # -ldl: dlopen of the loaded OpenMP runtime (thread_pool.cpp)
         sanitizers = _sanitizers(_env("FUSEDCLIP_SANITIZE", ""))
         sanitize_compile, sanitize_link = _sanitize_flags(sanitizers)
         if sanitizers:  # the later -O1 wins over -O3

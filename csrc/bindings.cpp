@@ -14,6 +14,7 @@
 
 #include "cpu/chunk_kernels.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/thread_pool.h"
 #include "fusedclip.h"
 #if defined(FUSEDCLIP_HAVE_CUDA)
 #include "cuda/cuda_ops.h"
@@ -255,6 +256,8 @@ PYBIND11_MODULE(_C, m) {
       },
       "Passes over the data run so far by the CPU kernels, the threads the last one asked for, and how many"
       " processed chunks in the last norm and the last scale/clamp pass (for tests)");
+  m.def("cpu_parallel_runtime", [] { return std::string(fusedclip::cpu::parallel_runtime()); },
+        "Where the CPU passes run their threads: the loaded OpenMP runtime's path (torch's) or 'pool'");
   m.def("cpu_isa", [] { return std::string(fusedclip::cpu::active_kernels().isa); },
         "The instruction set of the CPU loops in use");
   m.def("cpu_select_isa", [](const std::string& name) { return fusedclip::cpu::select_isa(name.c_str()); },

@@ -461,12 +461,14 @@ def test_the_gil_is_released_while_a_kernel_runs(threads):
 FORK_CHILD = textwrap.dedent(
     """
     import os, sys, torch, fusedclip
+    from fusedclip import _ext
     torch.set_num_threads(2)
     tensors = [torch.randn(2_000_000), torch.randn(1_000_000)]
-    expected = fusedclip.get_total_norm(tensors, backend="cpu")  # the pool's worker starts here
+    expected = fusedclip.get_total_norm(tensors, backend="cpu")  # the threads start here
     pid = os.fork()
-    if pid == 0:  # the child has no worker thread: the pool must start afresh, not wait forever
+    if pid == 0:  # the child has no worker threads: it must use a fresh pool, not wait forever
         ok = torch.equal(fusedclip.get_total_norm(tensors, backend="cpu"), expected)
+        ok = ok and _ext.C.cpu_parallel_runtime() == "pool"  # libgomp is not fork-safe
         os._exit(0 if ok else 3)
     _, status = os.waitpid(pid, 0)
     sys.exit(os.waitstatus_to_exitcode(status))
@@ -474,12 +476,58 @@ FORK_CHILD = textwrap.dedent(
 )
 
 
+def _child_env(**extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("FUSEDCLIP_CPU_THREADS", None)
+    env.update(extra)
+    return env
+
+
 @needs_ext
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_the_thread_pool_survives_fork():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+@pytest.mark.parametrize("runtime", ["openmp", "pool"])
+def test_the_threads_survive_fork(runtime):
+    env = _child_env(**({"FUSEDCLIP_CPU_THREADS": "pool"} if runtime == "pool" else {}))
     result = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+RUNTIME_CHILD = textwrap.dedent(
+    """
+    import sys, torch, fusedclip
+    from fusedclip import _ext
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(7)
+    grads = [torch.randn(n, generator=gen).to(dtype) for n, dtype in
+             [(3_000_000, torch.float32), (1_500_001, torch.bfloat16), (700_003, torch.float16), (200_000, torch.float64)]]
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.empty_like(g)); p.grad = g; params.append(p)
+    total = fusedclip.clip_grad_norm_(params, 1.0, backend="cpu")
+    out = {"runtime": _ext.C.cpu_parallel_runtime(), "total": total, "grads": grads}
+    torch.save(out, sys.argv[1])
+    """
+)
+
+
+@needs_ext
+def test_the_passes_run_on_torchs_openmp_threads_with_the_pools_bits(tmp_path):
+    """With torch's OpenMP runtime loaded, the passes borrow its threads (no second team fighting
+    torch's spinning threads for the cores); the results are bit for bit the pool's."""
+    results = {}
+    for runtime in ("openmp", "pool"):
+        env = _child_env(**({"FUSEDCLIP_CPU_THREADS": "pool"} if runtime == "pool" else {}))
+        path = tmp_path / f"{runtime}.pt"
+        done = subprocess.run([sys.executable, "-c", RUNTIME_CHILD, str(path)], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        results[runtime] = torch.load(path)
+    assert results["pool"]["runtime"] == "pool"
+    loaded = [line.split()[-1] for line in open("/proc/self/maps") if "omp" in line] if os.path.exists("/proc/self/maps") else []
+    if any(os.path.basename(path).startswith(("libgomp", "libiomp")) for path in loaded):
+        assert results["openmp"]["runtime"] in loaded  # the runtime this process (torch) already has
+    assert torch.equal(results["openmp"]["total"], results["pool"]["total"])
+    for a, b in zip(results["openmp"]["grads"], results["pool"]["grads"]):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def test_plan_key_objects_compare_by_content():

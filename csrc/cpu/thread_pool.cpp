@@ -1,13 +1,19 @@
 #include "thread_pool.h"
 
+#include <dlfcn.h>
+#include <link.h>
 #include <pthread.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
 #include <thread>
+#include <algorithm>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -146,10 +152,111 @@ ThreadPool& pool() {
   return *g_pool;
 }
 
+// ---- torch's own OpenMP threads -------------------------------------------------------------------
+//
+// torch's CPU ops run on an OpenMP team whose threads keep spinning for a while after each op. A
+// clip call comes right after the backward pass (or, in a benchmark, after a copy), so a second
+// pool's worker finds its core taken by a spinning OpenMP thread and joins late or not at all:
+// measured here, the norm pass of 57 MB took 4.5 ms right after a torch op against 2.5 ms with
+// OMP_WAIT_POLICY=PASSIVE. Running the passes on the OpenMP runtime torch has already loaded
+// (through the GNU OpenMP ABI, which libgomp and Intel's libiomp5 both export) uses exactly the
+// threads that are spinning, and never adds threads of our own. Nothing is linked at build time:
+// the runtime is found among the libraries already in the process, so the build still needs no
+// torch, and without one the pool above is used.
+
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpThreadNum = int (*)();
+
+struct OpenMpRuntime {
+  GompParallel parallel = nullptr;
+  OmpThreadNum thread_num = nullptr;
+  std::string path;
+};
+
+bool is_openmp_library(const char* path) {
+  const char* slash = std::strrchr(path, '/');
+  const char* base = slash == nullptr ? path : slash + 1;
+  return std::strncmp(base, "libgomp", 7) == 0 || std::strncmp(base, "libiomp", 7) == 0;
+}
+
+int collect_openmp(dl_phdr_info* info, size_t, void* out) {
+  if (info->dlpi_name != nullptr && is_openmp_library(info->dlpi_name)) {
+    auto& found = *static_cast<std::vector<std::string>*>(out);
+    found.emplace_back(info->dlpi_name);
+  }
+  return 0;
+}
+
+OpenMpRuntime find_loaded_openmp() {
+  OpenMpRuntime runtime;
+  const char* choice = std::getenv("FUSEDCLIP_CPU_THREADS");
+  if (choice != nullptr && std::strcmp(choice, "pool") == 0) return runtime;
+  std::vector<std::string> found;
+  dl_iterate_phdr(collect_openmp, &found);
+  // torch's bundled runtime first: that is the team torch's ops use
+  std::stable_partition(found.begin(), found.end(),
+                        [](const std::string& path) { return path.find("/torch/lib/") != std::string::npos; });
+  for (const std::string& path : found) {
+    void* handle = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);  // never loads a new runtime
+    if (handle == nullptr) continue;
+    auto parallel = reinterpret_cast<GompParallel>(dlsym(handle, "GOMP_parallel"));
+    auto thread_num = reinterpret_cast<OmpThreadNum>(dlsym(handle, "omp_get_thread_num"));
+    if (parallel != nullptr && thread_num != nullptr) {
+      runtime.parallel = parallel;
+      runtime.thread_num = thread_num;
+      runtime.path = path;
+      return runtime;
+    }
+  }
+  return runtime;
+}
+
+// GNU libgomp is not fork-safe: a child's OpenMP team refers to threads that were not copied. A
+// forked child uses the pool (which starts afresh there) instead.
+std::atomic<bool> g_forked{false};
+
+const OpenMpRuntime& openmp() {
+  static const OpenMpRuntime runtime = [] {
+    pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+    return find_loaded_openmp();
+  }();
+  return runtime;
+}
+
+struct OpenMpJob {
+  void (*fn)(void*, int);
+  void* ctx;
+  OmpThreadNum thread_num;
+};
+
+void openmp_trampoline(void* data) {
+  const OpenMpJob& job = *static_cast<const OpenMpJob*>(data);
+  job.fn(job.ctx, job.thread_num());
+}
+
+// One call at a time on the OpenMP team as well: a second Python thread runs on its caller alone,
+// as with the pool.
+std::mutex g_openmp_busy;
+
 }  // namespace
 
 void parallel_run(int threads, void (*fn)(void* ctx, int worker), void* ctx) {
-  if (threads <= 1 || !pool().run(threads, fn, ctx)) fn(ctx, 0);
+  if (threads <= 1) return fn(ctx, 0);
+  const OpenMpRuntime& omp = openmp();
+  if (omp.parallel != nullptr && !g_forked.load()) {
+    std::unique_lock<std::mutex> busy(g_openmp_busy, std::try_to_lock);
+    if (!busy.owns_lock()) return fn(ctx, 0);
+    OpenMpJob job{fn, ctx, omp.thread_num};
+    omp.parallel(openmp_trampoline, &job, static_cast<unsigned>(threads), 0);
+    return;
+  }
+  if (!pool().run(threads, fn, ctx)) fn(ctx, 0);
+}
+
+const char* parallel_runtime() {
+  const OpenMpRuntime& omp = openmp();
+  if (omp.parallel != nullptr && !g_forked.load()) return omp.path.c_str();
+  return "pool";
 }
 
 }  // namespace cpu
