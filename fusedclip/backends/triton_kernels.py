@@ -442,7 +442,21 @@ def _scaled(x, factor):
 
 
 @triton.jit
-def _scale_span(ptr, start, n, factor, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+def _clamped(x, limit):
+    """``x > v ? v : (x < -v ? -v : x)``, compared in ``limit``'s dtype (float32, or float64 for float64)."""
+    if x.dtype == tl.float64:
+        return tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))
+    else:
+        w = _to_f32(x)
+        return _from_f32(tl.where(w > limit, limit, tl.where(w < -limit, -limit, w)), x.dtype)
+
+
+@triton.jit
+def _elementwise_span(
+    ptr, start, n, value, CLAMP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr
+):
+    """One in-place pass over ``n`` elements from ``start``: ``_clamped(x, value)`` when CLAMP, else
+    ``_scaled(x, value)`` (whole blocks, then a masked tail)."""
     base = ptr + start
     if ALIGNED:
         base = tl.multiple_of(base, 16)
@@ -450,18 +464,24 @@ def _scale_span(ptr, start, n, factor, ALIGNED: tl.constexpr, BLOCK: tl.constexp
     n_full = (n // BLOCK) * BLOCK
     for i in tl.range(0, n_full, BLOCK, num_stages=STAGES):
         x = tl.load(base + i + offs)
-        tl.store(base + i + offs, _scaled(x, factor))
+        if CLAMP:
+            tl.store(base + i + offs, _clamped(x, value))
+        else:
+            tl.store(base + i + offs, _scaled(x, value))
     in_tail = n_full + offs < n
     x = tl.load(base + n_full + offs, mask=in_tail, other=0.0)
-    tl.store(base + n_full + offs, _scaled(x, factor), mask=in_tail)
+    if CLAMP:
+        tl.store(base + n_full + offs, _clamped(x, value), mask=in_tail)
+    else:
+        tl.store(base + n_full + offs, _scaled(x, value), mask=in_tail)
 
 
 @triton.jit
 def _scale_chunk(ptr, start, n, aligned, factor, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     if aligned:
-        _scale_span(ptr, start, n, factor, True, BLOCK, STAGES)
+        _elementwise_span(ptr, start, n, factor, False, True, BLOCK, STAGES)
     else:
-        _scale_span(ptr, start, n, factor, False, BLOCK, STAGES)
+        _elementwise_span(ptr, start, n, factor, False, False, BLOCK, STAGES)
 
 
 @triton.jit(do_not_specialize=["num_chunks", "chunk_elements"])
@@ -491,40 +511,15 @@ def scale_kernel(
 
 
 @triton.jit
-def _clamped(x, limit):
-    """``x > v ? v : (x < -v ? -v : x)``, compared in ``limit``'s dtype (float32, or float64 for float64)."""
-    if x.dtype == tl.float64:
-        return tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))
-    else:
-        w = _to_f32(x)
-        return _from_f32(tl.where(w > limit, limit, tl.where(w < -limit, -limit, w)), x.dtype)
-
-
-@triton.jit
-def _clamp_span(ptr, start, n, limit, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    base = ptr + start
-    if ALIGNED:
-        base = tl.multiple_of(base, 16)
-    offs = tl.arange(0, BLOCK)
-    n_full = (n // BLOCK) * BLOCK
-    for i in tl.range(0, n_full, BLOCK, num_stages=STAGES):
-        x = tl.load(base + i + offs)
-        tl.store(base + i + offs, _clamped(x, limit))
-    in_tail = n_full + offs < n
-    x = tl.load(base + n_full + offs, mask=in_tail, other=0.0)
-    tl.store(base + n_full + offs, _clamped(x, limit), mask=in_tail)
-
-
-@triton.jit
 def _clamp_chunk(ptr, start, n, aligned, limit_bits, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # the limit, already rounded to the grad dtype on the host, converts exactly
     limit = _f64(limit_bits)
     if ptr.dtype.element_ty != tl.float64:
         limit = limit.to(tl.float32)
     if aligned:
-        _clamp_span(ptr, start, n, limit, True, BLOCK, STAGES)
+        _elementwise_span(ptr, start, n, limit, True, True, BLOCK, STAGES)
     else:
-        _clamp_span(ptr, start, n, limit, False, BLOCK, STAGES)
+        _elementwise_span(ptr, start, n, limit, True, False, BLOCK, STAGES)
 
 
 @triton.jit(do_not_specialize=["num_chunks", "chunk_elements", "limit_fp32_bits", "limit_fp16_bits",
