@@ -522,7 +522,8 @@ def test_the_passes_run_on_torchs_openmp_threads_with_the_pools_bits(tmp_path):
         assert done.returncode == 0, done.stderr
         results[runtime] = torch.load(path)
     assert results["pool"]["runtime"] == "pool"
-    loaded = [line.split()[-1] for line in open("/proc/self/maps") if "omp" in line] if os.path.exists("/proc/self/maps") else []
+    maps = Path("/proc/self/maps")
+    loaded = [line.split()[-1] for line in maps.read_text().splitlines() if "omp" in line] if maps.exists() else []
     if any(os.path.basename(path).startswith(("libgomp", "libiomp")) for path in loaded):
         assert results["openmp"]["runtime"] in loaded  # the runtime this process (torch) already has
     assert torch.equal(results["openmp"]["total"], results["pool"]["total"])
