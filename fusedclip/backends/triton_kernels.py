@@ -49,7 +49,6 @@ P_GENERAL = tl.constexpr(0)
 P_ONE = tl.constexpr(1)
 P_TWO = tl.constexpr(2)
 
-_NAN = tl.constexpr(float("nan"))
 _INF = tl.constexpr(float("inf"))
 _EPS = tl.constexpr(1e-6)  # torch's epsilon in max_norm / (total + 1e-6)
 _SMALLEST_NORMAL = tl.constexpr(2.2250738585072014e-308)
@@ -155,11 +154,11 @@ def _reduce_block(acc, KIND: tl.constexpr):
     if KIND == MAX:
         nan_seen = tl.max((acc != acc).to(tl.int32), axis=0)
         top = tl.max(tl.where(acc != acc, 0.0, acc), axis=0)
-        return tl.where(nan_seen > 0, _NAN, top).to(tl.float64)
+        return tl.where(nan_seen > 0, _INF - _INF, top).to(tl.float64)
     elif KIND == MIN:
         nan_seen = tl.max((acc != acc).to(tl.int32), axis=0)
         bottom = tl.min(tl.where(acc != acc, _INF, acc), axis=0)
-        return tl.where(nan_seen > 0, _NAN, bottom).to(tl.float64)
+        return tl.where(nan_seen > 0, _INF - _INF, bottom).to(tl.float64)
     else:
         return tl.sum(acc, axis=0).to(tl.float64)
 
