@@ -19,8 +19,9 @@ Switches (environment variables):
                              are checked by compute-sanitizer: benchmarks/sanitize_gpu.sh). Python is not
                              instrumented, so the runtime must be preloaded: benchmarks/sanitize_cpu.sh.
 
-CPU code is portable (no -march=native): the chunk loops are compiled twice, for any x86-64 CPU and
-for AVX2+FMA+F16C, and the extension picks one at run time. CUDA is linked statically
+CPU code is portable (no -march=native): the chunk loops are compiled three times, for any x86-64 CPU,
+for AVX2+FMA+F16C and for AVX-512 (F/BW/DQ/VL), and the extension picks the best one the running CPU
+supports. CUDA is linked statically
 (cudart_static), so no libcudart is needed at run time.
 """
 
@@ -181,11 +182,12 @@ class NinjaBuildExt(build_ext):
             link_flags += ["-undefined", "dynamic_lookup"]
 
         sources: list[tuple[str, str]] = []  # (source, rule)
-        for name in ("bindings.cpp", "cpu/cpu_ops.cpp", "cpu/thread_pool.cpp", "cpu/dispatch.cpp", "cpu/isa_base.cpp"):
+        for name in ("bindings.cpp", "cpu/cpu_ops.cpp", "cpu/thread_pool.cpp", "cpu/work_ranges.cpp", "cpu/dispatch.cpp", "cpu/isa_base.cpp"):
             sources.append((name, "cxx"))
         if _is_x86_64():
             defines.append("FUSEDCLIP_HAVE_AVX2")
             sources.append(("cpu/isa_avx2.cpp", "cxx_avx2"))
+            sources.append(("cpu/isa_avx512.cpp", "cxx_avx512"))
 
         nvcc_flags: list[str] = []
         if cuda is not None:
@@ -219,6 +221,13 @@ class NinjaBuildExt(build_ext):
             "  depfile = $out.d",
             "  deps = gcc",
             "  description = C++ (AVX2) $in",
+            "rule cxx_avx512",
+            "  command = $cxx -MMD -MF $out.d $cflags -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma -mf16c"
+            " -Wno-maybe-uninitialized"
+            " -c $in -o $out",
+            "  depfile = $out.d",
+            "  deps = gcc",
+            "  description = C++ (AVX-512) $in",
             "rule link",
             "  command = $cxx $in -o $out $ldflags",
             "  description = link $out",

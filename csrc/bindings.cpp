@@ -14,6 +14,7 @@
 
 #include "cpu/chunk_kernels.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/work_ranges.h"
 #include "cpu/thread_pool.h"
 #include "fusedclip.h"
 #if defined(FUSEDCLIP_HAVE_CUDA)
@@ -54,6 +55,9 @@ void check_kind(int64_t kind) {
 fusedclip::cpu::PlanArgs cpu_plan(int64_t packed, int64_t num_tensors, int64_t num_chunks, int64_t chunk_elements,
                                   int64_t total_elements, int64_t threads) {
   check_plan(packed, num_tensors, num_chunks, chunk_elements);
+  if (num_chunks >= fusedclip::cpu::WorkRanges::kMaxChunks) {
+    throw std::invalid_argument("fusedclip._C: the CPU kernels take at most 2^32 - 1 chunks per call");
+  }
   fusedclip::cpu::PlanArgs plan;
   plan.packed = as_pointer<const int64_t>(packed);
   plan.num_tensors = num_tensors;
@@ -217,6 +221,7 @@ py::dict build_info() {
   std::vector<std::string> compiled{"base"};
 #if defined(FUSEDCLIP_HAVE_AVX2)
   compiled.push_back("avx2");
+  compiled.push_back("avx512");
 #endif
   info["cpu_isas_compiled"] = compiled;
   info["cpu_isas_supported"] = cpu_supported_isas();
@@ -256,6 +261,32 @@ PYBIND11_MODULE(_C, m) {
       },
       "Passes over the data run so far by the CPU kernels, the threads the last one asked for, and how many"
       " processed chunks in the last norm and the last scale/clamp pass (for tests)");
+  m.def(
+      "cpu_work_claims",
+      [](int64_t chunks, int threads, int64_t grain, bool backwards, const std::vector<int>& workers) {
+        if (chunks < 0 || chunks >= fusedclip::cpu::WorkRanges::kMaxChunks || threads < 1 || workers.empty()) {
+          throw std::invalid_argument("fusedclip._C: cpu_work_claims needs 0 <= chunks < 2^32, threads >= 1, workers");
+        }
+        for (int w : workers) {
+          if (w < 0 || w >= threads) throw std::invalid_argument("fusedclip._C: a worker index is out of range");
+        }
+        fusedclip::cpu::WorkRanges ranges(chunks, threads, grain, backwards);
+        std::vector<py::tuple> claims;
+        bool any = true;
+        while (any) {  // the listed workers claim in turn until none gets anything
+          any = false;
+          for (int w : workers) {
+            int64_t begin, end;
+            if (ranges.claim(w, &begin, &end)) {
+              claims.push_back(py::make_tuple(w, begin, end));
+              any = true;
+            }
+          }
+        }
+        return claims;
+      },
+      "How a pass shares chunks out (a test hook): the (worker, begin, end) claims the listed workers get, in turn",
+      py::arg("chunks"), py::arg("threads"), py::arg("grain"), py::arg("backwards"), py::arg("workers"));
   m.def("cpu_parallel_runtime", [] { return std::string(fusedclip::cpu::parallel_runtime()); },
         "Where the CPU passes run their threads: the loaded OpenMP runtime's path (torch's) or 'pool'");
   m.def("cpu_isa", [] { return std::string(fusedclip::cpu::active_kernels().isa); },

@@ -104,7 +104,125 @@ inline double abs_d(double x) { return __builtin_fabs(x); }
 // ---- the SIMD layer -----------------------------------------------------------------------------
 // kD doubles per VD, kF floats per VF; load_d/load_f convert kD/kF elements of dtype D.
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+
+// AVX-512 (x86-64-v4: Skylake-SP, Ice Lake, Zen 4 and later): twice the AVX2 width. Comparisons
+// give mask registers, so the NaN and non-zero masks are made 1.0 / 0.0 vectors, which the
+// callers read exactly as they read the AVX2 all-ones masks (lane != 0).
+struct Simd {
+  static constexpr int kD = 8;
+  static constexpr int kF = 16;
+  using VD = __m512d;
+  using VF = __m512;
+
+  static VD zero_d() { return _mm512_setzero_pd(); }
+  static VD set1_d(double x) { return _mm512_set1_pd(x); }
+  static VD add_d(VD a, VD b) { return _mm512_add_pd(a, b); }
+  static VD mul_d(VD a, VD b) { return _mm512_mul_pd(a, b); }
+  static VD abs_d(VD a) { return _mm512_abs_pd(a); }
+  static VD max_d(VD a, VD b) { return _mm512_max_pd(a, b); }
+  static VD min_d(VD a, VD b) { return _mm512_min_pd(a, b); }
+  static VD nan_mask_d(VD a) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q), _mm512_set1_pd(1.0)); }
+  static VD or_d(VD a, VD b) { return _mm512_or_pd(a, b); }
+  static VD nonzero_d(VD a) {
+    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(a, _mm512_setzero_pd(), _CMP_NEQ_UQ), _mm512_set1_pd(1.0));
+  }
+  static void store_lanes(double* out, VD a) { _mm512_storeu_pd(out, a); }
+  static VD clamp_d(VD x, VD lo, VD hi) {
+    const VD low = _mm512_mask_mov_pd(x, _mm512_cmp_pd_mask(x, lo, _CMP_LT_OQ), lo);
+    return _mm512_mask_mov_pd(low, _mm512_cmp_pd_mask(low, hi, _CMP_GT_OQ), hi);
+  }
+  static VF set1_f(float x) { return _mm512_set1_ps(x); }
+  static VF add_f(VF a, VF b) { return _mm512_add_ps(a, b); }
+  static VF mul_f(VF a, VF b) { return _mm512_mul_ps(a, b); }
+  static VF abs_f(VF a) { return _mm512_abs_ps(a); }
+  static VF clamp_f(VF x, VF lo, VF hi) {
+    const VF low = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), lo);
+    return _mm512_mask_mov_ps(low, _mm512_cmp_ps_mask(low, hi, _CMP_GT_OQ), hi);
+  }
+  // 32 bfloat16 values in place, as the AVX2 version does 16: even elements in the low halves of
+  // the 32-bit words, odd ones in the high halves, rounded back into the same halves.
+  static constexpr int kBf16Group = 32;
+  template <class Op>
+  static void transform_bf16_group(char* p, Op op) {
+    const __m512i x = _mm512_loadu_si512(p);
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    const __m512 even = op(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
+    const __m512 odd = op(_mm512_castsi512_ps(_mm512_and_si512(x, high)));
+    const __m512i nan = _mm512_set1_epi32(0x7fc00000);
+    const __m512i re = _mm512_mask_mov_epi32(round_to_bf16_high(even), _mm512_cmp_ps_mask(even, even, _CMP_UNORD_Q), nan);
+    const __m512i ro = _mm512_mask_mov_epi32(round_to_bf16_high(odd), _mm512_cmp_ps_mask(odd, odd, _CMP_UNORD_Q), nan);
+    _mm512_storeu_si512(p, _mm512_or_si512(_mm512_srli_epi32(re, 16), _mm512_and_si512(ro, high)));
+  }
+  static __m512i round_to_bf16_high(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+  }
+  // lanes 0..15 in accs[0], 16..31 in accs[1]; the same tree as the AVX2 and scalar versions
+  static float combine32_f(const VF* accs) {
+    const VF w16 = _mm512_add_ps(accs[0], accs[1]);
+    const __m256 w8 = _mm256_add_ps(_mm512_castps512_ps256(w16), _mm512_extractf32x8_ps(w16, 1));
+    const __m128 w4 = _mm_add_ps(_mm256_castps256_ps128(w8), _mm256_extractf128_ps(w8, 1));
+    const __m128 w2 = _mm_add_ps(w4, _mm_movehl_ps(w4, w4));
+    return _mm_cvtss_f32(_mm_add_ss(w2, _mm_movehdup_ps(w2)));
+  }
+
+  template <int D>
+  static VD load_d(const char* p) {
+    if constexpr (D == kFloat64) {
+      return _mm512_loadu_pd(p);
+    } else if constexpr (D == kFloat32) {
+      return _mm512_cvtps_pd(_mm256_loadu_ps(reinterpret_cast<const float*>(p)));
+    } else if constexpr (D == kBFloat16) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    } else {
+      return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    }
+  }
+  static void store_d64(char* p, VD v) { _mm512_storeu_pd(p, v); }
+
+  // 16 consecutive elements as doubles: out[a] holds elements 8a .. 8a + 7.
+  template <int D>
+  static void load16_d(const char* p, VD* out) {
+    if constexpr (D == kFloat32 || D == kFloat64) {
+      for (int a = 0; a < 2; ++a) out[a] = load_d<D>(p + a * 8 * (D == kFloat32 ? 4 : 8));
+    } else {
+      const VF f = load_f<D>(p);
+      out[0] = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+      out[1] = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
+    }
+  }
+
+  template <int D>
+  static VF load_f(const char* p) {
+    if constexpr (D == kFloat32) {
+      return _mm512_loadu_ps(p);
+    } else if constexpr (D == kBFloat16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+  }
+
+  template <int D>
+  static void store_f(char* p, VF v) {
+    if constexpr (D == kFloat32) {
+      _mm512_storeu_ps(p, v);
+    } else if constexpr (D == kBFloat16) {
+      // round to nearest even, NaN -> 0x7fc0 (as c10::BFloat16)
+      const __m512i r = _mm512_srli_epi32(round_to_bf16_high(v), 16);
+      const __m512i fixed = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(fixed));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+};
+
+#elif defined(__AVX2__)
 
 struct Simd {
   static constexpr int kD = 4;
@@ -143,9 +261,9 @@ struct Simd {
   // 32-byte load holds 8 even elements in the low halves of its 32-bit words and 8 odd ones in
   // the high halves: each half becomes a float without unpacking, and the rounded results go back
   // into the same halves, so no pack or lane shuffle is needed.
-  static constexpr bool kHasBf16x16 = true;
+  static constexpr int kBf16Group = 16;
   template <class Op>
-  static void transform_bf16x16(char* p, Op op) {
+  static void transform_bf16_group(char* p, Op op) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
     const __m256 even = op(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
@@ -271,9 +389,9 @@ struct Simd {
   static VF add_f(VF a, VF b) { return a + b; }
   static VF mul_f(VF a, VF b) { return a * b; }
   static VF abs_f(VF a) { return __builtin_fabsf(a); }
-  static constexpr bool kHasBf16x16 = false;
+  static constexpr int kBf16Group = 0;
   template <class Op>
-  static void transform_bf16x16(char*, Op) {}
+  static void transform_bf16_group(char*, Op) {}
   static VF clamp_f(VF x, VF lo, VF hi) {
     const VF low = x < lo ? lo : x;
     return low > hi ? hi : low;
@@ -319,6 +437,25 @@ constexpr int64_t elem_size() {
   return D == kFloat64 ? 8 : (D == kFloat32 ? 4 : 2);
 }
 
+// Software prefetch kPrefetchBytes ahead of the stream, one prefetch per cache line. The hardware
+// prefetchers stop at page boundaries and ramp up again on each new page; measured on a Zen 5
+// server (benchmarks/cpu_passes.py), prefetching 2 KiB ahead raised the bfloat16 norm pass by
+// ~15% and the scale pass by ~5%, and further ahead did no better. A prefetch never faults, so
+// running past the end of a chunk is harmless.
+constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kLine = 64;
+
+template <int64_t kStepBytes>
+inline void prefetch_step(const char* p) {
+  if constexpr (kStepBytes >= kLine) {
+#pragma GCC unroll 16
+    for (int64_t k = 0; k < kStepBytes; k += kLine) __builtin_prefetch(p + kPrefetchBytes + k, 0, 3);
+  } else {
+    // steps shorter than a line: prefetch on the step that starts a new line
+    if ((reinterpret_cast<uintptr_t>(p) & (kLine - 1)) < kStepBytes) __builtin_prefetch(p + kPrefetchBytes, 0, 3);
+  }
+}
+
 // The 16 lanes combined by a fixed tree (the same for every instruction set).
 inline double combine_lanes(const VD* accs) {
   double lanes[kLanes];
@@ -337,6 +474,7 @@ template <int D, bool kSquare>
 inline void add_to_double_lanes(const char* data, int64_t groups, VD* accs) {
   constexpr int64_t es = elem_size<D>();
   for (int64_t g = 0; g < groups; ++g) {
+    prefetch_step<kLanes * es>(data + g * kLanes * es);
     VD x[kAccs];
     Simd::load16_d<D>(data + g * kLanes * es, x);
 #pragma GCC unroll 16
@@ -364,7 +502,7 @@ constexpr int kBlockLanes = 32;
 constexpr int kBlockDepth = 8;  // adds per lane: the float rounding error stays within ~8 ulps
 constexpr int64_t kBlock = kBlockLanes * kBlockDepth;
 constexpr int kBlockAccs = kBlockLanes / kF;
-static_assert(kBlockLanes % kF == 0 && (kF == 1 || kBlockAccs == 4), "combine32_f expects 32 scalars or 4 vectors");
+static_assert(kBlockLanes % kF == 0, "a block row is whole vectors");
 static_assert(kBlock % kLanes == 0, "a block is whole groups of the double lanes");
 
 template <int D, bool kSquare>
@@ -418,7 +556,10 @@ double sum_chunk(const char* data, int64_t n) {
     constexpr int64_t es = elem_size<D>();
     double acc = 0.0;
     int64_t i = 0;
-    for (; i + kBlock <= n; i += kBlock) acc += block_sum<D, kSquare>(data + i * es);
+    for (; i + kBlock <= n; i += kBlock) {
+      prefetch_step<kBlock * es>(data + i * es);
+      acc += block_sum<D, kSquare>(data + i * es);
+    }
     return i == n ? acc : acc + sum_double<D, kSquare>(data + i * es, n - i);
   }
 }
@@ -521,16 +662,25 @@ void scale_chunk(char* data, int64_t n, double coef) {
   int64_t i = 0;
   if constexpr (D == kFloat64) {
     const VD c = Simd::set1_d(coef);
-    for (; i + kD <= n; i += kD) Simd::store_d64(data + i * es, Simd::mul_d(Simd::load_d<D>(data + i * es), c));
+    for (; i + kD <= n; i += kD) {
+      prefetch_step<kD * es>(data + i * es);
+      Simd::store_d64(data + i * es, Simd::mul_d(Simd::load_d<D>(data + i * es), c));
+    }
     for (; i < n; ++i) store1d(data, i, load1d<D>(data, i) * coef);
   } else {
     const float cf = static_cast<float>(coef);
     const VF c = Simd::set1_f(cf);
-    if constexpr (D == kBFloat16 && Simd::kHasBf16x16) {
-      for (; i + 16 <= n; i += 16) Simd::transform_bf16x16(data + i * es, [c](VF x) { return Simd::mul_f(x, c); });
+    if constexpr (D == kBFloat16 && Simd::kBf16Group > 0) {
+      for (; i + Simd::kBf16Group <= n; i += Simd::kBf16Group) {
+        prefetch_step<Simd::kBf16Group * 2>(data + i * es);
+        Simd::transform_bf16_group(data + i * es, [c](VF x) { return Simd::mul_f(x, c); });
+      }
     }
 #pragma GCC unroll 4
-    for (; i + kF <= n; i += kF) Simd::store_f<D>(data + i * es, Simd::mul_f(Simd::load_f<D>(data + i * es), c));
+    for (; i + kF <= n; i += kF) {
+      prefetch_step<kF * es>(data + i * es);
+      Simd::store_f<D>(data + i * es, Simd::mul_f(Simd::load_f<D>(data + i * es), c));
+    }
     for (; i < n; ++i) store1f<D>(data, i, load1f<D>(data, i) * cf);
   }
 }
@@ -549,8 +699,11 @@ void clamp_chunk(char* data, int64_t n, double clip_value) {
   } else {
     const float v = static_cast<float>(clip_value);
     const VF lo = Simd::set1_f(-v), hi = Simd::set1_f(v);
-    if constexpr (D == kBFloat16 && Simd::kHasBf16x16) {
-      for (; i + 16 <= n; i += 16) Simd::transform_bf16x16(data + i * es, [lo, hi](VF x) { return Simd::clamp_f(x, lo, hi); });
+    if constexpr (D == kBFloat16 && Simd::kBf16Group > 0) {
+      for (; i + Simd::kBf16Group <= n; i += Simd::kBf16Group) {
+        prefetch_step<Simd::kBf16Group * 2>(data + i * es);
+        Simd::transform_bf16_group(data + i * es, [lo, hi](VF x) { return Simd::clamp_f(x, lo, hi); });
+      }
     }
     for (; i + kF <= n; i += kF) Simd::store_f<D>(data + i * es, Simd::clamp_f(Simd::load_f<D>(data + i * es), lo, hi));
     for (; i < n; ++i) {

@@ -11,6 +11,7 @@
 #include "../fusedclip.h"
 #include "chunk_kernels.h"
 #include "thread_pool.h"
+#include "work_ranges.h"
 
 namespace fusedclip {
 namespace cpu {
@@ -21,7 +22,7 @@ namespace {
 constexpr int64_t kParallelMinElements = 1 << 18;
 // Elements claimed at a time by a thread (whole chunks): large enough that claiming is cheap,
 // small enough that a thread descheduled by a noisy neighbour leaves little work behind.
-constexpr int64_t kClaimElements = 1 << 16;
+constexpr int64_t kClaimElements = 1 << 18;
 
 // The default floating-point environment (round to nearest, no flush-to-zero, no
 // denormals-are-zero) for the duration of a thread's share of a pass. Worker threads start with
@@ -48,24 +49,6 @@ std::atomic<int> g_last_threads{0};
 // threads that processed at least one claim in the last norm / scale-or-clamp pass
 std::atomic<int> g_norm_participants{0}, g_elementwise_participants{0};
 
-// A range of chunks shared out to the threads in claims of `grain` chunks, first to last or (for
-// the pass after a norm) last to first: the chunks the norm read last may still be in cache.
-struct ChunkQueue {
-  std::atomic<int64_t> next{0};
-  int64_t end = 0;
-  int64_t grain = 1;
-  bool backwards = false;
-
-  bool claim(int64_t* begin, int64_t* stop) {
-    const int64_t b = next.fetch_add(grain, std::memory_order_relaxed);
-    if (b >= end) return false;
-    const int64_t e = std::min(b + grain, end);
-    *begin = backwards ? end - e : b;
-    *stop = backwards ? end - b : e;
-    return true;
-  }
-};
-
 int threads_for(const PlanArgs& plan) {
   int threads = 1;
   if (plan.total_elements >= kParallelMinElements && plan.num_chunks >= 2) {
@@ -75,12 +58,25 @@ int threads_for(const PlanArgs& plan) {
   return threads;
 }
 
-void init_queue(ChunkQueue& queue, const PlanArgs& plan, int threads) {
-  queue.end = plan.num_chunks;
+// Chunks per claim: about kClaimElements elements, and at most an eighth of a thread's range so
+// that stealing can even out a slow thread.
+int64_t claim_grain(const PlanArgs& plan, int threads) {
   const int64_t average = std::max<int64_t>(1, plan.total_elements / std::max<int64_t>(1, plan.num_chunks));
   const int64_t by_size = std::max<int64_t>(1, kClaimElements / average);
-  const int64_t by_balance = std::max<int64_t>(1, plan.num_chunks / (4 * static_cast<int64_t>(threads)));
-  queue.grain = threads == 1 ? plan.num_chunks : std::min(by_size, by_balance);
+  const int64_t by_balance = std::max<int64_t>(1, plan.num_chunks / (8 * static_cast<int64_t>(threads)));
+  return std::min(by_size, by_balance);
+}
+
+// Runs `body(begin, end)` over every claim this worker gets; true when it got any.
+template <class Body>
+bool work_through(WorkRanges& ranges, int worker, Body body) {
+  int64_t begin, end;
+  bool worked = false;
+  while (ranges.claim(worker, &begin, &end)) {
+    body(begin, end);
+    worked = true;
+  }
+  return worked;
 }
 
 struct NormJob {
@@ -89,19 +85,16 @@ struct NormJob {
   int kind;
   double p;
   double* partials;
-  ChunkQueue queue;
+  WorkRanges* ranges;
   std::atomic<int> participants{0};
 };
 
-void norm_worker(void* ctx, int /*worker*/) {
+void norm_worker(void* ctx, int worker) {
   NormJob& job = *static_cast<NormJob*>(ctx);
   const DefaultFloatEnvironment environment;
-  int64_t begin, end;
-  bool worked = false;
-  while (job.queue.claim(&begin, &end)) {
+  const bool worked = work_through(*job.ranges, worker, [&job](int64_t begin, int64_t end) {
     job.kernels->norm(job.tables, begin, end, job.kind, job.p, job.partials);
-    worked = true;
-  }
+  });
   if (worked) job.participants.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -110,23 +103,20 @@ struct ElementwiseJob {
   const ChunkKernels* kernels;
   bool is_scale;
   double value;  // coefficient or clip value
-  ChunkQueue queue;
+  WorkRanges* ranges;
   std::atomic<int> participants{0};
 };
 
-void elementwise_worker(void* ctx, int /*worker*/) {
+void elementwise_worker(void* ctx, int worker) {
   ElementwiseJob& job = *static_cast<ElementwiseJob*>(ctx);
   const DefaultFloatEnvironment environment;
-  int64_t begin, end;
-  bool worked = false;
-  while (job.queue.claim(&begin, &end)) {
+  const bool worked = work_through(*job.ranges, worker, [&job](int64_t begin, int64_t end) {
     if (job.is_scale) {
       job.kernels->scale(job.tables, begin, end, job.value);
     } else {
       job.kernels->clamp(job.tables, begin, end, job.value);
     }
-    worked = true;
-  }
+  });
   if (worked) job.participants.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -137,8 +127,9 @@ void run_elementwise(const PlanArgs& plan, bool is_scale, double value) {
   job.is_scale = is_scale;
   job.value = value;
   const int threads = threads_for(plan);
-  init_queue(job.queue, plan, threads);
-  job.queue.backwards = is_scale;
+  // The scale pass follows a norm pass: walking backwards it meets first what the norm read last.
+  WorkRanges ranges(plan.num_chunks, threads, claim_grain(plan, threads), /*backwards=*/is_scale);
+  job.ranges = &ranges;
   parallel_run(threads, elementwise_worker, &job);
   g_elementwise_participants.store(job.participants.load(), std::memory_order_relaxed);
   (is_scale ? g_scale_passes : g_clamp_passes).fetch_add(1, std::memory_order_relaxed);
@@ -155,7 +146,8 @@ void norm(const PlanArgs& plan, const NormArgs& args) {
   job.p = args.p;
   job.partials = partials.data();
   const int threads = threads_for(plan);
-  init_queue(job.queue, plan, threads);
+  WorkRanges ranges(plan.num_chunks, threads, claim_grain(plan, threads), /*backwards=*/false);
+  job.ranges = &ranges;
   parallel_run(threads, norm_worker, &job);
   g_norm_participants.store(job.participants.load(), std::memory_order_relaxed);
   g_norm_passes.fetch_add(1, std::memory_order_relaxed);

@@ -17,9 +17,20 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(FUSEDCLIP_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  // libgcc sets these only when the OS saves the ZMM and mask registers too (XGETBV).
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
 struct Registry {
-  ChunkKernels tables[2];
-  const char* names[2];
+  ChunkKernels tables[3];
+  const char* names[3];
   int count = 0;
   int active = 0;
 
@@ -30,6 +41,10 @@ struct Registry {
     if (cpu_has_avx2()) {
       tables[count] = avx2_kernels();
       names[count++] = "avx2";
+    }
+    if (cpu_has_avx512()) {
+      tables[count] = avx512_kernels();
+      names[count++] = "avx512";
     }
 #endif
     active = count - 1;
