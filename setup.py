@@ -182,7 +182,7 @@ class NinjaBuildExt(build_ext):
             link_flags += ["-undefined", "dynamic_lookup"]
 
         sources: list[tuple[str, str]] = []  # (source, rule)
-        for name in ("bindings.cpp", "cpu/cpu_ops.cpp", "cpu/thread_pool.cpp", "cpu/work_ranges.cpp", "cpu/dispatch.cpp", "cpu/isa_base.cpp"):
+        for name in ("bindings.cpp", "gather.cpp", "cpu/cpu_ops.cpp", "cpu/thread_pool.cpp", "cpu/work_ranges.cpp", "cpu/dispatch.cpp", "cpu/isa_base.cpp"):
             sources.append((name, "cxx"))
         if _is_x86_64():
             defines.append("FUSEDCLIP_HAVE_AVX2")

@@ -17,6 +17,7 @@
 #include "cpu/work_ranges.h"
 #include "cpu/thread_pool.h"
 #include "fusedclip.h"
+#include "gather.h"
 #if defined(FUSEDCLIP_HAVE_CUDA)
 #include "cuda/cuda_ops.h"
 #endif
@@ -261,6 +262,16 @@ PYBIND11_MODULE(_C, m) {
       },
       "Passes over the data run so far by the CPU kernels, the threads the last one asked for, and how many"
       " processed chunks in the last norm and the last scale/clamp pass (for tests)");
+  m.def(
+      "gather_grads",
+      [](py::object params, py::object plain_types, py::object descriptors) {
+        PyObject* result = fusedclip::gather_grads(params.ptr(), plain_types.ptr(), descriptors.ptr());
+        if (result == nullptr) throw py::error_already_set();
+        return py::reinterpret_steal<py::object>(result);
+      },
+      "(grads, (addresses, nbytes, dtypes, contiguous)) of a parameter list in one pass, or None when"
+      " the fast path does not apply (see csrc/gather.h)",
+      py::arg("params"), py::arg("plain_types"), py::arg("descriptors"));
   m.def(
       "cpu_work_claims",
       [](int64_t chunks, int threads, int64_t grain, bool backwards, const std::vector<int>& workers) {

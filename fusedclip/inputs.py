@@ -6,6 +6,7 @@ half-modified. Messages name the bad value and what is accepted.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import types
@@ -16,6 +17,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from . import _ext
 from .plan import PLAIN_TENSOR_TYPES, PlainTensors
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
@@ -54,8 +56,23 @@ _get_grad = operator.attrgetter("grad")
 _read_grad = Tensor.grad.__get__
 
 
+# What fusedclip._C.gather_grads reads, as torch.Tensor defines it (it checks each is a C-level
+# descriptor of the expected kind, and declines otherwise).
+_GATHERED_TYPES = tuple(PLAIN_TENSOR_TYPES)
+_GATHERED_DESCRIPTORS = tuple(
+    inspect.getattr_static(Tensor, name) for name in ("grad", "data_ptr", "nbytes", "dtype", "is_contiguous")
+)
+
+
 def grads_of(params: list) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, in order; non-tensors raise ``TypeError``."""
+    if _ext.C is not None:
+        # one C pass for the .grad reads and the plan-cache key (see csrc/gather.h)
+        gathered = _ext.C.gather_grads(params, _GATHERED_TYPES, _GATHERED_DESCRIPTORS)
+        if gathered is not None:
+            grads = PlainTensors(gathered[0])
+            grads.key_parts = gathered[1]
+            return grads
     if set(map(type, params)) <= PLAIN_TENSOR_TYPES:  # nothing overrides .grad
         grads = [grad for grad in map(_read_grad, params) if grad is not None]
     else:

@@ -250,9 +250,12 @@ class PlainTensors(list):
     The public functions check the types of the grads once per call (``inputs.grads_of``,
     ``inputs.check_tensors``) and pass this list on, so the later checks (``all_plain``, the plan
     cache) cost nothing per tensor. Never mutated after the check.
+
+    ``key_parts``, when set, holds what :func:`_cache_key` would read from these tensors (addresses,
+    bytes, dtypes, contiguity), gathered in the same pass that read the ``.grad`` attributes.
     """
 
-    __slots__ = ()
+    __slots__ = ("key_parts",)
 
 
 def all_plain(tensors: list[Tensor]) -> bool:
@@ -386,13 +389,18 @@ class _PlanKey:
 
 def _cache_key(grads: list[Tensor]) -> _PlanKey | None:
     """Address, size (in bytes), dtype and contiguity of every grad: what makes a cached plan safe to reuse."""
-    try:
-        addresses = tuple(map(Tensor.data_ptr, grads))
-    except RuntimeError:  # tensors without storage (meta-like or functional wrappers)
-        return None
-    contiguous = tuple(map(Tensor.is_contiguous, grads))
-    # nbytes (a cheap attribute) with the dtype determines numel (a slower method call)
-    key: tuple = (addresses, tuple(map(_get_nbytes, grads)), tuple(map(_get_dtype, grads)), contiguous)
+    parts = getattr(grads, "key_parts", None)  # read by the extension with the .grad attributes
+    if parts is not None:
+        addresses, _, _, contiguous = parts
+        key: tuple = parts
+    else:
+        try:
+            addresses = tuple(map(Tensor.data_ptr, grads))
+        except RuntimeError:  # tensors without storage (meta-like or functional wrappers)
+            return None
+        contiguous = tuple(map(Tensor.is_contiguous, grads))
+        # nbytes (a cheap attribute) with the dtype determines numel (a slower method call)
+        key = (addresses, tuple(map(_get_nbytes, grads)), tuple(map(_get_dtype, grads)), contiguous)
     if 0 in addresses:
         # Null addresses (empty or meta tensors) are not unique across devices; elsewhere, unified
         # virtual addressing keeps addresses of live CPU and CUDA memory apart.

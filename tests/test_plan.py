@@ -5,9 +5,10 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 
-from fusedclip import plan
+from fusedclip import _ext, inputs, plan
 from fusedclip.plan import DTYPE_CODES, PlanCache, build_tables, is_dense
 
 
@@ -129,3 +130,73 @@ def test_result_dtype_and_grouping():
     complex_plan = PlanCache().plan_for([torch.randn(3, dtype=torch.complex64)])
     assert complex_plan.result_dtype == torch.float32
     assert "complex64" in complex_plan.devices[0].kernel_reason
+
+
+# ---- the extension's one-pass gather of .grad and the cache key (csrc/gather.h) ---------------------
+
+needs_gather = pytest.mark.skipif(_ext.C is None, reason=f"fusedclip._C is not built: {_ext.MISSING_REASON}")
+
+
+def _python_path_key(grads):
+    """The key as the pure-Python path computes it (a plain list carries no gathered parts)."""
+    return plan._cache_key(list(grads))
+
+
+@needs_gather
+def test_the_gathered_grads_and_key_equal_what_python_reads():
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float64, torch.float32]
+    params = [torch.nn.Parameter(torch.randn(3, 4, dtype=d)) for d in dtypes] + [torch.randn(0, requires_grad=True)]
+    for i, param in enumerate(params):
+        if i != 2:  # one parameter without a grad is skipped
+            param.grad = torch.randn_like(param)
+    params[4].grad = torch.randn(4, 3).t()  # a non-contiguous grad
+    params[5].grad = torch.empty(0)  # an empty grad
+    grads = inputs.grads_of(params)
+    expected = [p.grad for p in params if p.grad is not None]
+    assert isinstance(grads, plan.PlainTensors) and grads.key_parts is not None
+    assert len(grads) == len(expected) and all(a is b for a, b in zip(grads, expected))
+    assert plan._cache_key(grads) == _python_path_key(grads)
+    addresses, nbytes, dtypes, contiguous = grads.key_parts
+    assert list(addresses) == [g.data_ptr() for g in expected]
+    assert list(nbytes) == [g.nbytes for g in expected]
+    assert list(dtypes) == [g.dtype for g in expected]
+    assert list(contiguous) == [g.is_contiguous() for g in expected]
+    assert contiguous[3] is False
+
+
+@needs_gather
+def test_the_gather_declines_what_only_the_python_path_handles():
+    class Subclass(torch.Tensor):
+        pass
+
+    sub = torch.nn.Parameter(torch.randn(3))
+    sub.grad = torch.randn(3).as_subclass(Subclass)
+    meta = torch.randn(3, device="meta", requires_grad=True)
+    meta.grad = torch.randn(3, device="meta")
+    plain = torch.nn.Parameter(torch.randn(3))
+    plain.grad = torch.randn(3)
+    descriptors, types = inputs._GATHERED_DESCRIPTORS, inputs._GATHERED_TYPES
+    assert _ext.C.gather_grads([plain, sub], types, descriptors) is None, "a subclass grad"
+    assert _ext.C.gather_grads([plain, 3.0], types, descriptors) is None, "not a tensor"
+    assert _ext.C.gather_grads((plain,), types, descriptors) is None, "not a list"
+    wrong = (descriptors[1],) + descriptors[1:]  # a method where a getter is expected
+    assert _ext.C.gather_grads([plain], types, wrong) is None
+    assert _ext.C.gather_grads([plain], types, descriptors) is not None
+    meta_grads = inputs.grads_of([plain, meta])  # gathered: meta tensors report address 0, as in Python
+    assert plan._cache_key(meta_grads) == _python_path_key(meta_grads)
+    # the public path still raises the proper error for a non-tensor
+    with pytest.raises(TypeError, match=r"parameters\[1\] is a float"):
+        inputs.grads_of([plain, 3.0])
+
+
+@needs_gather
+def test_the_gathered_key_sees_a_grad_changed_in_place():
+    param = torch.nn.Parameter(torch.randn(30, 40))
+    param.grad = torch.randn(30, 40)
+    first = plan._cache_key(inputs.grads_of([param]))
+    param.grad.t_()  # same tensor object, same address and bytes, no longer contiguous
+    second = plan._cache_key(inputs.grads_of([param]))
+    param.grad.t_().resize_(10)  # same tensor object, same address, fewer bytes
+    third = plan._cache_key(inputs.grads_of([param]))
+    assert len({first, second, third}) == 3
+    assert third == _python_path_key(inputs.grads_of([param]))

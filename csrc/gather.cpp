@@ -1,0 +1,112 @@
+#include "gather.h"
+
+namespace fusedclip {
+namespace {
+
+struct Getters {
+  getter grad, nbytes, dtype;
+  void *grad_closure, *nbytes_closure, *dtype_closure;
+  PyCFunction data_ptr;                    // METH_NOARGS
+  PyCFunctionWithKeywords is_contiguous;  // METH_VARARGS | METH_KEYWORDS
+};
+
+bool getset_of(PyObject* descriptor, getter* get, void** closure) {
+  if (!PyObject_TypeCheck(descriptor, &PyGetSetDescr_Type)) return false;
+  PyGetSetDef* def = reinterpret_cast<PyGetSetDescrObject*>(descriptor)->d_getset;
+  if (def == nullptr || def->get == nullptr) return false;
+  *get = def->get;
+  *closure = def->closure;
+  return true;
+}
+
+PyMethodDef* method_of(PyObject* descriptor, int flags) {
+  if (!PyObject_TypeCheck(descriptor, &PyMethodDescr_Type)) return nullptr;
+  PyMethodDef* def = reinterpret_cast<PyMethodDescrObject*>(descriptor)->d_method;
+  return (def != nullptr && def->ml_flags == flags) ? def : nullptr;
+}
+
+bool getters_from(PyObject* descriptors, Getters* g) {
+  if (!PyTuple_Check(descriptors) || PyTuple_GET_SIZE(descriptors) != 5) return false;
+  PyMethodDef* data_ptr = method_of(PyTuple_GET_ITEM(descriptors, 1), METH_NOARGS);
+  PyMethodDef* contiguous = method_of(PyTuple_GET_ITEM(descriptors, 4), METH_VARARGS | METH_KEYWORDS);
+  if (data_ptr == nullptr || contiguous == nullptr) return false;
+  g->data_ptr = data_ptr->ml_meth;
+  g->is_contiguous = reinterpret_cast<PyCFunctionWithKeywords>(reinterpret_cast<void (*)(void)>(contiguous->ml_meth));
+  return getset_of(PyTuple_GET_ITEM(descriptors, 0), &g->grad, &g->grad_closure) &&
+         getset_of(PyTuple_GET_ITEM(descriptors, 2), &g->nbytes, &g->nbytes_closure) &&
+         getset_of(PyTuple_GET_ITEM(descriptors, 3), &g->dtype, &g->dtype_closure);
+}
+
+bool is_plain(PyObject* object, PyObject* plain_types) {
+  PyTypeObject* type = Py_TYPE(object);
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(plain_types); ++i) {
+    if (reinterpret_cast<PyObject*>(type) == PyTuple_GET_ITEM(plain_types, i)) return true;
+  }
+  return false;
+}
+
+// Owns new references until they are handed over.
+struct Ref {
+  PyObject* p = nullptr;
+  Ref() = default;
+  explicit Ref(PyObject* o) : p(o) {}
+  Ref(const Ref&) = delete;
+  Ref& operator=(const Ref&) = delete;
+  ~Ref() { Py_XDECREF(p); }
+  PyObject* release() {
+    PyObject* o = p;
+    p = nullptr;
+    return o;
+  }
+};
+
+PyObject* none() { Py_RETURN_NONE; }
+
+}  // namespace
+
+PyObject* gather_grads(PyObject* params, PyObject* plain_types, PyObject* descriptors) {
+  Getters g;
+  if (!PyList_Check(params) || !PyTuple_Check(plain_types) || !getters_from(descriptors, &g)) return none();
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!is_plain(PyList_GET_ITEM(params, i), plain_types)) return none();
+  }
+  Ref grads(PyList_New(0));
+  Ref empty_args(PyTuple_New(0));
+  if (grads.p == nullptr || empty_args.p == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    Ref grad(g.grad(PyList_GET_ITEM(params, i), g.grad_closure));
+    if (grad.p == nullptr) {
+      PyErr_Clear();
+      return none();
+    }
+    if (grad.p == Py_None) continue;
+    if (!is_plain(grad.p, plain_types)) return none();
+    if (PyList_Append(grads.p, grad.p) != 0) return nullptr;
+  }
+  const Py_ssize_t m = PyList_GET_SIZE(grads.p);
+  Ref addresses(PyTuple_New(m)), nbytes(PyTuple_New(m)), dtypes(PyTuple_New(m)), contiguous(PyTuple_New(m));
+  if (!addresses.p || !nbytes.p || !dtypes.p || !contiguous.p) return nullptr;
+  for (Py_ssize_t i = 0; i < m; ++i) {
+    PyObject* grad = PyList_GET_ITEM(grads.p, i);
+    // one getter at a time: none may run with an exception pending
+    PyObject* address = g.data_ptr(grad, nullptr);
+    PyObject* bytes = address ? g.nbytes(grad, g.nbytes_closure) : nullptr;
+    PyObject* dtype = bytes ? g.dtype(grad, g.dtype_closure) : nullptr;
+    PyObject* dense = dtype ? g.is_contiguous(grad, empty_args.p, nullptr) : nullptr;
+    // the tuples own what was read (a NULL slot is fine for their deallocation)
+    PyTuple_SET_ITEM(addresses.p, i, address);
+    PyTuple_SET_ITEM(nbytes.p, i, bytes);
+    PyTuple_SET_ITEM(dtypes.p, i, dtype);
+    PyTuple_SET_ITEM(contiguous.p, i, dense);
+    if (dense == nullptr) {  // e.g. a tensor without storage: the Python path knows what to do
+      PyErr_Clear();
+      return none();
+    }
+  }
+  Ref key(PyTuple_Pack(4, addresses.p, nbytes.p, dtypes.p, contiguous.p));
+  if (key.p == nullptr) return nullptr;
+  return PyTuple_Pack(2, grads.p, key.p);
+}
+
+}  // namespace fusedclip
