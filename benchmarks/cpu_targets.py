@@ -9,6 +9,13 @@ ratio torch / fusedclip. In clipped cases every call really scales: call k uses 
 0.999**k times the initial norm, so the coefficient stays just below 1 (a fixed max_norm would
 leave every call after the first unclipped) and the values never decay towards denormals.
 Unclipped cases use max_norm = 1e9. Only ratios mean anything on a shared, noisy machine.
+
+The memory of a shared machine is itself noisy (its bandwidth has been seen to change by 2x between
+runs), so the script also measures it in the same process, with torch's own streaming loops over a
+buffer larger than the cache (``x.sum()`` for reading, ``x.mul_(c)`` for read + write), and prints
+each large case's floor: the time a clipped call takes at that speed when it moves only what it
+must (N bytes read for the norm, 2N read and written for the scale), and the best ratio torch's
+time leaves reachable.
 """
 
 from __future__ import annotations
@@ -83,6 +90,30 @@ def interleaved_medians(first: Callable[[], object], second: Callable[[], object
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def memory_speed(megabytes: int = 400, reps: int = 7) -> tuple[float, float]:
+    """(read, in-place read + write) GB/s of this machine's memory right now, from torch's own
+    streaming loops: the best of ``reps`` passes over a buffer larger than the cache."""
+    x = torch.ones(megabytes * 250_000)
+    read = rw = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        x.sum()
+        read = min(read, time.perf_counter() - start)
+        start = time.perf_counter()
+        x.mul_(1.0)
+        rw = min(rw, time.perf_counter() - start)
+    return x.nbytes / read / 1e9, 2 * x.nbytes / rw / 1e9
+
+
+def floor_ms(case: Case, speed: tuple[float, float]) -> float | None:
+    """What a call must cost at ``speed`` (None for sets that fit in the cache)."""
+    nbytes = sum(torch.Size(s).numel() for s in case.shapes) * case.dtype.itemsize
+    if nbytes < 100e6:  # a few times the last-level cache: DRAM-bound
+        return None
+    read, rw = speed
+    return (nbytes / read + (2 * nbytes / rw if case.clipped else 0.0)) / 1e6
+
+
 def run_case(case: Case, reps: int, warmup: int) -> dict[str, float | str]:
     theirs = make_params(case.shapes, case.dtype, seed=1)
     ours = make_params(case.shapes, case.dtype, seed=1)
@@ -136,26 +167,34 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, fusedclip cpu loops: {info['cpu_isa']}"
         f" (median of {args.reps} interleaved calls each; load average {load})"
     )
-    print(f"{'case':<26}{'tensors':>8}{'M elems':>9}{'torch ms':>10}{'ours ms':>10}{'ratio':>8}{'floor':>7}")
+    speed = memory_speed()
+    print(f"memory now: read {speed[0]:.1f} GB/s, in-place read + write {speed[1]:.1f} GB/s (torch's sum and mul_)")
+    print(
+        f"{'case':<26}{'tensors':>8}{'M elems':>9}{'torch ms':>10}{'ours ms':>10}{'ratio':>8}{'target':>7}"
+        f"{'mem ms':>8}{'best':>7}"
+    )
     markdown = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, loops {info['cpu_isa']}, load average {load},"
-        f" median of {args.reps}",
+        f" median of {args.reps}; memory: read {speed[0]:.1f} GB/s, read + write {speed[1]:.1f} GB/s",
         "",
-        "| case | tensors | M elements | torch ms | fusedclip ms | ratio | floor |",
-        "|---|---|---|---|---|---|---|",
+        "| case | tensors | M elements | torch ms | fusedclip ms | ratio | target | memory floor ms | best ratio possible |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in CASES:
         if args.case and case.name not in args.case:
             continue
         row = run_case(case, args.reps, args.warmup)
         verdict = "ok" if row["ratio"] >= case.target else "BELOW"
+        floor = floor_ms(case, speed)
+        floor_text = f"{floor:>8.2f}{row['torch_ms'] / floor:>6.2f}x" if floor else f"{'-':>8}{'-':>7}"
         print(
             f"{row['case']:<26}{row['tensors']:>8}{row['elements_M']:>9.1f}{row['torch_ms']:>10.2f}"
-            f"{row['fusedclip_ms']:>10.2f}{row['ratio']:>7.2f}x{case.target:>6.1f}x {verdict}"
+            f"{row['fusedclip_ms']:>10.2f}{row['ratio']:>7.2f}x{case.target:>6.1f}x{floor_text} {verdict}"
         )
+        floor_cells = f"{floor:.2f} | {row['torch_ms'] / floor:.2f}x" if floor else "- | -"
         markdown.append(
             f"| {row['case']} | {row['tensors']} | {row['elements_M']:.1f} | {row['torch_ms']:.2f} |"
-            f" {row['fusedclip_ms']:.2f} | {row['ratio']:.2f}x | {case.target:.1f}x |"
+            f" {row['fusedclip_ms']:.2f} | {row['ratio']:.2f}x | {case.target:.1f}x | {floor_cells} |"
         )
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
