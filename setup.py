@@ -21,8 +21,7 @@ Switches (environment variables):
 
 CPU code is portable (no -march=native): the chunk loops are compiled three times, for any x86-64 CPU,
 for AVX2+FMA+F16C and for AVX-512 (F/BW/DQ/VL), and the extension picks the best one the running CPU
-supports. CUDA is linked statically
-(cudart_static), so no libcudart is needed at run time.
+supports. CUDA is linked statically (cudart_static), so no libcudart is needed at run time.
 """
 
 from __future__ import annotations
@@ -43,6 +42,17 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
 DEFAULT_CUDA_ARCHS = "80;90+PTX"
+# ninja rules for C++ sources: (description, instruction-set flags). Only the chunk loops of one
+# instruction set are compiled with its flags (csrc/cpu/isa_*.cpp); dispatch.cpp checks the CPU.
+CXX_RULES = {
+    "cxx": ("C++", ""),
+    "cxx_avx2": ("C++ (AVX2)", "-mavx2 -mfma -mf16c"),
+    # -Wno-maybe-uninitialized: GCC 12 warns inside its own avx512fintrin.h
+    "cxx_avx512": (
+        "C++ (AVX-512)",
+        "-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma -mf16c -Wno-maybe-uninitialized",
+    ),
+}
 
 
 def _env(name: str, default: str) -> str:
@@ -182,7 +192,15 @@ class NinjaBuildExt(build_ext):
             link_flags += ["-undefined", "dynamic_lookup"]
 
         sources: list[tuple[str, str]] = []  # (source, rule)
-        for name in ("bindings.cpp", "gather.cpp", "cpu/cpu_ops.cpp", "cpu/thread_pool.cpp", "cpu/work_ranges.cpp", "cpu/dispatch.cpp", "cpu/isa_base.cpp"):
+        for name in (
+            "bindings.cpp",
+            "gather.cpp",
+            "cpu/cpu_ops.cpp",
+            "cpu/thread_pool.cpp",
+            "cpu/work_ranges.cpp",
+            "cpu/dispatch.cpp",
+            "cpu/isa_base.cpp",
+        ):
             sources.append((name, "cxx"))
         if _is_x86_64():
             defines.append("FUSEDCLIP_HAVE_AVX2")
@@ -211,23 +229,16 @@ class NinjaBuildExt(build_ext):
             f"cxx = {cxx}",
             f"cflags = {' '.join(shlex.quote(f) for f in cxx_flags + define_flags + include_flags)}",
             f"ldflags = {' '.join(shlex.quote(f) for f in link_flags)}",
-            "rule cxx",
-            "  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out",
-            "  depfile = $out.d",
-            "  deps = gcc",
-            "  description = C++ $in",
-            "rule cxx_avx2",
-            "  command = $cxx -MMD -MF $out.d $cflags -mavx2 -mfma -mf16c -c $in -o $out",
-            "  depfile = $out.d",
-            "  deps = gcc",
-            "  description = C++ (AVX2) $in",
-            "rule cxx_avx512",
-            "  command = $cxx -MMD -MF $out.d $cflags -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma -mf16c"
-            " -Wno-maybe-uninitialized"
-            " -c $in -o $out",
-            "  depfile = $out.d",
-            "  deps = gcc",
-            "  description = C++ (AVX-512) $in",
+        ]
+        for rule, (label, isa_flags) in CXX_RULES.items():
+            lines += [
+                f"rule {rule}",
+                "  command = " + " ".join(filter(None, ["$cxx -MMD -MF $out.d $cflags", isa_flags, "-c $in -o $out"])),
+                "  depfile = $out.d",
+                "  deps = gcc",
+                f"  description = {label} $in",
+            ]
+        lines += [
             "rule link",
             "  command = $cxx $in -o $out $ldflags",
             "  description = link $out",

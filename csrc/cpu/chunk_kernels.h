@@ -2,8 +2,8 @@
 //
 // chunk_kernels_impl.h is compiled once per instruction set (isa_base.cpp, isa_avx2.cpp,
 // isa_avx512.cpp) and the best table the running CPU supports is chosen at run time
-// (dispatch.cpp): portable binaries without -march=native. Every table produces the same bits: each chunk is reduced into 16
-// logical double lanes in the same order whatever the vector width.
+// (dispatch.cpp): portable binaries without -march=native. Every table produces the same bits:
+// each chunk is reduced into 16 logical double lanes in the same order whatever the vector width.
 #pragma once
 
 #include <cstdint>
