@@ -1,5 +1,7 @@
 #include "gather.h"
 
+#include <cstdint>
+
 namespace fusedclip {
 namespace {
 
@@ -86,7 +88,9 @@ PyObject* gather_grads(PyObject* params, PyObject* plain_types, PyObject* descri
   }
   const Py_ssize_t m = PyList_GET_SIZE(grads.p);
   Ref addresses(PyTuple_New(m)), nbytes(PyTuple_New(m)), dtypes(PyTuple_New(m)), contiguous(PyTuple_New(m));
-  if (!addresses.p || !nbytes.p || !dtypes.p || !contiguous.p) return nullptr;
+  Ref column(PyByteArray_FromStringAndSize(nullptr, m * static_cast<Py_ssize_t>(sizeof(int64_t))));
+  if (!addresses.p || !nbytes.p || !dtypes.p || !contiguous.p || !column.p) return nullptr;
+  int64_t* column_data = reinterpret_cast<int64_t*>(PyByteArray_AS_STRING(column.p));
   for (Py_ssize_t i = 0; i < m; ++i) {
     PyObject* grad = PyList_GET_ITEM(grads.p, i);
     // one getter at a time: none may run with an exception pending
@@ -103,10 +107,15 @@ PyObject* gather_grads(PyObject* params, PyObject* plain_types, PyObject* descri
       PyErr_Clear();
       return none();
     }
+    column_data[i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(address)));
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      return none();
+    }
   }
   Ref key(PyTuple_Pack(4, addresses.p, nbytes.p, dtypes.p, contiguous.p));
   if (key.p == nullptr) return nullptr;
-  return PyTuple_Pack(2, grads.p, key.p);
+  return PyTuple_Pack(3, grads.p, key.p, column.p);
 }
 
 }  // namespace fusedclip

@@ -13,8 +13,9 @@ namespace fusedclip {
 
 // params: a list; plain_types: a tuple of the types that may be read this way (torch.Tensor,
 // torch.nn.Parameter); descriptors: (grad, data_ptr, nbytes, dtype, is_contiguous) as found on
-// torch.Tensor. Returns a new reference to (grads, (addresses, nbytes, dtypes, contiguous)), with
-// grads the list of non-None .grad values, or to None when the fast path does not apply (a type
+// torch.Tensor. Returns a new reference to (grads, (addresses, nbytes, dtypes, contiguous), column),
+// with grads the list of non-None .grad values and column a bytearray of their addresses as
+// native int64 (the plan's address column, without a conversion of Python ints), or to None when the fast path does not apply (a type
 // outside plain_types, an unexpected descriptor, a getter that raised: the caller then takes the
 // Python path, which raises the proper error). NULL only when out of memory.
 PyObject* gather_grads(PyObject* params, PyObject* plain_types, PyObject* descriptors);

@@ -11,7 +11,13 @@ alignment and dtype mixing are solved once, here:
 Plans are cached. The cache key holds the address, element count, dtype and contiguity of every grad
 (and their devices when an address is ambiguous), so a hit guarantees that the tables describe the
 memory of the grads passed *now*: a grad reallocated between calls changes the key and forces a
-rebuild; a stale address is never read or written. The cache holds no reference to any grad.
+new plan; a stale address is never read or written. The cache holds no reference to any grad.
+
+Training loops that set grads to None between steps (``zero_grad()``'s default) get new grads, at
+new addresses, every step. When only the addresses changed (same sizes, dtypes and device, every
+grad dense), the new plan is the cached plan of that layout with its address column rewritten
+(``DevicePlan.rebased``): the chunk tables are reused instead of rebuilt, and only the aliasing
+check looks at the new addresses.
 
 Grads that are not dense in memory (e.g. ``x[:, ::2]``) are copied into staging buffers owned by
 the plan before a kernel runs and copied back after a kernel writes: in place from the caller's
@@ -25,7 +31,7 @@ import functools
 import operator
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,6 +46,9 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 }
 #: largest chunk, in elements; a power of two so chunk starts stay aligned like the tensor base
 CHUNK_ELEMENTS = 1 << 16
+#: element size of each dtype code (indexed by code)
+_ITEMSIZE_OF_CODE = torch.tensor([dtype.itemsize for dtype, _ in sorted(DTYPE_CODES.items(), key=lambda item: item[1])])
+
 #: plans kept in the cache (a training loop needs one or two)
 CACHE_SIZE = 16
 
@@ -49,6 +58,8 @@ _REAL_OF_COMPLEX = {
     torch.complex128: torch.float64,
 }
 PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+
+_CPU = torch.device("cpu")
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -166,13 +177,42 @@ class DevicePlan:
     def aliased(self) -> bool:
         """True when two grads share memory (e.g. one grad listed twice): scaling must not race."""
         if self._aliased is None:
-            spans = sorted(
-                (address, address + numel * dtype.itemsize)
-                for address, numel, dtype in zip(self.addresses, self.numels, self.dtypes)
-                if numel
-            )
-            self._aliased = any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+            tables = None if self.strided else self._tables.get(_CPU)
+            if tables is not None:  # its columns, as tensors already: no conversion of long tuples
+                starts, sizes = tables.addresses, tables.numels * _ITEMSIZE_OF_CODE[tables.dtype_codes]
+            else:
+                starts, sizes = _byte_spans(self.addresses, self.numels, self.dtype_groups)
+            self._aliased = _spans_overlap(starts, sizes)
         return self._aliased
+
+    def rebased(self, addresses: tuple[int, ...], address_column: bytearray | None = None) -> DevicePlan:
+        """This plan for grads of the same layout at other addresses (no strided grads): the chunk
+        tables are reused and only the address column is rewritten, so a training loop whose grads
+        are reallocated every step (``zero_grad(set_to_none=True)``) does not rebuild its plan."""
+        if self.strided or not self.has_storage:
+            raise ValueError("only plans of dense grads with storage can be rebased")
+        tables: dict[torch.device, KernelTables] = {}
+        cpu_tables = self._tables.get(_CPU)
+        if cpu_tables is not None:
+            packed = cpu_tables.packed.clone()
+            if address_column is not None:  # the same addresses as int64, from the extension
+                packed[: self.num_tensors] = torch.frombuffer(address_column, dtype=torch.int64)
+            else:
+                packed[: self.num_tensors] = torch.tensor(addresses, dtype=torch.int64)
+            tables[_CPU] = _slice_tables(
+                packed, cpu_tables.num_tensors, cpu_tables.num_chunks, cpu_tables.chunk_elements, cpu_tables.max_numel
+            )
+        # fresh workspaces and lock: plans of one layout may serve different grads at the same time
+        return replace(
+            self,
+            addresses=addresses,
+            scratch={},
+            _tables=tables,
+            _staging=None,
+            _aliased=None,
+            _upload_source=None,
+            _lock=threading.Lock(),
+        )
 
     def kernel_tables(self, grads: list[Tensor]) -> KernelTables:
         """Tables on this plan's device; strided grads are redirected to staging buffers."""
@@ -187,16 +227,18 @@ class DevicePlan:
     def _build_kernel_tables(self, grads: list[Tensor]) -> KernelTables:
         if self.kernel_reason is not None:
             raise RuntimeError(self.kernel_reason)
-        addresses = list(self.addresses)
-        if self.strided:
-            self._staging = {
-                i: torch.empty_like(grads[i], memory_format=torch.contiguous_format) for i in self.strided
-            }
-            for i, buffer in self._staging.items():
-                addresses[i] = buffer.data_ptr()
-        codes = [DTYPE_CODES[dtype] for dtype in self.dtypes]
-        cpu_tables = build_tables(addresses, list(self.numels), codes, self.chunk_elements)
-        self._tables[torch.device("cpu")] = cpu_tables
+        cpu_tables = self._tables.get(_CPU)  # present in a rebased plan
+        if cpu_tables is None:
+            addresses = list(self.addresses)
+            if self.strided:
+                self._staging = {
+                    i: torch.empty_like(grads[i], memory_format=torch.contiguous_format) for i in self.strided
+                }
+                for i, buffer in self._staging.items():
+                    addresses[i] = buffer.data_ptr()
+            codes = [DTYPE_CODES[dtype] for dtype in self.dtypes]
+            cpu_tables = build_tables(addresses, list(self.numels), codes, self.chunk_elements)
+            self._tables[_CPU] = cpu_tables
         if self.device.type == "cpu":
             tables = cpu_tables
         elif self.device.type == "cuda":
@@ -252,10 +294,36 @@ class PlainTensors(list):
     cache) cost nothing per tensor. Never mutated after the check.
 
     ``key_parts``, when set, holds what :func:`_cache_key` would read from these tensors (addresses,
-    bytes, dtypes, contiguity), gathered in the same pass that read the ``.grad`` attributes.
+    bytes, dtypes, contiguity), gathered in the same pass that read the ``.grad`` attributes;
+    ``address_column`` the same addresses as native int64 in a ``bytearray``.
     """
 
-    __slots__ = ("key_parts",)
+    __slots__ = ("key_parts", "address_column")
+
+
+def _byte_spans(
+    addresses: tuple[int, ...], numels: tuple[int, ...], dtype_groups: dict[torch.dtype, tuple[int, ...]]
+) -> tuple[Tensor, Tensor]:
+    """(start address, size in bytes) of every grad, as int64 tensors."""
+    starts = torch.tensor(addresses, dtype=torch.int64)
+    sizes = torch.tensor(numels, dtype=torch.int64)
+    if len(dtype_groups) == 1:
+        return starts, sizes * next(iter(dtype_groups)).itemsize
+    itemsizes = torch.empty_like(sizes)
+    for dtype, indices in dtype_groups.items():
+        itemsizes[torch.tensor(indices, dtype=torch.int64)] = dtype.itemsize
+    return starts, sizes * itemsizes
+
+
+def _spans_overlap(starts: Tensor, sizes: Tensor) -> bool:
+    """True when two of the non-empty byte spans [start, start + size) overlap (vectorised: a plan
+    may describe tens of thousands of grads)."""
+    nonempty = sizes > 0
+    starts, sizes = starts[nonempty], sizes[nonempty]
+    starts, order = torch.sort(starts)
+    ends = starts + sizes[order]
+    # sorted by start, some pair overlaps exactly when some span starts before the previous one ends
+    return bool((starts[1:] < ends[:-1]).any())
 
 
 def all_plain(tensors: list[Tensor]) -> bool:
@@ -326,14 +394,19 @@ class PlanCache:
         # plans used while a CUDA graph was being captured: a replay reads their tables and
         # workspaces, so they are never evicted (clear() releases them)
         self._pinned: dict[_PlanKey, Plan] = {}
+        # one plan per layout (sizes, dtypes, device; no addresses), from which a plan for grads of
+        # that layout at new addresses is made without rebuilding its chunk tables
+        self._layouts: OrderedDict[_PlanKey, Plan] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.rebased = 0  # misses served by rebasing a plan of the same layout
 
     def clear(self) -> None:
         with self._lock:
             self._plans.clear()
             self._pinned.clear()
+            self._layouts.clear()
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -354,12 +427,29 @@ class PlanCache:
             else:
                 plan = self._pinned.get(key)
         if plan is None:
-            plan = build_plan(grads, True, self.chunk_elements)
+            layout = key.layout()
+            with self._lock:
+                same_layout = None if layout is None else self._layouts.get(layout)
+                if same_layout is not None:
+                    self._layouts.move_to_end(layout)
+            # the key names only the first grad's device when no address is null (see _cache_key)
+            if same_layout is not None and _all_on(grads, same_layout.first_device):
+                rebased = same_layout.devices[0].rebased(key.parts[0], getattr(grads, "address_column", None))
+                plan = Plan([rebased], same_layout.result_dtype)
+            else:
+                same_layout = None
+                plan = build_plan(grads, True, self.chunk_elements)
             with self._lock:
                 self.misses += 1
                 self._plans[key] = (key, plan)
                 while len(self._plans) > self.size:
                     self._plans.popitem(last=False)
+                if same_layout is not None:
+                    self.rebased += 1
+                elif layout is not None and plan.single is not None and not plan.single.strided:
+                    self._layouts[layout] = plan
+                    while len(self._layouts) > self.size:
+                        self._layouts.popitem(last=False)
         if grads[0].is_cuda and torch.cuda.is_current_stream_capturing():
             with self._lock:
                 self._pinned[key] = plan
@@ -369,6 +459,14 @@ class PlanCache:
 _get_dtype = operator.attrgetter("dtype")
 _get_nbytes = operator.attrgetter("nbytes")
 _get_device = operator.attrgetter("device")
+_get_is_cpu = operator.attrgetter("is_cpu")
+
+
+def _all_on(grads: list[Tensor], device: torch.device) -> bool:
+    """True when every grad lives on ``device`` (``is_cpu`` costs half of ``.device``)."""
+    if device.type == "cpu":
+        return all(map(_get_is_cpu, grads))
+    return set(map(_get_device, grads)) == {device}
 
 
 class _PlanKey:
@@ -385,6 +483,14 @@ class _PlanKey:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _PlanKey) and self._hash == other._hash and self.parts == other.parts
+
+    def layout(self) -> _PlanKey | None:
+        """The key without the addresses, for grads that are all dense, on one device and not empty
+        (None otherwise): grads with the same layout can share chunk tables."""
+        addresses, _, _, contiguous, device = self.parts[:5]
+        if len(self.parts) != 5 or not isinstance(device, torch.device) or 0 in addresses or False in contiguous:
+            return None
+        return _PlanKey(self.parts[1:])
 
 
 def _cache_key(grads: list[Tensor]) -> _PlanKey | None:

@@ -7,7 +7,10 @@ import weakref
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import fusedclip
 from fusedclip import _ext, inputs, plan
 from fusedclip.plan import DTYPE_CODES, PlanCache, build_tables, is_dense
 
@@ -122,6 +125,106 @@ def test_aliasing_is_detected():
     assert PlanCache().plan_for([same, same]).devices[0].aliased
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 64), st.integers(0, 12), st.sampled_from([torch.float32, torch.bfloat16, torch.float64])),
+        max_size=10,
+    )
+)
+def test_the_overlap_check_agrees_with_comparing_every_pair(spans):
+    addresses = tuple(address for address, _, _ in spans)
+    numels = tuple(numel for _, numel, _ in spans)
+    groups = {}
+    for i, (_, _, dtype) in enumerate(spans):
+        groups.setdefault(dtype, []).append(i)
+    ends = [address + numel * dtype.itemsize for address, numel, dtype in spans]
+    expected = any(
+        numels[i] and numels[j] and addresses[i] < ends[j] and addresses[j] < ends[i]
+        for i in range(len(spans))
+        for j in range(i + 1, len(spans))
+    )
+    starts, sizes = plan._byte_spans(addresses, numels, {d: tuple(ix) for d, ix in groups.items()})
+    assert plan._spans_overlap(starts, sizes) == expected
+    codes = torch.tensor([DTYPE_CODES[dtype] for _, _, dtype in spans], dtype=torch.int64)
+    assert torch.equal(sizes, torch.tensor(numels, dtype=torch.int64) * plan._ITEMSIZE_OF_CODE[codes])
+
+
+# ---- grads reallocated between calls (zero_grad(set_to_none=True)): the layout's plan is rebased ----
+
+
+def test_grads_reallocated_with_the_same_layout_reuse_the_chunk_tables():
+    cache = PlanCache()
+    old = _grads((5,), (3, 4), (plan.CHUNK_ELEMENTS + 7,)) + _grads((9,), dtype=torch.bfloat16)
+    first = cache.plan_for(old).devices[0]
+    first_tables = first.kernel_tables(old)
+    first.scratch["workspace"] = object()
+    new = [g.clone() for g in old]
+    second = cache.plan_for(new).devices[0]
+    assert (cache.misses, cache.rebased) == (2, 1)
+    assert second.addresses == tuple(g.data_ptr() for g in new)
+    tables = second.kernel_tables(new)
+    assert tables.addresses.tolist() == [g.data_ptr() for g in new]
+    assert first_tables.addresses.tolist() == [g.data_ptr() for g in old], "the first plan is untouched"
+    for name in ("numels", "dtype_codes", "first_chunk", "chunk_tensor", "chunk_start"):
+        assert torch.equal(getattr(tables, name), getattr(first_tables, name)), name
+    assert second.scratch == {}, "workspaces are never shared between plans"
+    assert cache.plan_for(new).devices[0] is second and cache.hits == 1
+
+
+def test_a_rebased_plan_checks_aliasing_at_its_own_addresses():
+    cache = PlanCache()
+    assert not cache.plan_for([torch.randn(10), torch.randn(10)]).devices[0].aliased
+    same = torch.randn(10)
+    rebased = cache.plan_for([same, same]).devices[0]
+    assert cache.rebased == 1 and rebased.aliased
+
+
+def test_layouts_with_strided_or_empty_grads_are_never_rebased():
+    cache = PlanCache()
+    alive = []  # no address may be reused: every call must miss
+    for _ in range(2):
+        alive += [torch.randn(6, 8)[:, ::2], torch.randn(3)]
+        strided = cache.plan_for([alive[-2]]).devices[0]
+        with_empty = cache.plan_for([alive[-1], torch.empty(0)]).devices[0]
+    assert cache.rebased == 0 and cache.misses == 4
+    assert strided.strided == (0,) and with_empty.numels == (3, 0)
+    with pytest.raises(ValueError, match="rebased"):
+        strided.rebased((1,))
+
+
+@pytest.mark.gpu
+def test_a_layout_seen_on_one_device_is_not_reused_for_grads_on_two():
+    cache = PlanCache()
+    cache.plan_for([torch.randn(4), torch.randn(4)])
+    mixed = cache.plan_for([torch.randn(4), torch.randn(4, device="cuda")])
+    assert cache.rebased == 0 and [d.device.type for d in mixed.devices] == ["cpu", "cuda"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_clipping_grads_reallocated_every_step_matches_torch(backend):
+    if backend == "cpu" and _ext.C is None:
+        pytest.skip(f"fusedclip._C is not built: {_ext.MISSING_REASON}")
+    ours = [torch.nn.Parameter(torch.empty(s)) for s in [(7,), (7,), (plan.CHUNK_ELEMENTS + 3,)]]
+    theirs = [torch.nn.Parameter(torch.empty(p.shape)) for p in ours]
+    plan.PLANS.clear()
+    rebased_before = plan.PLANS.rebased
+    alive = []  # earlier grads stay alive, so no new grad can reuse an old address (a cache hit)
+    for step in range(4):
+        alive += [p.grad for p in ours]
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        if step == 3:  # two parameters sharing one grad: the rebased plan must see the aliasing
+            ours[1].grad, theirs[1].grad = ours[0].grad, theirs[0].grad
+        total = fusedclip.clip_grad_norm_(ours, 1.0, backend=backend)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        torch.testing.assert_close(total, expected)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.grad, q.grad)
+    assert plan.PLANS.rebased - rebased_before == 3
+
+
 def test_result_dtype_and_grouping():
     p = PlanCache().plan_for(_grads((3,), dtype=torch.bfloat16) + _grads((2,)) + _grads((4,), dtype=torch.bfloat16))
     assert p.result_dtype == torch.float32
@@ -162,6 +265,7 @@ def test_the_gathered_grads_and_key_equal_what_python_reads():
     assert list(dtypes) == [g.dtype for g in expected]
     assert list(contiguous) == [g.is_contiguous() for g in expected]
     assert contiguous[3] is False
+    assert torch.frombuffer(grads.address_column, dtype=torch.int64).tolist() == list(addresses)
 
 
 @needs_gather
