@@ -16,11 +16,12 @@ measures fusedclip's plan-cache miss path (see ``PlanCache``), which the other c
 It has no target from the issue; it is there so the common training pattern is measured too.
 
 The memory of a shared machine is itself noisy (its bandwidth has been seen to change by 2x between
-runs), so the script also measures it in the same process, with torch's own streaming loops over a
-buffer larger than the cache (``x.sum()`` for reading, ``x.mul_(c)`` for read + write), and prints
-each large case's floor: the time a clipped call takes at that speed when it moves only what it
-must (N bytes read for the norm, 2N read and written for the scale), and the best ratio torch's
-time leaves reachable.
+runs, and within a minute), so the script also measures it in the same process, just before and
+just after each case, with torch's own streaming loops over a buffer larger than the cache
+(``x.sum()`` for reading, ``x.mul_(c)`` for read + write). It prints each large case's floor: the
+time a clipped call takes at that speed when it moves only what it must (N bytes read for the norm,
+2N read and written for the scale), and the best ratio torch's time leaves reachable; a case during
+which the read speed changed by more than 15% is marked "changed".
 """
 
 from __future__ import annotations
@@ -202,31 +203,37 @@ def main() -> None:
     print(f"memory now: read {speed[0]:.1f} GB/s, in-place read + write {speed[1]:.1f} GB/s (torch's sum and mul_)")
     print(
         f"{'case':<28}{'tensors':>8}{'M elems':>9}{'torch ms':>10}{'ours ms':>10}{'ratio':>8}{'target':>7}"
-        f"{'mem ms':>8}{'best':>7}"
+        f"{'mem ms':>8}{'best':>7}{'read GB/s':>11}"
     )
     markdown = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, loops {info['cpu_isa']}, load average {load},"
-        f" median of {args.reps}; memory: read {speed[0]:.1f} GB/s, read + write {speed[1]:.1f} GB/s",
+        f" median of {args.reps}; memory at the start: read {speed[0]:.1f} GB/s, read + write {speed[1]:.1f} GB/s",
         "",
-        "| case | tensors | M elements | torch ms | fusedclip ms | ratio | target | memory floor ms | best ratio possible |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | tensors | M elements | torch ms | fusedclip ms | ratio | target | memory floor ms | best ratio possible"
+        " | read GB/s before / after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in CASES:
         if args.case and case.name not in args.case:
             continue
+        before = memory_speed(reps=3)
         row = run_case(case, args.reps, args.warmup)
+        after = memory_speed(reps=3)
         verdict = "-" if case.target is None else ("ok" if row["ratio"] >= case.target else "BELOW")
         target_text = "-" if case.target is None else f"{case.target:.1f}x"
-        floor = floor_ms(case, speed)
+        # the floor at the mean of the speeds measured just before and just after the case
+        floor = floor_ms(case, ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
         floor_text = f"{floor:>8.2f}{row['torch_ms'] / floor:>6.2f}x" if floor else f"{'-':>8}{'-':>7}"
+        changed = abs(before[0] - after[0]) > 0.15 * min(before[0], after[0])
+        memory_text = f"{before[0]:.0f}/{after[0]:.0f}" + (" changed" if changed else "")
         print(
             f"{row['case']:<28}{row['tensors']:>8}{row['elements_M']:>9.1f}{row['torch_ms']:>10.2f}"
-            f"{row['fusedclip_ms']:>10.2f}{row['ratio']:>7.2f}x{target_text:>7}{floor_text} {verdict}"
+            f"{row['fusedclip_ms']:>10.2f}{row['ratio']:>7.2f}x{target_text:>7}{floor_text}{memory_text:>11} {verdict}"
         )
         floor_cells = f"{floor:.2f} | {row['torch_ms'] / floor:.2f}x" if floor else "- | -"
         markdown.append(
             f"| {row['case']} | {row['tensors']} | {row['elements_M']:.1f} | {row['torch_ms']:.2f} |"
-            f" {row['fusedclip_ms']:.2f} | {row['ratio']:.2f}x | {target_text} | {floor_cells} |"
+            f" {row['fusedclip_ms']:.2f} | {row['ratio']:.2f}x | {target_text} | {floor_cells} | {memory_text} |"
         )
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
