@@ -172,6 +172,37 @@ def test_grads_reallocated_with_the_same_layout_reuse_the_chunk_tables():
     assert cache.plan_for(new).devices[0] is second and cache.hits == 1
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 200), st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64])),
+        min_size=1,
+        max_size=8,
+    ),
+    st.booleans(),
+)
+def test_a_rebased_plan_equals_a_plan_built_for_the_new_grads(layout, gathered):
+    cache = PlanCache(chunk_elements=64)  # small chunks: tensors span several
+    old = [torch.randn(n + 1, dtype=d) for n, d in layout]  # no empty grads: those are never rebased
+    cache.plan_for(old).devices[0].kernel_tables(old)
+    new = [g.clone() for g in old]
+    if gathered and _ext.C is not None:  # through the extension's gather, with its address column
+        params = [torch.nn.Parameter(torch.empty_like(g)) for g in new]
+        for param, grad in zip(params, new):
+            param.grad = grad
+        new = inputs.grads_of(params)
+        assert new.address_column is not None
+    rebased = cache.plan_for(new).devices[0]
+    assert cache.rebased == 1
+    built = plan.build_plan(new, True, chunk_elements=64).devices[0]
+    for name in ("positions", "numels", "dtypes", "dtype_groups", "strided", "addresses", "whole_call", "kernel_reason"):
+        assert getattr(rebased, name) == getattr(built, name), name
+    ours, reference = rebased.kernel_tables(new), built.kernel_tables(new)
+    assert torch.equal(ours.packed, reference.packed)
+    assert (ours.num_tensors, ours.num_chunks, ours.max_numel) == (reference.num_tensors, reference.num_chunks, reference.max_numel)
+    assert rebased.aliased is built.aliased is False
+
+
 def test_a_rebased_plan_checks_aliasing_at_its_own_addresses():
     cache = PlanCache()
     assert not cache.plan_for([torch.randn(10), torch.randn(10)]).devices[0].aliased
