@@ -203,7 +203,7 @@ def main() -> None:
     print(f"memory now: read {speed[0]:.1f} GB/s, in-place read + write {speed[1]:.1f} GB/s (torch's sum and mul_)")
     print(
         f"{'case':<28}{'tensors':>8}{'M elems':>9}{'torch ms':>10}{'ours ms':>10}{'ratio':>8}{'target':>7}"
-        f"{'mem ms':>8}{'best':>7}{'read GB/s':>11}"
+        f"{'mem ms':>8}{'best':>7}{'read GB/s':>16}"
     )
     markdown = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, loops {info['cpu_isa']}, load average {load},"
@@ -228,7 +228,7 @@ def main() -> None:
         memory_text = f"{before[0]:.0f}/{after[0]:.0f}" + (" changed" if changed else "")
         print(
             f"{row['case']:<28}{row['tensors']:>8}{row['elements_M']:>9.1f}{row['torch_ms']:>10.2f}"
-            f"{row['fusedclip_ms']:>10.2f}{row['ratio']:>7.2f}x{target_text:>7}{floor_text}{memory_text:>11} {verdict}"
+            f"{row['fusedclip_ms']:>10.2f}{row['ratio']:>7.2f}x{target_text:>7}{floor_text}{memory_text:>16} {verdict}"
         )
         floor_cells = f"{floor:.2f} | {row['torch_ms'] / floor:.2f}x" if floor else "- | -"
         markdown.append(

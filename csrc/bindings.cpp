@@ -269,8 +269,8 @@ PYBIND11_MODULE(_C, m) {
         if (result == nullptr) throw py::error_already_set();
         return py::reinterpret_steal<py::object>(result);
       },
-      "(grads, (addresses, nbytes, dtypes, contiguous)) of a parameter list in one pass, or None when"
-      " the fast path does not apply (see csrc/gather.h)",
+      "(grads, key columns, address column, any null address) of a parameter list in one pass, or None"
+      " when the fast path does not apply (see csrc/gather.h)",
       py::arg("params"), py::arg("plain_types"), py::arg("descriptors"));
   m.def(
       "cpu_work_claims",

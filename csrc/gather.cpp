@@ -1,6 +1,7 @@
 #include "gather.h"
 
 #include <cstdint>
+#include <cstring>
 
 namespace fusedclip {
 namespace {
@@ -87,35 +88,47 @@ PyObject* gather_grads(PyObject* params, PyObject* plain_types, PyObject* descri
     if (PyList_Append(grads.p, grad.p) != 0) return nullptr;
   }
   const Py_ssize_t m = PyList_GET_SIZE(grads.p);
-  Ref addresses(PyTuple_New(m)), nbytes(PyTuple_New(m)), dtypes(PyTuple_New(m)), contiguous(PyTuple_New(m));
-  Ref column(PyByteArray_FromStringAndSize(nullptr, m * static_cast<Py_ssize_t>(sizeof(int64_t))));
+  const Py_ssize_t words = m * static_cast<Py_ssize_t>(sizeof(int64_t));
+  Ref addresses(PyBytes_FromStringAndSize(nullptr, words)), nbytes(PyBytes_FromStringAndSize(nullptr, words));
+  Ref dtypes(PyBytes_FromStringAndSize(nullptr, words)), contiguous(PyBytes_FromStringAndSize(nullptr, m));
+  Ref column(PyByteArray_FromStringAndSize(nullptr, words));
   if (!addresses.p || !nbytes.p || !dtypes.p || !contiguous.p || !column.p) return nullptr;
-  int64_t* column_data = reinterpret_cast<int64_t*>(PyByteArray_AS_STRING(column.p));
+  char* address_out = PyBytes_AS_STRING(addresses.p);
+  char* nbytes_out = PyBytes_AS_STRING(nbytes.p);
+  char* dtype_out = PyBytes_AS_STRING(dtypes.p);
+  char* contiguous_out = PyBytes_AS_STRING(contiguous.p);
+  bool null_address = false;
   for (Py_ssize_t i = 0; i < m; ++i) {
     PyObject* grad = PyList_GET_ITEM(grads.p, i);
     // one getter at a time: none may run with an exception pending
-    PyObject* address = g.data_ptr(grad, nullptr);
-    PyObject* bytes = address ? g.nbytes(grad, g.nbytes_closure) : nullptr;
-    PyObject* dtype = bytes ? g.dtype(grad, g.dtype_closure) : nullptr;
-    PyObject* dense = dtype ? g.is_contiguous(grad, empty_args.p, nullptr) : nullptr;
-    // the tuples own what was read (a NULL slot is fine for their deallocation)
-    PyTuple_SET_ITEM(addresses.p, i, address);
-    PyTuple_SET_ITEM(nbytes.p, i, bytes);
-    PyTuple_SET_ITEM(dtypes.p, i, dtype);
-    PyTuple_SET_ITEM(contiguous.p, i, dense);
-    if (dense == nullptr) {  // e.g. a tensor without storage: the Python path knows what to do
+    Ref address(g.data_ptr(grad, nullptr));
+    Ref bytes(address.p ? g.nbytes(grad, g.nbytes_closure) : nullptr);
+    Ref dtype(bytes.p ? g.dtype(grad, g.dtype_closure) : nullptr);
+    Ref dense(dtype.p ? g.is_contiguous(grad, empty_args.p, nullptr) : nullptr);
+    if (dense.p == nullptr || !PyBool_Check(dense.p)) {  // e.g. no storage: the Python path knows what to do
       PyErr_Clear();
       return none();
     }
-    column_data[i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(address)));
+    const int64_t values[3] = {
+        static_cast<int64_t>(reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(address.p))),
+        static_cast<int64_t>(PyLong_AsLongLong(bytes.p)),
+        // dtype objects are immortal singletons: the object's address identifies the dtype
+        static_cast<int64_t>(reinterpret_cast<uintptr_t>(dtype.p)),
+    };
     if (PyErr_Occurred()) {
       PyErr_Clear();
       return none();
     }
+    std::memcpy(address_out + i * sizeof(int64_t), &values[0], sizeof(int64_t));
+    std::memcpy(nbytes_out + i * sizeof(int64_t), &values[1], sizeof(int64_t));
+    std::memcpy(dtype_out + i * sizeof(int64_t), &values[2], sizeof(int64_t));
+    contiguous_out[i] = dense.p == Py_True ? 1 : 0;
+    null_address |= values[0] == 0;
   }
+  if (words > 0) std::memcpy(PyByteArray_AS_STRING(column.p), address_out, words);
   Ref key(PyTuple_Pack(4, addresses.p, nbytes.p, dtypes.p, contiguous.p));
   if (key.p == nullptr) return nullptr;
-  return PyTuple_Pack(3, grads.p, key.p, column.p);
+  return PyTuple_Pack(4, grads.p, key.p, column.p, null_address ? Py_True : Py_False);
 }
 
 }  // namespace fusedclip

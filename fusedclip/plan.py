@@ -30,7 +30,9 @@ from __future__ import annotations
 import functools
 import operator
 import threading
+from array import array
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -293,12 +295,13 @@ class PlainTensors(list):
     ``inputs.check_tensors``) and pass this list on, so the later checks (``all_plain``, the plan
     cache) cost nothing per tensor. Never mutated after the check.
 
-    ``key_parts``, when set, holds what :func:`_cache_key` would read from these tensors (addresses,
-    bytes, dtypes, contiguity), gathered in the same pass that read the ``.grad`` attributes;
-    ``address_column`` the same addresses as native int64 in a ``bytearray``.
+    ``key_parts``, when set, holds what :func:`_cache_key` would read from these tensors (the
+    columns of :func:`_key_columns`), gathered in the same pass that read the ``.grad`` attributes;
+    ``address_column`` the addresses as native int64 in a ``bytearray``; ``null_address`` whether
+    any address is 0.
     """
 
-    __slots__ = ("key_parts", "address_column")
+    __slots__ = ("key_parts", "address_column", "null_address")
 
 
 def _byte_spans(
@@ -434,7 +437,7 @@ class PlanCache:
                     self._layouts.move_to_end(layout)
             # the key names only the first grad's device when no address is null (see _cache_key)
             if same_layout is not None and _all_on(grads, same_layout.first_device):
-                rebased = same_layout.devices[0].rebased(key.parts[0], getattr(grads, "address_column", None))
+                rebased = same_layout.devices[0].rebased(key.addresses(), getattr(grads, "address_column", None))
                 plan = Plan([rebased], same_layout.result_dtype)
             else:
                 same_layout = None
@@ -484,36 +487,55 @@ class _PlanKey:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _PlanKey) and self._hash == other._hash and self.parts == other.parts
 
+    def addresses(self) -> tuple[int, ...]:
+        """The address of every grad."""
+        return tuple(memoryview(self.parts[0]).cast("q"))
+
     def layout(self) -> _PlanKey | None:
-        """The key without the addresses, for grads that are all dense, on one device and not empty
-        (None otherwise): grads with the same layout can share chunk tables."""
-        addresses, _, _, contiguous, device = self.parts[:5]
-        if len(self.parts) != 5 or not isinstance(device, torch.device) or 0 in addresses or False in contiguous:
+        """The key without the addresses, for grads that are all dense and on one device with no null
+        address (None otherwise): grads with the same layout can share chunk tables."""
+        # five parts, the fifth a device: no null address (see _cache_key) and no strided grads
+        if len(self.parts) != 5 or not isinstance(self.parts[4], torch.device):
             return None
         return _PlanKey(self.parts[1:])
+
+
+def _key_columns(
+    addresses: Iterable[int], nbytes: Iterable[int], dtypes: Iterable[torch.dtype], contiguous: Iterable[bool]
+) -> tuple[bytes, bytes, bytes, bytes]:
+    """The key's columns as flat byte strings (one compare or hash each, however many grads), the
+    same bytes the extension's gather packs: int64 addresses, int64 sizes in bytes, int64 dtype
+    identities (dtype objects are immortal singletons) and one byte of contiguity per grad."""
+    return (
+        array("q", addresses).tobytes(),
+        array("q", nbytes).tobytes(),
+        array("q", map(id, dtypes)).tobytes(),
+        bytes(map(int, contiguous)),
+    )
 
 
 def _cache_key(grads: list[Tensor]) -> _PlanKey | None:
     """Address, size (in bytes), dtype and contiguity of every grad: what makes a cached plan safe to reuse."""
     parts = getattr(grads, "key_parts", None)  # read by the extension with the .grad attributes
     if parts is not None:
-        addresses, _, _, contiguous = parts
         key: tuple = parts
+        null_address = grads.null_address  # type: ignore[attr-defined]
     else:
         try:
             addresses = tuple(map(Tensor.data_ptr, grads))
         except RuntimeError:  # tensors without storage (meta-like or functional wrappers)
             return None
-        contiguous = tuple(map(Tensor.is_contiguous, grads))
+        null_address = 0 in addresses
         # nbytes (a cheap attribute) with the dtype determines numel (a slower method call)
-        key = (addresses, tuple(map(_get_nbytes, grads)), tuple(map(_get_dtype, grads)), contiguous)
-    if 0 in addresses:
+        key = _key_columns(addresses, map(_get_nbytes, grads), map(_get_dtype, grads), map(Tensor.is_contiguous, grads))
+    if null_address:
         # Null addresses (empty or meta tensors) are not unique across devices; elsewhere, unified
         # virtual addressing keeps addresses of live CPU and CUDA memory apart.
         key += (tuple(map(_get_device, grads)),)
     else:
         key += (grads[0].device,)
-    if False in contiguous:
+    contiguous = key[3]
+    if 0 in contiguous:
         key += (tuple((g.shape, g.stride()) for g, c in zip(grads, contiguous) if not c),)
     return _PlanKey(key)
 

@@ -290,13 +290,14 @@ def test_the_gathered_grads_and_key_equal_what_python_reads():
     assert isinstance(grads, plan.PlainTensors) and grads.key_parts is not None
     assert len(grads) == len(expected) and all(a is b for a, b in zip(grads, expected))
     assert plan._cache_key(grads) == _python_path_key(grads)
-    addresses, nbytes, dtypes, contiguous = grads.key_parts
-    assert list(addresses) == [g.data_ptr() for g in expected]
-    assert list(nbytes) == [g.nbytes for g in expected]
-    assert list(dtypes) == [g.dtype for g in expected]
-    assert list(contiguous) == [g.is_contiguous() for g in expected]
-    assert contiguous[3] is False
-    assert torch.frombuffer(grads.address_column, dtype=torch.int64).tolist() == list(addresses)
+    addresses, nbytes, dtypes, contiguous = (memoryview(column) for column in grads.key_parts)
+    assert addresses.cast("q").tolist() == [g.data_ptr() for g in expected]
+    assert nbytes.cast("q").tolist() == [g.nbytes for g in expected]
+    assert dtypes.cast("q").tolist() == [id(g.dtype) for g in expected]
+    assert contiguous.tolist() == [int(g.is_contiguous()) for g in expected]
+    assert contiguous[3] == 0
+    assert torch.frombuffer(grads.address_column, dtype=torch.int64).tolist() == addresses.cast("q").tolist()
+    assert grads.null_address is (0 in addresses.cast("q").tolist()) is True  # the empty grad
 
 
 @needs_gather
