@@ -43,3 +43,25 @@ def test_grad_scale_scales_the_total_and_folds_into_the_coefficient(device_backe
     expected_coef = min(max_norm / (expected_total + 1e-6), 1.0) * 2.0**-7
     assert float(total) == pytest.approx(expected_total, rel=1e-6)
     assert coef.dtype == torch.float64 and float(coef) == pytest.approx(expected_coef, rel=1e-6)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf, 0.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_torch_backend_norms_large_16bit_cpu_tensors_in_pieces(monkeypatch, norm_type, dtype, foreach):
+    from fusedclip.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "CPU_PIECE_ELEMENTS", 64)  # every tensor below spans pieces
+    tensors = [torch.randn(s).to(dtype) for s in [(300,), (64,), (5,), (129, 3)]]
+    tensors.append(torch.randn(20, 30).to(dtype).t())  # large but not contiguous: normed whole
+    tensors[0][17] = 0  # a zero for the count norm
+    call = engine.prepare(tensors, "torch", foreach)
+    per_tensor = torch.empty(len(tensors), dtype=torch.float64)
+    total, _ = engine.norm_and_coef(call, parse_norm_type(norm_type), None, per_tensor=per_tensor)
+    for i, t in enumerate(tensors):
+        ideal = torch.linalg.vector_norm(t.double(), norm_type)
+        assert float(per_tensor[i]) == pytest.approx(float(ideal), rel=2e-6), f"tensor {i}"
+    # torch's definition of the total (for p = 0: tensors with a non-zero element), in float64;
+    # ours is returned in the tensors' dtype, as torch returns it
+    expected = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
+    assert float(total) == pytest.approx(float(expected), rel=1e-2)
