@@ -100,7 +100,9 @@ class KernelTables:
     max_numel: int
 
     def to(self, device: torch.device) -> KernelTables:
-        return _slice_tables(self.packed.to(device), self.num_tensors, self.num_chunks, self.chunk_elements, self.max_numel)
+        return _slice_tables(
+            self.packed.to(device), self.num_tensors, self.num_chunks, self.chunk_elements, self.max_numel
+        )
 
 
 def _slice_tables(packed: Tensor, t: int, c: int, chunk_elements: int, max_numel: int) -> KernelTables:
@@ -301,7 +303,7 @@ class PlainTensors(list):
     any address is 0.
     """
 
-    __slots__ = ("key_parts", "address_column", "null_address")
+    __slots__ = ("address_column", "key_parts", "null_address")
 
 
 def _byte_spans(
@@ -475,7 +477,7 @@ def _all_on(grads: list[Tensor], device: torch.device) -> bool:
 class _PlanKey:
     """A cache key that hashes its long tuple once (a lookup and the LRU update would each hash it)."""
 
-    __slots__ = ("parts", "_hash")
+    __slots__ = ("_hash", "parts")
 
     def __init__(self, parts: tuple) -> None:
         self.parts = parts

@@ -23,7 +23,11 @@ def test_per_tensor_norms_come_from_the_same_pass(device_backend, chunk_elements
     per_tensor = torch.full((len(tensors),), -1.0, dtype=torch.float64, device=device)
     total, coef = engine.norm_and_coef(call, parse_norm_type(norm_type), 1.0, per_tensor=per_tensor)
     for i, t in enumerate(tensors):
-        ideal = torch.linalg.vector_norm(t.double().cpu(), norm_type) if t.numel() else torch.tensor(0.0, dtype=torch.float64)
+        ideal = (
+            torch.linalg.vector_norm(t.double().cpu(), norm_type)
+            if t.numel()
+            else torch.tensor(0.0, dtype=torch.float64)
+        )
         theirs = torch.linalg.vector_norm(t, norm_type).cpu() if t.numel() else torch.tensor(0.0)
         assert_no_worse_than_torch(per_tensor[i], theirs, ideal, what=f"norm of tensor {i} ({t.dtype})")
     again = engine.norm_and_coef(engine.prepare(tensors, backend), parse_norm_type(norm_type), 1.0)

@@ -128,7 +128,9 @@ def test_aliasing_is_detected():
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.integers(1, 64), st.integers(0, 12), st.sampled_from([torch.float32, torch.bfloat16, torch.float64])),
+        st.tuples(
+            st.integers(1, 64), st.integers(0, 12), st.sampled_from([torch.float32, torch.bfloat16, torch.float64])
+        ),
         max_size=10,
     )
 )
@@ -195,11 +197,24 @@ def test_a_rebased_plan_equals_a_plan_built_for_the_new_grads(layout, gathered):
     rebased = cache.plan_for(new).devices[0]
     assert cache.rebased == 1
     built = plan.build_plan(new, True, chunk_elements=64).devices[0]
-    for name in ("positions", "numels", "dtypes", "dtype_groups", "strided", "addresses", "whole_call", "kernel_reason"):
+    for name in (
+        "positions",
+        "numels",
+        "dtypes",
+        "dtype_groups",
+        "strided",
+        "addresses",
+        "whole_call",
+        "kernel_reason",
+    ):
         assert getattr(rebased, name) == getattr(built, name), name
     ours, reference = rebased.kernel_tables(new), built.kernel_tables(new)
     assert torch.equal(ours.packed, reference.packed)
-    assert (ours.num_tensors, ours.num_chunks, ours.max_numel) == (reference.num_tensors, reference.num_chunks, reference.max_numel)
+    assert (ours.num_tensors, ours.num_chunks, ours.max_numel) == (
+        reference.num_tensors,
+        reference.num_chunks,
+        reference.max_numel,
+    )
     assert rebased.aliased is built.aliased is False
 
 

@@ -36,9 +36,7 @@ except ImportError:  # pragma: no cover - older/newer torch without them
 
 def _use_foreach(tensors: list[Tensor], device: torch.device, foreach: bool | None) -> bool:
     """torch's rule: foreach when asked or when supported; asking on an unsupported device raises."""
-    if (foreach is None and _has_foreach_support(tensors, device)) or (
-        foreach and _device_has_foreach_support(device)
-    ):
+    if (foreach is None and _has_foreach_support(tensors, device)) or (foreach and _device_has_foreach_support(device)):
         return True
     if foreach:
         raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
