@@ -12,6 +12,7 @@ import torch
 from reference import check_clip_against_torch, clone_params, grads, make_params
 
 import fusedclip
+from fusedclip import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,10 @@ def test_grads_resized_in_place_between_calls(device_backend):
     assert bool((whole[3:] == 777.0).all()), "elements beyond the resized grad were written"
 
 
-def test_concurrent_calls_from_threads_on_disjoint_parameters(device_backend):
+@pytest.mark.parametrize("fresh_grads", [False, True], ids=["same-grads", "fresh-grads"])
+def test_concurrent_calls_from_threads_on_disjoint_parameters(device_backend, fresh_grads):
+    """Four threads clip four parameter sets of one layout; with fresh grads every call, every call
+    also rebases the shared layout's plan onto its own addresses (see plan.PlanCache)."""
     device, backend = device_backend
     sets = [make_params([(300,), (17, 5), (1000,)], [torch.float32, torch.bfloat16], device=device, seed=s) for s in range(4)]
     expected = []
@@ -81,8 +85,11 @@ def test_concurrent_calls_from_threads_on_disjoint_parameters(device_backend):
         try:
             barrier.wait()
             for _ in range(3 if backend == "triton" else 25):
-                for g, s in zip(grads(sets[k]), starts[k]):
-                    g.copy_(s)
+                for p, s in zip([p for p in sets[k] if p.grad is not None], starts[k]):
+                    if fresh_grads:
+                        p.grad = s.clone()
+                    else:
+                        p.grad.copy_(s)
                 total = fusedclip.clip_grad_norm_(sets[k], 0.5, backend=backend)
                 torch.testing.assert_close(total, expected[k][0], rtol=1e-5, atol=0)
                 for g, e in zip(grads(sets[k]), expected[k][1]):
@@ -90,12 +97,15 @@ def test_concurrent_calls_from_threads_on_disjoint_parameters(device_backend):
         except BaseException as error:  # reported below: a thread's failure must fail the test
             failures.append(f"thread {k}: {error!r}")
 
+    rebased_before = plan.PLANS.rebased
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(sets))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not failures, failures
+    if fresh_grads:
+        assert plan.PLANS.rebased > rebased_before, "no call rebased a plan"
 
 
 _PEAK_SCRIPT = r"""
