@@ -93,10 +93,10 @@ def test_cache_keeps_no_reference_to_grads():
 
 def test_cache_is_bounded():
     cache = PlanCache(size=3)
-    keep = [_grads((4,)) for _ in range(5)]
+    keep = [_grads((4,)) for _ in range(5)] + [_grads((n,)) for n in range(5, 10)]  # 6 layouts
     for g in keep:
         cache.plan_for(g)
-    assert len(cache) == 3
+    assert len(cache) == 3 and len(cache._layouts) == 3
 
 
 def test_strided_grads_are_staged_and_dense_ones_are_not():
