@@ -750,7 +750,10 @@ void clamp_chunk(char* data, int64_t n, double clip_value) {
   int64_t i = 0;
   if constexpr (D == kFloat64) {
     const VD lo = Simd::set1_d(-clip_value), hi = Simd::set1_d(clip_value);
-    for (; i + kD <= n; i += kD) Simd::store_d64(data + i * es, Simd::clamp_d(Simd::load_d<D>(data + i * es), lo, hi));
+    for (; i + kD <= n; i += kD) {
+      prefetch_step<kD * es>(data + i * es);
+      Simd::store_d64(data + i * es, Simd::clamp_d(Simd::load_d<D>(data + i * es), lo, hi));
+    }
     for (; i < n; ++i) {
       const double x = load1d<D>(data, i);
       store1d(data, i, x > clip_value ? clip_value : (x < -clip_value ? -clip_value : x));
@@ -764,7 +767,11 @@ void clamp_chunk(char* data, int64_t n, double clip_value) {
         Simd::transform_bf16_group(data + i * es, [lo, hi](VF x) { return Simd::clamp_f(x, lo, hi); });
       }
     }
-    for (; i + kF <= n; i += kF) Simd::store_f<D>(data + i * es, Simd::clamp_f(Simd::load_f<D>(data + i * es), lo, hi));
+#pragma GCC unroll 4
+    for (; i + kF <= n; i += kF) {
+      prefetch_step<kF * es>(data + i * es);
+      Simd::store_f<D>(data + i * es, Simd::clamp_f(Simd::load_f<D>(data + i * es), lo, hi));
+    }
     for (; i < n; ++i) {
       const float x = load1f<D>(data, i);
       store1f<D>(data, i, x > v ? v : (x < -v ? -v : x));
