@@ -432,32 +432,38 @@ class PlanCache:
             else:
                 plan = self._pinned.get(key)
         if plan is None:
-            layout = key.layout()
-            with self._lock:
-                same_layout = None if layout is None else self._layouts.get(layout)
-                if same_layout is not None:
-                    self._layouts.move_to_end(layout)
-            # the key names only the first grad's device when no address is null (see _cache_key)
-            if same_layout is not None and _all_on(grads, same_layout.first_device):
-                rebased = same_layout.devices[0].rebased(key.addresses(), getattr(grads, "address_column", None))
-                plan = Plan([rebased], same_layout.result_dtype)
-            else:
-                same_layout = None
-                plan = build_plan(grads, True, self.chunk_elements)
-            with self._lock:
-                self.misses += 1
-                self._plans[key] = (key, plan)
-                while len(self._plans) > self.size:
-                    self._plans.popitem(last=False)
-                if same_layout is not None:
-                    self.rebased += 1
-                elif layout is not None and plan.single is not None and not plan.single.strided:
-                    self._layouts[layout] = plan
-                    while len(self._layouts) > self.size:
-                        self._layouts.popitem(last=False)
+            plan = self._plan_on_miss(key, grads)
         if grads[0].is_cuda and torch.cuda.is_current_stream_capturing():
             with self._lock:
                 self._pinned[key] = plan
+        return plan
+
+    def _plan_on_miss(self, key: _PlanKey, grads: list[Tensor]) -> Plan:
+        """A new plan for a key not in the cache: the plan of the same layout rebased onto these
+        grads' addresses when there is one, else built; cached either way."""
+        layout = key.layout()
+        with self._lock:
+            same_layout = None if layout is None else self._layouts.get(layout)
+            if same_layout is not None:
+                self._layouts.move_to_end(layout)
+        # the key names only the first grad's device when no address is null (see _cache_key)
+        if same_layout is not None and _all_on(grads, same_layout.first_device):
+            rebased = same_layout.devices[0].rebased(key.addresses(), getattr(grads, "address_column", None))
+            plan = Plan([rebased], same_layout.result_dtype)
+        else:
+            same_layout = None
+            plan = build_plan(grads, True, self.chunk_elements)
+        with self._lock:
+            self.misses += 1
+            self._plans[key] = (key, plan)
+            while len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+            if same_layout is not None:
+                self.rebased += 1
+            elif layout is not None and plan.single is not None and not plan.single.strided:
+                self._layouts[layout] = plan  # the first plan of a layout serves its later rebases
+                while len(self._layouts) > self.size:
+                    self._layouts.popitem(last=False)
         return plan
 
 
