@@ -49,6 +49,10 @@ def _worker(fn, rank, world_size, port, errors, args):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # Tear down together: a rank destroying its gloo group while another still exchanges with it
+        # sometimes aborted at exit ("terminate called without an active exception", exit -6) after
+        # every check had passed.
+        dist.barrier()
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
     finally:
