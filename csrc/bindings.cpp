@@ -269,7 +269,7 @@ PYBIND11_MODULE(_C, m) {
         if (result == nullptr) throw py::error_already_set();
         return py::reinterpret_steal<py::object>(result);
       },
-      "(grads, key columns, address column, any null address) of a parameter list in one pass, or None"
+      "(grads, key columns, any null address) of a parameter list in one pass, or None"
       " when the fast path does not apply (see csrc/gather.h)",
       py::arg("params"), py::arg("plain_types"), py::arg("descriptors"));
   m.def(

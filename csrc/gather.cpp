@@ -48,7 +48,7 @@ bool is_plain(PyObject* object, PyObject* plain_types) {
   return false;
 }
 
-// Owns new references until they are handed over.
+// Owns a new reference.
 struct Ref {
   PyObject* p = nullptr;
   Ref() = default;
@@ -56,11 +56,6 @@ struct Ref {
   Ref(const Ref&) = delete;
   Ref& operator=(const Ref&) = delete;
   ~Ref() { Py_XDECREF(p); }
-  PyObject* release() {
-    PyObject* o = p;
-    p = nullptr;
-    return o;
-  }
 };
 
 PyObject* none() { Py_RETURN_NONE; }
@@ -91,8 +86,7 @@ PyObject* gather_grads(PyObject* params, PyObject* plain_types, PyObject* descri
   const Py_ssize_t words = m * static_cast<Py_ssize_t>(sizeof(int64_t));
   Ref addresses(PyBytes_FromStringAndSize(nullptr, words)), nbytes(PyBytes_FromStringAndSize(nullptr, words));
   Ref dtypes(PyBytes_FromStringAndSize(nullptr, words)), contiguous(PyBytes_FromStringAndSize(nullptr, m));
-  Ref column(PyByteArray_FromStringAndSize(nullptr, words));
-  if (!addresses.p || !nbytes.p || !dtypes.p || !contiguous.p || !column.p) return nullptr;
+  if (!addresses.p || !nbytes.p || !dtypes.p || !contiguous.p) return nullptr;
   char* address_out = PyBytes_AS_STRING(addresses.p);
   char* nbytes_out = PyBytes_AS_STRING(nbytes.p);
   char* dtype_out = PyBytes_AS_STRING(dtypes.p);
@@ -125,10 +119,9 @@ PyObject* gather_grads(PyObject* params, PyObject* plain_types, PyObject* descri
     contiguous_out[i] = dense.p == Py_True ? 1 : 0;
     null_address |= values[0] == 0;
   }
-  if (words > 0) std::memcpy(PyByteArray_AS_STRING(column.p), address_out, words);
   Ref key(PyTuple_Pack(4, addresses.p, nbytes.p, dtypes.p, contiguous.p));
   if (key.p == nullptr) return nullptr;
-  return PyTuple_Pack(4, grads.p, key.p, column.p, null_address ? Py_True : Py_False);
+  return PyTuple_Pack(3, grads.p, key.p, null_address ? Py_True : Py_False);
 }
 
 }  // namespace fusedclip

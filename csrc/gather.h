@@ -14,12 +14,10 @@ namespace fusedclip {
 
 // params: a list; plain_types: a tuple of the types that may be read this way (torch.Tensor,
 // torch.nn.Parameter); descriptors: (grad, data_ptr, nbytes, dtype, is_contiguous) as found on
-// torch.Tensor. Returns a new reference to (grads, key, column, null_address): grads the list of
-// non-None .grad values; key four bytes objects, one value per grad in native byte order: address
-// (int64), bytes (int64), dtype (int64: the address of the dtype object, an immortal singleton) and
-// contiguity (one byte, 0 or 1); column the addresses again as a bytearray (writable, so torch can
-// wrap it: the plan's address column without a conversion of Python ints); null_address whether
-// any address is 0. Or None when the fast path does not apply (a type outside plain_types, an
+// torch.Tensor. Returns a new reference to (grads, key, null_address): grads the list of non-None
+// .grad values; key four bytes objects, one value per grad in native byte order: address (int64),
+// bytes (int64), dtype (int64: the address of the dtype object, an immortal singleton) and
+// contiguity (one byte, 0 or 1); null_address whether any address is 0. Or None when the fast path does not apply (a type outside plain_types, an
 // unexpected descriptor, a getter that raised: the caller then takes the Python path, which raises
 // the proper error). NULL only when out of memory.
 PyObject* gather_grads(PyObject* params, PyObject* plain_types, PyObject* descriptors);

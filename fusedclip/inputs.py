@@ -71,7 +71,7 @@ def grads_of(params: list) -> list[Tensor]:
         gathered = _ext.C.gather_grads(params, _GATHERED_TYPES, _GATHERED_DESCRIPTORS)
         if gathered is not None:
             grads = PlainTensors(gathered[0])
-            grads.key_parts, grads.address_column, grads.null_address = gathered[1:]
+            grads.key_parts, grads.null_address = gathered[1:]
             return grads
     if set(map(type, params)) <= PLAIN_TENSOR_TYPES:  # nothing overrides .grad
         grads = [grad for grad in map(_read_grad, params) if grad is not None]

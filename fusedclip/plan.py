@@ -189,27 +189,26 @@ class DevicePlan:
             self._aliased = _spans_overlap(starts, sizes)
         return self._aliased
 
-    def rebased(self, addresses: tuple[int, ...], address_column: bytearray | None = None) -> DevicePlan:
-        """This plan for grads of the same layout at other addresses (no strided grads): the chunk
-        tables are reused and only the address column is rewritten, so a training loop whose grads
-        are reallocated every step (``zero_grad(set_to_none=True)``) does not rebuild its plan."""
+    def rebased(self, address_column: bytes) -> DevicePlan:
+        """This plan for grads of the same layout at other addresses (no strided grads), given as
+        native int64 values (the cache key's first column): the chunk tables are reused and only the
+        address column is rewritten, so a training loop whose grads are reallocated every step
+        (``zero_grad(set_to_none=True)``) does not rebuild its plan."""
         if self.strided or not self.has_storage:
             raise ValueError("only plans of dense grads with storage can be rebased")
         tables: dict[torch.device, KernelTables] = {}
         cpu_tables = self._tables.get(_CPU)
         if cpu_tables is not None:
             packed = cpu_tables.packed.clone()
-            if address_column is not None:  # the same addresses as int64, from the extension
-                packed[: self.num_tensors] = torch.frombuffer(address_column, dtype=torch.int64)
-            else:
-                packed[: self.num_tensors] = torch.tensor(addresses, dtype=torch.int64)
+            # a writable copy: torch warns when it wraps read-only memory
+            packed[: self.num_tensors] = torch.frombuffer(bytearray(address_column), dtype=torch.int64)
             tables[_CPU] = _slice_tables(
                 packed, cpu_tables.num_tensors, cpu_tables.num_chunks, cpu_tables.chunk_elements, cpu_tables.max_numel
             )
         # fresh workspaces and lock: plans of one layout may serve different grads at the same time
         return replace(
             self,
-            addresses=addresses,
+            addresses=tuple(memoryview(address_column).cast("q")),
             scratch={},
             _tables=tables,
             _staging=None,
@@ -299,11 +298,10 @@ class PlainTensors(list):
 
     ``key_parts``, when set, holds what :func:`_cache_key` would read from these tensors (the
     columns of :func:`_key_columns`), gathered in the same pass that read the ``.grad`` attributes;
-    ``address_column`` the addresses as native int64 in a ``bytearray``; ``null_address`` whether
-    any address is 0.
+    ``null_address`` whether any address is 0.
     """
 
-    __slots__ = ("address_column", "key_parts", "null_address")
+    __slots__ = ("key_parts", "null_address")
 
 
 def _byte_spans(
@@ -448,7 +446,7 @@ class PlanCache:
                 self._layouts.move_to_end(layout)
         # the key names only the first grad's device when no address is null (see _cache_key)
         if same_layout is not None and _all_on(grads, same_layout.first_device):
-            rebased = same_layout.devices[0].rebased(key.addresses(), getattr(grads, "address_column", None))
+            rebased = same_layout.devices[0].rebased(key.parts[0])
             plan = Plan([rebased], same_layout.result_dtype)
         else:
             same_layout = None
@@ -494,10 +492,6 @@ class _PlanKey:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _PlanKey) and self._hash == other._hash and self.parts == other.parts
-
-    def addresses(self) -> tuple[int, ...]:
-        """The address of every grad."""
-        return tuple(memoryview(self.parts[0]).cast("q"))
 
     def layout(self) -> _PlanKey | None:
         """The key without the addresses, for grads that are all dense and on one device with no null

@@ -193,7 +193,7 @@ def test_a_rebased_plan_equals_a_plan_built_for_the_new_grads(layout, gathered):
         for param, grad in zip(params, new):
             param.grad = grad
         new = inputs.grads_of(params)
-        assert new.address_column is not None
+        assert new.key_parts is not None
     rebased = cache.plan_for(new).devices[0]
     assert cache.rebased == 1
     built = plan.build_plan(new, True, chunk_elements=64).devices[0]
@@ -236,7 +236,7 @@ def test_layouts_with_strided_or_empty_grads_are_never_rebased():
     assert cache.rebased == 0 and cache.misses == 4
     assert strided.strided == (0,) and with_empty.numels == (3, 0)
     with pytest.raises(ValueError, match="rebased"):
-        strided.rebased((1,))
+        strided.rebased(bytes(8))
 
 
 @pytest.mark.gpu
@@ -311,7 +311,6 @@ def test_the_gathered_grads_and_key_equal_what_python_reads():
     assert dtypes.cast("q").tolist() == [id(g.dtype) for g in expected]
     assert contiguous.tolist() == [int(g.is_contiguous()) for g in expected]
     assert contiguous[3] == 0
-    assert torch.frombuffer(grads.address_column, dtype=torch.int64).tolist() == addresses.cast("q").tolist()
     assert grads.null_address is (0 in addresses.cast("q").tolist()) is True  # the empty grad
 
 
