@@ -79,3 +79,82 @@ def test_complex_grads_follow_torch_through_automatic_choice():
 def test_get_backend_unknown_name():
     with pytest.raises(ValueError, match="choose one of cuda, triton, cpu, torch"):
         backends.get_backend("tpu")
+
+
+# -- available_backends(device) -------------------------------------------------------------------
+
+
+def _grads_on(device: str) -> list[torch.nn.Parameter]:
+    param = torch.nn.Parameter(torch.zeros(5, device=device))
+    param.grad = torch.arange(5.0, device=device)
+    return [param]
+
+
+def test_available_backends_per_device_says_what_an_explicit_backend_does_on_cpu():
+    available = fusedclip.available_backends("cpu")
+    assert list(available) == list(backends.BACKEND_NAMES)
+    assert available == fusedclip.available_backends(torch.device("cpu"))
+    for name, value in available.items():
+        params = _grads_on("cpu")
+        if value is True:
+            fusedclip.clip_grad_norm_(params, 1.0, backend=name)  # runs
+        else:
+            assert isinstance(value, str) and value
+            with pytest.raises(RuntimeError) as raised:
+                fusedclip.clip_grad_norm_(params, 1.0, backend=name)
+            assert value in str(raised.value)
+            assert torch.equal(params[0].grad, torch.arange(5.0))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_available_backends_on_a_cuda_device_without_one_gives_a_reason_for_every_backend():
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0), 0):
+        available = fusedclip.available_backends(device)
+        assert all(isinstance(v, str) and "CUDA" in v for v in available.values()), available
+
+
+def test_available_backends_without_a_device_means_some_device_of_this_process():
+    devices = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+    per_device = [fusedclip.available_backends(d) for d in devices]
+    overall = fusedclip.available_backends()
+    assert list(overall) == list(backends.BACKEND_NAMES)
+    for name, value in overall.items():
+        assert (value is True) == any(found[name] is True for found in per_device), name
+    if not HAS_CUDA:
+        assert overall == per_device[0]
+
+
+def test_available_backends_rejects_what_is_not_a_device():
+    with pytest.raises(ValueError, match="not a device"):
+        fusedclip.available_backends("tpu-ish")
+    with pytest.raises(TypeError, match="device must be"):
+        fusedclip.available_backends(1.5)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_triton_is_not_reported_available_on_a_cpu_machine_without_the_interpreter():
+    """Without TRITON_INTERPRET, Triton cannot run CPU tensors: no form of available_backends says it can."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch, fusedclip
+        for found in (fusedclip.available_backends(), fusedclip.available_backends("cpu")):
+            assert isinstance(found["triton"], str), found
+        param = torch.nn.Parameter(torch.zeros(2)); param.grad = torch.ones(2)
+        try:
+            fusedclip.clip_grad_norm_([param], 1.0, backend="triton")
+        except RuntimeError as error:
+            assert fusedclip.available_backends("cpu")["triton"] in str(error)
+        else:
+            raise AssertionError("backend='triton' ran on CPU tensors without the interpreter")
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr

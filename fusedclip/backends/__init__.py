@@ -117,10 +117,63 @@ def resolve_backend(requested: str | None, plan: DevicePlan) -> Backend:
     return _instances["torch"]  # type: ignore[return-value]
 
 
-def available_backends() -> dict[str, bool | str]:
-    """Each backend's name mapped to True when it can run in this process, else to the reason why not."""
+def _as_device(device: torch.device | str | int) -> torch.device:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cuda", device)
+    if isinstance(device, (str, torch.device)):
+        try:
+            return torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"available_backends: {device!r} is not a device ({error})") from None
+    raise TypeError(
+        f"available_backends: device must be a torch.device, a string or an int; got {type(device).__name__}"
+    )
+
+
+def _device_absent(device: torch.device) -> str | None:
+    """Why no backend can run on ``device`` in this process (a CUDA device torch cannot see), or None."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"torch sees {torch.cuda.device_count()} CUDA device(s); there is no {device}"
+    return None
+
+
+def _present_devices() -> list[torch.device]:
+    """The devices of this process: the CPU, and the current CUDA device when torch sees one."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    return devices
+
+
+def available_backends(device: torch.device | str | int | None = None) -> dict[str, bool | str]:
+    """Which backends can run, as ``{name: True or the reason it cannot}``, in registry order.
+
+    ``available_backends(device)`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or a
+    CUDA index): True for a backend that can run on that device's tensors in this process, else the
+    reason. True means ``backend=name`` works on real floating-point grads on that device; a reason
+    is what ``backend=name`` raises there (``RuntimeError``).
+
+    ``available_backends()`` (no device): True for a backend that can run on at least one device of
+    this process -- the CPU, and the current CUDA device when torch sees one; else the reason it runs
+    on none of them (one reason per device, ``"cpu: ...; cuda: ..."``, when they differ). On a
+    machine without a GPU that is the same as ``available_backends("cpu")``.
+    """
+    if device is not None:
+        target = _as_device(device)
+        absent = _device_absent(target)
+        return {name: absent or _reason(name, target, None) or True for name in BACKEND_NAMES}
+    devices = _present_devices()
     result: dict[str, bool | str] = {}
     for name in BACKEND_NAMES:
-        reason = _reason(name, None, None)
-        result[name] = True if reason is None else reason
+        reasons = {str(d.type): _reason(name, d, None) for d in devices}
+        if any(reason is None for reason in reasons.values()):
+            result[name] = True
+        elif len(set(reasons.values())) == 1:
+            result[name] = next(iter(reasons.values()))  # type: ignore[assignment]
+        else:
+            result[name] = "; ".join(f"{kind}: {reason}" for kind, reason in reasons.items())
     return result
