@@ -22,6 +22,12 @@
 #include "../fusedclip.h"
 #include "cuda_ops.h"
 
+// Every launch goes through this macro, so the same source also builds as host C++ against the
+// CUDA-on-CPU shim of the tests (tests/cuda_shim), whose cuda_runtime.h defines it first.
+#ifndef FUSEDCLIP_LAUNCH
+#define FUSEDCLIP_LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
+#endif
+
 namespace fusedclip {
 namespace cuda {
 namespace {
@@ -561,22 +567,22 @@ const char* norm(const PlanArgs& plan, const NormArgs& args) {
   cudaStream_t stream = static_cast<cudaStream_t>(plan.stream);
   switch (mode) {
     case kModeSumSq:
-      norm_kernel<kModeSumSq><<<grid, block, 0, stream>>>(params);
+      FUSEDCLIP_LAUNCH(norm_kernel<kModeSumSq>, grid, block, 0, stream)(params);
       break;
     case kModeSumAbs:
-      norm_kernel<kModeSumAbs><<<grid, block, 0, stream>>>(params);
+      FUSEDCLIP_LAUNCH(norm_kernel<kModeSumAbs>, grid, block, 0, stream)(params);
       break;
     case kModeSumPow:
-      norm_kernel<kModeSumPow><<<grid, block, 0, stream>>>(params);
+      FUSEDCLIP_LAUNCH(norm_kernel<kModeSumPow>, grid, block, 0, stream)(params);
       break;
     case kModeMax:
-      norm_kernel<kModeMax><<<grid, block, 0, stream>>>(params);
+      FUSEDCLIP_LAUNCH(norm_kernel<kModeMax>, grid, block, 0, stream)(params);
       break;
     case kModeMin:
-      norm_kernel<kModeMin><<<grid, block, 0, stream>>>(params);
+      FUSEDCLIP_LAUNCH(norm_kernel<kModeMin>, grid, block, 0, stream)(params);
       break;
     default:
-      norm_kernel<kModeCount><<<grid, block, 0, stream>>>(params);
+      FUSEDCLIP_LAUNCH(norm_kernel<kModeCount>, grid, block, 0, stream)(params);
       break;
   }
   return error_text(cudaGetLastError());
@@ -606,9 +612,9 @@ const char* launch_elementwise(const PlanArgs& plan, bool is_scale, const void* 
   const dim3 grid(static_cast<unsigned int>(blocks)), block(kThreads);
   cudaStream_t stream = static_cast<cudaStream_t>(plan.stream);
   if (is_scale) {
-    elementwise_kernel<true><<<grid, block, 0, stream>>>(params);
+    FUSEDCLIP_LAUNCH(elementwise_kernel<true>, grid, block, 0, stream)(params);
   } else {
-    elementwise_kernel<false><<<grid, block, 0, stream>>>(params);
+    FUSEDCLIP_LAUNCH(elementwise_kernel<false>, grid, block, 0, stream)(params);
   }
   return error_text(cudaGetLastError());
 }
