@@ -8,22 +8,33 @@ histories and statistics live in device tensors, so a step never synchronises wi
 Modes:
 
 * ``"norm"``: a fixed ``max_norm`` (the same results as :func:`fusedclip.clip_grad_norm_`).
-* ``"autoclip"``: the threshold is the ``percentile`` of all total norms seen so far, the current
-  one included (Seetharaman et al., 2020, "AutoClip").
+* ``"autoclip"``: the threshold is the ``percentile`` of the last ``history_size`` finite total
+  norms, the current one included (Seetharaman et al., 2020, "AutoClip"); no cap before the first
+  finite norm.
 * ``"zclip"``: exponential moving averages of the norm's mean and variance; a norm whose z-score
   exceeds ``z_threshold`` is clipped to ``mean + z_threshold**2 / z * std`` (ZClip, Kumar et al.,
-  2025, adaptive scaling); the averages start from the mean and variance of ``warmup_steps`` norms
-  (clipped at ``max_norm`` meanwhile) and are updated with the clipped norm.
+  2025, adaptive scaling); the averages start from the mean and variance of the first
+  ``warmup_steps`` finite norms (norms are clipped at ``max_norm`` until then, so a warm-up lasts
+  longer than ``warmup_steps`` steps when some norms were inf or NaN) and are updated with the
+  clipped norm.
 * ``"agc"``: unit-wise adaptive gradient clipping (Brock et al., 2021, NFNets): each output unit's
   gradient norm is capped at ``agc_clipping * max(|unit weights|, agc_eps)``; parameters whose
   name contains one of ``agc_exclude`` (final layers) are left alone. Unit-wise norms are per row,
   not per tensor, so this mode runs on torch ops.
+
+Non-finite norms (inf or NaN: an overflow in one step) never enter any statistic: AutoClip's
+history, ZClip's warm-up and moving averages and the reported ``ema_norm`` are computed over the
+finite norms only, exactly as if the non-finite steps had not happened (those steps are still
+clipped: an inf norm gives coefficient 0 and a NaN norm NaN grads, as in torch, and they are
+counted in ``nonfinite_steps``). Which norms were finite is known only on the device, so every
+such choice is a ``torch.where`` and a step never waits for the device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import numbers
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -37,10 +48,22 @@ from .norm_type import parse_norm_type
 MODES = ("norm", "autoclip", "zclip", "agc")
 #: name fragments of final layers that AGC leaves alone (NFNets exclude the classifier)
 _DEFAULT_AGC_EXCLUDE = ("head", "classifier", "lm_head")
+#: AGC's unit-wise norms are L2 norms
+_L2 = parse_norm_type(2.0)
+#: the dtype a unit-wise norm is computed in (at least float32; complex stays complex)
+_OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
 
 
-def _named(parameters: Iterable[Any]) -> list[tuple[str, Tensor]]:
-    """Accept ``named_parameters()`` pairs or bare parameters (named ``param0``, ``param1``...)."""
+def _named(parameters: Tensor | Iterable[Any]) -> list[tuple[str, Tensor]]:
+    """Accept a single tensor (as ``clip_grad_norm_`` does), ``named_parameters()`` pairs or bare
+    parameters (named ``param0``, ``param1``...)."""
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]  # iterating a tensor would yield its rows
+    elif isinstance(parameters, (str, bytes, Mapping)) or not isinstance(parameters, Iterable):
+        raise TypeError(
+            f"parameters must be a Tensor, an iterable of Tensors or of (name, Tensor) pairs"
+            f" (model.named_parameters()); got {type(parameters).__name__}"
+        )
     named = []
     for index, item in enumerate(parameters):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
@@ -52,6 +75,11 @@ def _named(parameters: Iterable[Any]) -> list[tuple[str, Tensor]]:
     if not named:
         raise ValueError("Clipper needs at least one parameter")
     return named
+
+
+def _unit_norms(tensor: Tensor, dims: tuple[int, ...] | None) -> Tensor:
+    """L2 norms of the rows (units) of ``tensor``, in at least float32 (a real dtype)."""
+    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=_OPMATH.get(tensor.dtype, tensor.dtype))
 
 
 def _coefficient(total: Tensor, threshold: Tensor) -> Tensor:
@@ -69,7 +97,7 @@ class Clipper:
 
     Args:
         parameters: ``model.named_parameters()`` (names are used for ``agc_exclude`` and the top-k
-            report) or an iterable of parameters.
+            report), an iterable of parameters, or a single tensor.
         mode: ``"norm"``, ``"autoclip"``, ``"zclip"`` or ``"agc"``.
         max_norm: the threshold of ``"norm"``; the cap during the warm-up of ``"zclip"``.
         norm_type: the norm's order (all modes but ``"agc"``, which uses unit-wise L2 norms).
@@ -134,6 +162,7 @@ class Clipper:
             "ema_norm": zeros(),
             "clipped_steps": zeros(),
             "nonfinite_steps": zeros(),
+            "finite_steps": zeros(),  # norms that enter the statistics
             "param_norms": zeros(len(self.named)),
             "threshold": torch.full((), math.nan, dtype=ACC_DTYPE, device=self.device),
         }
@@ -153,25 +182,21 @@ class Clipper:
         grads = [self.named[i][1].grad for i in positions]
         if not grads:
             self.steps += 1
-            return torch.tensor(0.0)
+            return torch.tensor(0.0, device=torch.get_default_device())  # as clip_grad_norm_ without grads
         if self.mode == "agc":
-            total, per_tensor, any_clipped = self._agc_step(positions, grads)
+            result, per_tensor, any_clipped = self._agc_step(positions, grads)
             coef = torch.where(any_clipped, 0.0, 1.0).to(ACC_DTYPE)  # counts as clipped when any unit was
             self.state["threshold"].fill_(self.agc_clipping)
+            exact_total = total_from_accumulator(result.acc, _L2)
         else:
-            total, per_tensor, coef = self._norm_step(grads)
-        self._record(total, per_tensor, positions, coef)
+            result, per_tensor, coef, exact_total = self._norm_step(grads)
+        self._record(exact_total, per_tensor, positions, coef)
         self.steps += 1
-        return total.to(self._result_dtype(grads))
+        # the norm pass rounds the total to the grads' promoted real dtype, as clip_grad_norm_ does
+        return result.total
 
-    @staticmethod
-    def _result_dtype(grads: list[Tensor]) -> torch.dtype:
-        dtype = grads[0].dtype
-        for g in grads[1:]:
-            dtype = torch.promote_types(dtype, g.dtype)
-        return dtype
-
-    def _norm_step(self, grads: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def _norm_step(self, grads: list[Tensor]) -> tuple[Any, Tensor, Tensor, Tensor]:
+        """(norm pass result, per-tensor norms, coefficient applied, unrounded float64 total)."""
         per_tensor = torch.empty(len(grads), dtype=ACC_DTYPE, device=self.device)
         fixed = self.max_norm if self.mode == "norm" else None
         result, calls = clip.norm_pass(grads, self.norm, fixed, backend=self.backend, per_tensor=per_tensor)
@@ -184,66 +209,84 @@ class Clipper:
             self.state["threshold"].copy_(threshold)
             coef = _coefficient(total, threshold)
         clip.scale_calls_(calls, coef)
-        return total, per_tensor, coef
+        return result, per_tensor, coef, total
 
     def _autoclip_threshold(self, total: Tensor) -> Tensor:
+        """The percentile of the last ``history_size`` finite norms, this one included (NaN: none yet).
+
+        The ring buffer advances only on finite norms: slot ``finite_steps % history_size``.
+        """
         history = self.state["history"]
-        finite_or_nan = torch.where(torch.isfinite(total), total, torch.full_like(total, math.nan))
-        history[self.steps % self.history_size] = finite_or_nan
+        finite = torch.isfinite(total)
+        slot = torch.remainder(self.state["finite_steps"], self.history_size).to(torch.int64).reshape(1)
+        kept = history.index_select(0, slot).reshape(())
+        history.index_copy_(0, slot, torch.where(finite, total, kept).reshape(1))
+        # finite_steps <= steps, so every filled slot lies below steps + 1; the rest are NaN
         seen = history[: min(self.steps + 1, self.history_size)]
         return torch.nanquantile(seen, self.percentile / 100.0)
 
     def _zclip_threshold(self, total: Tensor) -> Tensor:
+        """ZClip's threshold for this norm; updates the warm-up buffer or the moving averages.
+
+        The warm-up collects the first ``warmup_steps`` finite norms (threshold ``max_norm``
+        meanwhile); the one that fills it sets mean and variance. Later finite norms update the
+        averages; non-finite ones change nothing. All on the device, chosen by ``torch.where``.
+        """
+        state = self.state
+        warmup, mean, var = state["warmup"], state["mean"], state["var"]
+        count = state["finite_steps"]  # finite norms before this one
         finite = torch.isfinite(total)
-        if self.steps < self.warmup_steps:
-            warmup = self.state["warmup"]
-            warmup[self.steps] = torch.where(finite, total, torch.full_like(total, math.nan))
-            if self.steps == self.warmup_steps - 1:
-                mean = torch.nanmean(warmup)
-                self.state["mean"].copy_(mean)
-                self.state["var"].copy_(torch.nanmean((warmup - mean) ** 2))
-            return torch.full_like(total, self.max_norm)
-        mean, var = self.state["mean"], self.state["var"]
+        in_warmup = count < self.warmup_steps
+        slot = count.clamp(max=self.warmup_steps - 1).to(torch.int64).reshape(1)
+        kept = warmup.index_select(0, slot).reshape(())
+        warmup.index_copy_(0, slot, torch.where(in_warmup & finite, total, kept).reshape(1))
+        completes = in_warmup & finite & (count == self.warmup_steps - 1)
+        warm_mean = warmup.mean()  # used only once the buffer is full (NaN before)
+        warm_var = ((warmup - warm_mean) ** 2).mean()
         std = var.sqrt()
         z = (total - mean) / (std + CLIP_EPS)
         spike = z > self.z_threshold
-        threshold = torch.where(spike, mean + (self.z_threshold**2 / z) * std, torch.full_like(total, math.inf))
-        clipped = torch.minimum(total, threshold)
+        z_threshold = torch.where(spike, mean + (self.z_threshold**2 / z) * std, torch.full_like(total, math.inf))
+        clipped = torch.minimum(total, z_threshold)
         new_mean = self.alpha * mean + (1 - self.alpha) * clipped
         new_var = self.alpha * var + (1 - self.alpha) * (clipped - new_mean) ** 2
-        mean.copy_(torch.where(finite, new_mean, mean))
-        var.copy_(torch.where(finite, new_var, var))
-        return threshold
+        updates = finite & ~in_warmup
+        mean.copy_(torch.where(completes, warm_mean, torch.where(updates, new_mean, mean)))
+        var.copy_(torch.where(completes, warm_var, torch.where(updates, new_var, var)))
+        return torch.where(in_warmup, torch.full_like(total, self.max_norm), z_threshold)
 
-    def _agc_step(self, positions: tuple[int, ...], grads: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Unit-wise clipping; returns the L2 norms of the grads before clipping and whether any
-        unit was clipped."""
-        per_tensor = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(ACC_DTYPE) for g in grads])
+    def _agc_step(self, positions: tuple[int, ...], grads: list[Tensor]) -> tuple[Any, Tensor, Tensor]:
+        """Unit-wise clipping; returns the norm pass result and per-tensor L2 norms of the grads
+        before clipping, and whether any unit was clipped."""
+        per_tensor = torch.empty(len(grads), dtype=ACC_DTYPE, device=self.device)
+        result, _ = clip.norm_pass(grads, _L2, None, backend=self.backend, per_tensor=per_tensor)
         any_clipped = torch.zeros((), dtype=torch.bool, device=self.device)
         for i, grad in zip(positions, grads):
             name, param = self.named[i]
             if any(fragment in name for fragment in self.agc_exclude):
                 continue
             dims = tuple(range(1, grad.dim())) if grad.dim() > 1 else None
-            weight_norm = torch.linalg.vector_norm(param.detach().float(), dim=dims, keepdim=True)
-            grad_norm = torch.linalg.vector_norm(grad.float(), dim=dims, keepdim=True)
+            weight_norm = _unit_norms(param.detach(), dims)
+            grad_norm = _unit_norms(grad, dims)
             limit = weight_norm.clamp(min=self.agc_eps) * self.agc_clipping
             over = grad_norm > limit
             factor = torch.where(over, limit / grad_norm.clamp(min=1e-6), torch.ones_like(grad_norm))
             grad.mul_(factor)
             any_clipped |= over.any()
-        total = torch.linalg.vector_norm(per_tensor)
-        return total, per_tensor, any_clipped
+        return result, per_tensor, any_clipped
 
     def _record(self, total: Tensor, per_tensor: Tensor, positions: tuple[int, ...], coef: Tensor) -> None:
+        """Statistics of this step; ``total`` is the unrounded float64 norm."""
         state = self.state
+        finite = torch.isfinite(total)
         state["last_norm"].copy_(total)
-        if self.steps == 0:
-            state["ema_norm"].copy_(total)
-        else:
-            state["ema_norm"].mul_(self.ema_decay).add_(total, alpha=1 - self.ema_decay)
+        # the moving average starts at the first finite norm and skips non-finite ones
+        ema = state["ema_norm"]
+        moved = ema * self.ema_decay + total * (1 - self.ema_decay)
+        ema.copy_(torch.where(finite, torch.where(state["finite_steps"] == 0, total, moved), ema))
         state["clipped_steps"].add_((coef < 1).to(ACC_DTYPE))
-        state["nonfinite_steps"].add_((~torch.isfinite(total)).to(ACC_DTYPE))
+        state["nonfinite_steps"].add_((~finite).to(ACC_DTYPE))
+        state["finite_steps"].add_(finite.to(ACC_DTYPE))
         index = self._index_cache.get(positions)
         if index is None:
             index = self._index_cache[positions] = torch.tensor(positions, dtype=torch.int64, device=self.device)
@@ -271,14 +314,95 @@ class Clipper:
         """Everything needed to continue identically after a restart (tensors are cloned)."""
         return {"mode": self.mode, "steps": self.steps, "tensors": {k: v.clone() for k, v in self.state.items()}}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["mode"] != self.mode:
-            raise ValueError(f"state is for mode {state_dict['mode']!r}, this Clipper is {self.mode!r}")
-        tensors = state_dict["tensors"]
-        if set(tensors) != set(self.state):
-            raise ValueError(f"state holds {sorted(tensors)}, expected {sorted(self.state)}")
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`. The whole state is checked first (keys, mode, step
+        count, every tensor's type, shape, dtype, device and values); a refused state raises
+        ``TypeError``/``ValueError`` and changes nothing."""
+        steps, tensors = self._checked_state(state_dict)
+        # nothing below can fail: same shapes, dtypes and devices
         for key, value in tensors.items():
-            if value.shape != self.state[key].shape:
-                raise ValueError(f"state tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(self.state[key].shape)}")
             self.state[key].copy_(value)
-        self.steps = int(state_dict["steps"])
+        self.steps = steps
+
+    def _checked_state(self, state_dict: Any) -> tuple[int, dict[str, Tensor]]:
+        """(step count, tensors as float64 on this Clipper's device) of a valid state; raises otherwise."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping (from Clipper.state_dict()); got {type(state_dict).__name__}")
+        _check_keys("state_dict", state_dict, {"mode", "steps", "tensors"})
+        mode = state_dict["mode"]
+        if mode != self.mode:
+            raise ValueError(f"state is for mode {mode!r}, this Clipper is {self.mode!r}")
+        steps = state_dict["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+            raise TypeError(f"state_dict['steps'] must be an int; got {type(steps).__name__}")
+        steps = int(steps)
+        if steps < 0:
+            raise ValueError(f"state_dict['steps'] must be >= 0; got {steps}")
+        tensors = state_dict["tensors"]
+        if not isinstance(tensors, Mapping):
+            raise TypeError(f"state_dict['tensors'] must be a mapping; got {type(tensors).__name__}")
+        _check_keys("state_dict['tensors']", tensors, set(self.state))
+        values: dict[str, Tensor] = {}
+        for key, expected in self.state.items():
+            value = tensors[key]
+            what = f"state tensor {key!r}"
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{what} must be a Tensor; got {type(value).__name__}")
+            if value.layout != torch.strided or value.is_meta or value.is_complex() or not value.is_floating_point():
+                raise TypeError(
+                    f"{what} must be a dense real floating-point tensor with data; got dtype {value.dtype},"
+                    f" layout {value.layout}, device {value.device}"
+                )
+            if value.shape != expected.shape:
+                raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(expected.shape)}")
+            values[key] = value.detach().to(device="cpu", dtype=ACC_DTYPE, copy=True)
+        self._check_values(steps, values)
+        return steps, {key: value.to(self.device) for key, value in values.items()}
+
+    def _check_values(self, steps: int, values: dict[str, Tensor]) -> None:
+        """Values a run of this Clipper can produce (float64 CPU copies; a load may synchronise)."""
+
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        def nonneg_or_nan(key: str) -> None:  # norms as observed: >= 0, +inf or NaN
+            v = values[key]
+            require(bool((torch.isnan(v) | (v >= 0)).all()), f"state tensor {key!r} holds a negative norm")
+
+        counts = {}
+        for key in ("clipped_steps", "nonfinite_steps", "finite_steps"):
+            v = float(values[key])
+            require(math.isfinite(v) and v >= 0 and v == int(v), f"state tensor {key!r} must hold a count >= 0; got {v}")
+            require(v <= steps, f"state tensor {key!r} counts {v:g} steps, more than the {steps} steps taken")
+            counts[key] = int(v)
+        require(
+            counts["finite_steps"] + counts["nonfinite_steps"] <= steps,
+            f"finite_steps + nonfinite_steps ({counts['finite_steps']} + {counts['nonfinite_steps']}) exceed steps ({steps})",
+        )
+        for key in ("last_norm", "param_norms", "threshold"):
+            nonneg_or_nan(key)
+        ema = float(values["ema_norm"])
+        require(math.isfinite(ema) and ema >= 0, f"state tensor 'ema_norm' must be finite and >= 0; got {ema}")
+        buffers = {"history": self.history_size, "warmup": self.warmup_steps}
+        for key, size in buffers.items():
+            if key not in values:
+                continue
+            v = values[key]
+            filled = min(counts["finite_steps"], size)  # slots filled so far, from the first
+            require(
+                bool(torch.isfinite(v[:filled]).all() and (v[:filled] >= 0).all() and torch.isnan(v[filled:]).all()),
+                f"state tensor {key!r} must hold {filled} finite norms >= 0 (one per finite step so far, up to {size})"
+                f" followed by NaN",
+            )
+        for key in ("mean", "var"):
+            if key in values:
+                v = float(values[key])
+                require(math.isfinite(v) and v >= 0, f"state tensor {key!r} must be finite and >= 0; got {v}")
+
+
+def _check_keys(what: str, mapping: Mapping[str, Any], expected: set[str]) -> None:
+    keys = set(mapping)
+    if keys != expected:
+        missing, unexpected = sorted(map(str, expected - keys)), sorted(map(str, keys - expected))
+        raise ValueError(f"{what} has missing keys {missing} and unexpected keys {unexpected}; expected {sorted(expected)}")

@@ -231,8 +231,8 @@ def get_norms(
     Returns:
         ``(total, per_tensor)``: ``total`` as :func:`get_total_norm` returns it; ``per_tensor`` a
         1-d tensor with one norm per input tensor (for ``norm_type=0`` its count of non-zero
-        elements), unrounded in float32 (float64 when any tensor is float64), on the first
-        tensor's device. With ``group``, the total is global and the per-tensor norms local.
+        elements), unrounded in float32 (float64 when any tensor is float64 or complex128), on
+        the first tensor's device. With ``group``, the total is global and the per-tensor norms local.
     """
     tensors = as_list(tensors, "tensors")
     tensors = check_tensors(tensors, "tensors")
@@ -243,8 +243,8 @@ def get_norms(
     device = tensors[0].device
     per_tensor = torch.empty(len(tensors), dtype=ACC_DTYPE, device=device)
     result, _ = norm_pass(tensors, norm, None, backend=backend, group=group, per_tensor=per_tensor)
-    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return result.total, per_tensor.to(wide)
+    # at least float32; float64 when the result dtype (the promoted real dtype of the tensors) is
+    return result.total, per_tensor.to(torch.promote_types(result.total.dtype, torch.float32))
 
 
 @torch.no_grad()

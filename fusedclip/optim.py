@@ -9,6 +9,16 @@ applies the coefficient while it reads the grads anyway (and writes the clipped 
 for the norm plus the optimizer's own pass, instead of a norm read plus a read-and-write clip pass
 plus the optimizer's pass.
 
+``grad_scale`` is a float32 tensor (the fused kernels read it as such), so it can carry the
+coefficient only while ``1 / coefficient`` is a normal float32 number: a norm beyond float32's
+range, a tiny ``max_norm``, a zero or NaN coefficient would otherwise turn into an infinite or
+rounded-away ``grad_scale`` and a wrong (e.g. zero) update. Which case applies is decided on the
+device, without a host synchronisation: the scale pass always runs, with ``torch.where`` choosing
+the factor 1 (the kernels return at once for it; nothing is written) when ``grad_scale`` can carry
+the coefficient and the coefficient itself otherwise, in which case ``grad_scale`` is 1. float64
+grads always take the scale pass (known on the host): a float32 ``grad_scale`` would round their
+coefficient to 24 bits.
+
 Limits: only torch optimizers constructed with ``fused=True``; the coefficient is applied as a
 division by ``1 / coefficient`` inside the optimizer, which may round differently from a
 multiplication in the last bit; a custom optimizer that does not honour ``grad_scale`` is refused.
@@ -16,14 +26,20 @@ multiplication in the last bit; a custom optimizer that does not honour ``grad_s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import amp, clip
+from . import amp, clip, engine
 from .inputs import check_max_norm, grads_of
 from .norm_type import parse_norm_type
+from .plan import real_dtype
+
+#: the smallest normal float32: ``grad_scale`` carries a coefficient c only when c and 1 / c are
+#: both normal float32 numbers (then the division inside the optimizer is as exact as a multiplication)
+_F32_TINY = torch.finfo(torch.float32).tiny
 
 
 def _check_fused(optimizer: torch.optim.Optimizer) -> None:
@@ -35,9 +51,34 @@ def _check_fused(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def _grad_scale_from(coef: Tensor) -> Tensor:
-    """The optimizer divides by grad_scale: 1 / coef (coef 0 -> inf -> zero update, NaN stays NaN)."""
-    return coef.reciprocal().to(torch.float32)
+def fold_coefficient(coef: Tensor, calls: list[engine.PreparedCall], dtypes: Iterable[torch.dtype]) -> Tensor | None:
+    """Apply ``coef`` (the factor for the stored grads) so that the optimizer's step sees clipped
+    grads; returns the ``grad_scale`` to hand to the optimizer (None: nothing to divide by).
+
+    When ``1 / coef`` is a normal float32 number the grads are left alone and the optimizer divides
+    by it. Otherwise (norm beyond float32's range, tiny ``max_norm``, coefficient 0 or NaN) the
+    grads are multiplied by ``coef`` in a scale pass and ``grad_scale`` is 1. Chosen on the device:
+    the scale pass runs with factor 1 (a no-op) in the first case. float64 grads (or complex128)
+    always take the scale pass, decided on the host.
+    """
+    if any(real_dtype(dtype) == torch.float64 for dtype in dtypes):
+        clip.scale_calls_(calls, coef)
+        return None
+    coef = coef.to(torch.float64)
+    carried = (coef >= _F32_TINY) & (coef <= 1.0 / _F32_TINY)  # False for NaN
+    one = torch.ones_like(coef)
+    clip.scale_calls_(calls, torch.where(carried, one, coef))
+    return torch.where(carried, coef.reciprocal(), one).to(torch.float32)
+
+
+def _set_grad_scale(optimizer: torch.optim.Optimizer, grad_scale: Tensor | None) -> None:
+    if grad_scale is not None:
+        optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
+
+
+def _clear_grad_scale(optimizer: torch.optim.Optimizer) -> None:
+    if hasattr(optimizer, "grad_scale"):
+        del optimizer.grad_scale  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
@@ -64,17 +105,20 @@ def clip_and_step_(
     if scaler is not None and scaler.is_enabled():
         from torch.amp.grad_scaler import OptState
 
-        total, coef, found_inf, _, state = amp.scaled_norm_pass(scaler, optimizer, max_norm, norm_type, backend, group)
-        state["found_inf_per_device"] = {found_inf.device: found_inf} if coef is not None else {}
+        scaled = amp.scaled_norm_pass(scaler, optimizer, max_norm, norm_type, backend, group)
+        state = scaled.state
+        if scaled.coef is not None:
+            grad_scale = fold_coefficient(scaled.coef, scaled.calls, {g.dtype for g in scaled.grads})
+            _set_grad_scale(optimizer, grad_scale)
+            state["found_inf_per_device"] = {scaled.found_inf.device: scaled.found_inf}
+        else:
+            state["found_inf_per_device"] = {}
         state["stage"] = OptState.UNSCALED  # the scaler passes our grad_scale and found_inf through
-        if coef is not None:
-            optimizer.grad_scale = _grad_scale_from(coef)  # type: ignore[attr-defined]
         try:
             scaler.step(optimizer)
         finally:
-            if hasattr(optimizer, "grad_scale"):
-                del optimizer.grad_scale  # type: ignore[attr-defined]
-        return total
+            _clear_grad_scale(optimizer)
+        return scaled.total
 
     norm = parse_norm_type(norm_type)
     max_norm = check_max_norm(max_norm)
@@ -82,11 +126,11 @@ def clip_and_step_(
     grads = grads_of(params)
     if not grads:
         optimizer.step()
-        return torch.tensor(0.0)
-    result, _ = clip.norm_pass(grads, norm, max_norm, backend=backend, group=group)
-    optimizer.grad_scale = _grad_scale_from(result.coef)  # type: ignore[attr-defined]
+        return torch.tensor(0.0, device=torch.get_default_device())
+    result, calls = clip.norm_pass(grads, norm, max_norm, backend=backend, group=group)
+    _set_grad_scale(optimizer, fold_coefficient(result.coef, calls, {g.dtype for g in grads}))
     try:
         optimizer.step()
     finally:
-        del optimizer.grad_scale  # type: ignore[attr-defined]
+        _clear_grad_scale(optimizer)
     return result.total
