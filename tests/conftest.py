@@ -1,7 +1,8 @@
 """Shared test setup: Triton's interpreter on machines without a GPU, markers, backend cases, seeds.
 
 Every parity test runs once per (device, backend) pair. CPU cases run everywhere (the ``triton``
-backend through ``TRITON_INTERPRET=1``); CUDA cases carry the ``gpu`` marker and are skipped, and
+backend through ``TRITON_INTERPRET=1``, the ``cuda`` backend's kernels.cu through the CUDA-on-CPU
+shim of tests/cuda_shim, which needs g++); CUDA cases carry the ``gpu`` marker and are skipped, and
 reported as skipped, where no CUDA device exists. A backend that cannot run here is skipped with
 the reason ``available_backends()`` gives.
 """
@@ -33,6 +34,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "interpreter: runs Triton kernels through TRITON_INTERPRET=1 on the CPU")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line(
+        "markers", "emulated: runs csrc/cuda/kernels.cu on the CPU through the CUDA-on-CPU shim (tests/cuda_shim)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -48,6 +52,8 @@ def _case(device: str, backend: str) -> object:
         marks.append(pytest.mark.gpu)
     elif backend == "triton":
         marks.append(pytest.mark.interpreter)
+    elif backend == "cuda":
+        marks.append(pytest.mark.emulated)
     return pytest.param((device, backend), id=f"{device}-{backend}", marks=marks)
 
 
@@ -56,6 +62,7 @@ BACKEND_CASES = [
     _case("cpu", "torch"),
     _case("cpu", "cpu"),
     _case("cpu", "triton"),
+    _case("cpu", "cuda"),  # kernels.cu through the CUDA-on-CPU shim (the emulated_cuda fixture)
     _case("cuda", "torch"),
     _case("cuda", "cuda"),
     _case("cuda", "triton"),
@@ -72,8 +79,30 @@ def require_backend(device: str, name: str) -> None:
 @pytest.fixture(params=BACKEND_CASES)
 def device_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
     device, name = request.param
+    if (device, name) == ("cpu", "cuda"):
+        request.getfixturevalue("emulated_cuda")
     require_backend(device, name)
     return device, name
+
+
+@pytest.fixture(scope="session")
+def cuda_shim_library():
+    """kernels.cu built against the CUDA-on-CPU shim (cached in tests/.cuda_shim_build), loaded once."""
+    import cuda_shim
+
+    if cuda_shim.compiler() is None:
+        pytest.skip("the CUDA-on-CPU shim needs a C++ compiler (g++, or CXX)")
+    return cuda_shim.load()
+
+
+@pytest.fixture
+def emulated_cuda(cuda_shim_library):
+    """The ``cuda`` backend runs kernels.cu on CPU tensors through the shim for this test."""
+    from cuda_shim.emulation import Emulation
+
+    emulation = Emulation(cuda_shim_library)
+    with emulation.installed():
+        yield emulation
 
 
 @pytest.fixture(params=[plan.CHUNK_ELEMENTS, 64], ids=["chunk-default", "chunk-64"])
