@@ -1,6 +1,6 @@
 """csrc/cuda/kernels.cu built against a CUDA-on-CPU shim, driven by the real cuda backend (tests only).
 
-build.py compiles the kernels with g++ against the shim (shim.h, shim_half.h, runtime.cpp);
+builder.py compiles the kernels with g++ against the shim (shim.h, shim_half.h, runtime.cpp);
 emulation.py loads the result with ctypes and routes fusedclip's ``cuda`` backend to it for CPU
 tensors. tests/conftest.py adds a ``cpu-cuda`` case to every backend-parametrised test with it.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .build import BuildError, build, compiler
+from .builder import BuildError, build, compiler
 
 _loaded: dict[Path, object] = {}
 

@@ -77,17 +77,27 @@ def _flags(sanitize: str, optimize: str) -> tuple[list[str], list[str]]:
     return compile_flags, ["-shared", "-pthread", *link_extra]
 
 
-def build(kernels: str | None = None, *, sanitize: str = "", optimize: str = "-O1", label: str = "") -> Path:
-    """Compile ``kernels`` (default: the text of csrc/cuda/kernels.cu now) and return the library's path."""
+def build(
+    kernels: str | None = None,
+    *,
+    sanitize: str = "",
+    optimize: str = "-O1",
+    label: str = "",
+    units: tuple[str, ...] = SHIM_UNITS,
+) -> Path:
+    """Compile ``kernels`` (default: the text of csrc/cuda/kernels.cu now) and return the library's path.
+
+    ``units``: the shim's C++ files linked in (the self-test kernels need no entry.cpp).
+    """
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler (set CXX or install g++)")
     text = KERNELS.read_text() if kernels is None else kernels
     compile_flags, link_flags = _flags(sanitize, optimize)
     digest = hashlib.sha256()
-    for part in (text, cxx, *compile_flags, *link_flags):
+    for part in (text, cxx, *compile_flags, *link_flags, *units):
         digest.update(part.encode() + b"\0")
-    for path in [*(SHIM / s for s in SHIM_SOURCES + SHIM_UNITS), *KERNEL_HEADERS]:
+    for path in [*(SHIM / s for s in SHIM_SOURCES + units), *KERNEL_HEADERS]:
         digest.update(path.read_bytes() + b"\0")
     key = digest.hexdigest()[:20] + (f"-{label}" if label else "")
     out_dir = CACHE / key
@@ -112,7 +122,7 @@ def build(kernels: str | None = None, *, sanitize: str = "", optimize: str = "-O
                 str(source),
                 "-x",
                 "none",
-                *(str(SHIM / unit) for unit in SHIM_UNITS),
+                *(str(SHIM / unit) for unit in units),
                 "-o",
                 str(temporary),
                 *link_flags,

@@ -3,7 +3,7 @@
 As ``TRITON_INTERPRET=1`` lets the triton backend's real code run its kernels on CPU tensors, this
 lets fusedclip/backends/cuda_backend.py's real code run the real CUDA kernels on CPU tensors:
 
-* ``ShimLibrary`` loads a shim build (tests/cuda_shim/build.py) with ctypes and offers the
+* ``ShimLibrary`` loads a shim build (tests/cuda_shim/builder.py) with ctypes and offers the
   ``cuda_*`` functions of ``fusedclip._C`` with the same signatures and the same checks;
 * ``install`` makes ``cuda_backend`` call them (its ``_ext`` module is replaced by one whose ``C``
   is the library), answers its few ``torch.cuda`` questions (current device and stream, the

@@ -40,6 +40,9 @@ __thread const Coords* t_coords = nullptr;
 namespace {
 
 constexpr int kMaxDevices = 64;
+// Groups of one warp that may wait at a warp intrinsic at once (lanes with disjoint masks, e.g.
+// two half-warps, synchronise separately, as on the GPU).
+constexpr int kGroupsPerWarp = 4;
 constexpr size_t kStackBytes = SHIM_ASAN ? 256 * 1024 : 64 * 1024;
 
 // ---- configuration and statistics ----------------------------------------------------------------
@@ -214,7 +217,7 @@ struct Block {
   std::vector<Fiber*> runnable;
   int exited, at_sync;
   unsigned int sync_line;
-  WarpSlot slots[32];
+  std::vector<WarpSlot> slots;  // kGroupsPerWarp per warp
   uint64_t rng;
   bool failed;
   std::string error;
@@ -238,6 +241,14 @@ struct Block {
   unsigned int existing_lanes(int warp) const {
     const int n = threads - warp * 32;
     return n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
+  }
+  WarpSlot* groups(int warp) { return &slots[static_cast<size_t>(warp) * kGroupsPerWarp]; }
+  // The group of `warp` waiting at a warp intrinsic whose mask names `lane`, or null.
+  WarpSlot* waiting_for(int warp, int lane) {
+    WarpSlot* g = groups(warp);
+    for (int k = 0; k < kGroupsPerWarp; ++k)
+      if (g[k].arrived != 0 && (g[k].mask >> lane & 1u)) return &g[k];
+    return nullptr;
   }
 };
 
@@ -421,10 +432,9 @@ void fiber_main(Fiber* fiber) {
 #endif
   block.launch->body(block.launch->context);
   // The thread has finished: nobody may be waiting for it.
-  WarpSlot& slot = block.slots[fiber->warp];
-  if (slot.arrived != 0 && (slot.mask >> fiber->lane & 1u)) {
+  if (const WarpSlot* slot = block.waiting_for(fiber->warp, fiber->lane)) {
     fail_here(format("exits while lanes %s of its warp wait for it at %s (line %u, mask 0x%08x)",
-                     lanes_of(slot.arrived).c_str(), kind_name(slot.kind), slot.line, slot.mask));
+                     lanes_of(slot->arrived).c_str(), kind_name(slot->kind), slot->line, slot->mask));
   }
   if (block.at_sync > 0) fail_here("exits while " + where_sync_waiters(block) + " (a divergent __syncthreads)");
   fiber->state = kExited;
@@ -445,7 +455,7 @@ void run_block(Launch& launch, uint32_t index, const StackSet& stacks, Block& bl
   block.runnable.clear();
   block.exited = block.at_sync = 0;
   block.sync_line = 0;
-  for (WarpSlot& slot : block.slots) slot.arrived = 0;
+  block.slots.assign(static_cast<size_t>(block.warps) * kGroupsPerWarp, WarpSlot{});
   block.failed = false;
   block.error.clear();
   block.rng = mix(launch.seed ^ mix(index + 1)) | 1;
@@ -484,10 +494,12 @@ void run_block(Launch& launch, uint32_t index, const StackSet& stacks, Block& bl
     std::string what = format("%s: block (%u,%u,%u) cannot go on:", launch.name, block_idx.x, block_idx.y, block_idx.z);
     if (block.at_sync) what += " " + where_sync_waiters(block) + ";";
     for (int w = 0; w < block.warps; ++w) {
-      const WarpSlot& slot = block.slots[w];
-      if (slot.arrived) {
-        what += format(" warp %d lanes %s wait at %s (line %u) for lanes %s;", w, lanes_of(slot.arrived).c_str(),
-                       kind_name(slot.kind), slot.line, lanes_of(slot.mask & ~slot.arrived).c_str());
+      for (int k = 0; k < kGroupsPerWarp; ++k) {
+        const WarpSlot& slot = block.groups(w)[k];
+        if (slot.arrived) {
+          what += format(" warp %d lanes %s wait at %s (line %u) for lanes %s;", w, lanes_of(slot.arrived).c_str(),
+                         kind_name(slot.kind), slot.line, lanes_of(slot.mask & ~slot.arrived).c_str());
+        }
       }
     }
     block.failed = true;
@@ -560,10 +572,9 @@ void syncthreads(unsigned int line) {
     fail_here(format("reaches __syncthreads() (line %u) after threads %s of its block exited (a divergent barrier)",
                      line, ranges(ids).c_str()));
   }
-  const WarpSlot& slot = block.slots[fiber->warp];
-  if (slot.arrived != 0 && (slot.mask >> fiber->lane & 1u)) {
+  if (const WarpSlot* slot = block.waiting_for(fiber->warp, fiber->lane)) {
     fail_here(format("reaches __syncthreads() (line %u) while lanes %s of its warp wait for it at %s (line %u)", line,
-                     lanes_of(slot.arrived).c_str(), kind_name(slot.kind), slot.line));
+                     lanes_of(slot->arrived).c_str(), kind_name(slot->kind), slot->line));
   }
   if (block.at_sync == 0) block.sync_line = line;
   fiber->state = kAtSync;
@@ -580,7 +591,6 @@ uint64_t warp_op(WarpKind kind, unsigned int mask, uint64_t value, int64_t param
   Block& block = *fiber->block;
   ++block.stats[kWarpOps];
   const int lane = fiber->lane;
-  WarpSlot& slot = block.slots[fiber->warp];
   if (!(mask >> lane & 1u)) {
     fail_here(format("calls %s (line %u) with mask 0x%08x, which does not name its own lane", kind_name(kind), line, mask));
   }
@@ -603,19 +613,34 @@ uint64_t warp_op(WarpKind kind, unsigned int mask, uint64_t value, int64_t param
                        kind_name(kind), line, mask, l, other.wait_line));
     }
   }
-  if (slot.arrived != 0) {
-    if (slot.kind != kind || slot.mask != mask || slot.width != width) {
-      fail_here(format("calls %s (line %u, mask 0x%08x) while lanes %s wait at %s (line %u, mask 0x%08x): "
-                       "a divergent warp",
-                       kind_name(kind), line, mask, lanes_of(slot.arrived).c_str(), kind_name(slot.kind), slot.line,
-                       slot.mask));
+  // Join the group waiting with the same mask; a waiting group whose mask overlaps but differs, or
+  // that waits at another intrinsic, is divergence.
+  WarpSlot* group = nullptr;
+  WarpSlot* free_group = nullptr;
+  for (int k = 0; k < kGroupsPerWarp; ++k) {
+    WarpSlot& g = block.groups(fiber->warp)[k];
+    if (g.arrived == 0) {
+      if (free_group == nullptr) free_group = &g;
+      continue;
     }
-  } else {
-    slot.kind = kind;
-    slot.mask = mask;
-    slot.line = line;
-    slot.width = width;
+    if ((g.mask & mask) == 0) continue;
+    if (g.mask != mask || g.kind != kind || g.width != width) {
+      fail_here(format("calls %s (line %u, mask 0x%08x, width %d) while lanes %s wait at %s (line %u, mask 0x%08x, "
+                       "width %d): a divergent warp",
+                       kind_name(kind), line, mask, width, lanes_of(g.arrived).c_str(), kind_name(g.kind), g.line,
+                       g.mask, g.width));
+    }
+    group = &g;
   }
+  if (group == nullptr) {
+    if (free_group == nullptr) fail_here(format("more than %d groups of one warp wait at warp intrinsics", kGroupsPerWarp));
+    group = free_group;
+    group->kind = kind;
+    group->mask = mask;
+    group->line = line;
+    group->width = width;
+  }
+  WarpSlot& slot = *group;
   slot.value[lane] = value;
   slot.param[lane] = param;
   slot.arrived |= 1u << lane;
@@ -641,9 +666,9 @@ uint64_t warp_op(WarpKind kind, unsigned int mask, uint64_t value, int64_t param
         case kShflUp:
           if (position - slot.param[l] >= 0) source = l - static_cast<int>(slot.param[l]);
           break;
-        case kShflXor: {
+        case kShflXor: {  // an earlier group may be read, a later one gives the lane its own value
           const int other = l ^ static_cast<int>(slot.param[l] & 31);
-          if (other >= segment && other < segment + width) source = other;
+          if (other < segment + width) source = other;
           break;
         }
         default:

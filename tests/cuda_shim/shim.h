@@ -10,7 +10,7 @@
 // a launch error, never a hang. __shared__ is `static thread_local`: one copy per OS thread, and
 // an OS thread runs one block at a time, so one copy per running block.
 //
-// Not part of the product: only tests/cuda_shim/build.py compiles this.
+// Not part of the product: only tests/cuda_shim/builder.py compiles this.
 #pragma once
 
 #include <math.h>
