@@ -22,10 +22,24 @@ Switches (environment variables):
 CPU code is portable (no -march=native): the chunk loops are compiled three times, for any x86-64 CPU,
 for AVX2+FMA+F16C and for AVX-512 (F/BW/DQ/VL), and the extension picks the best one the running CPU
 supports. CUDA is linked statically (cudart_static), so no libcudart is needed at run time.
+
+Which CUDA toolkit. The CUDA runtime linked in needs a driver at least as new as the toolkit's major
+version (CUDA 13: the 580 driver series or newer; CUDA 12: 525 or newer). So that the ``cuda`` backend
+runs wherever the installed torch's CUDA build runs, the build uses a toolkit of torch's CUDA major
+version when it can find one: torch's version is read from torch/version.py (without importing torch;
+only with --no-build-isolation, where torch is visible), and besides the nvcc found as above every
+/usr/local/cuda-X.Y/bin/nvcc is considered. CUDA_HOME / CUDA_PATH, when set, always win. When no toolkit
+of torch's major version exists, the one found is used and a warning says what driver the result needs.
+What was built (toolkit, runtime linkage, architectures, and why CUDA was left out if it was) is
+written next to the extension as fusedclip/_C_build.json, which fusedclip._ext reads to explain why
+the ``cuda`` backend cannot run where it cannot.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import json
 import os
 import platform
 import re
@@ -68,6 +82,97 @@ def _find_nvcc() -> Path | None:
         return Path(found)
     default = Path("/usr/local/cuda/bin/nvcc")
     return default if default.exists() else None
+
+
+#: the oldest driver series that runs each CUDA major version's runtime (NVIDIA's compatibility table)
+MIN_DRIVER_SERIES = {11: "450", 12: "525", 13: "580"}
+
+
+def _nvcc_version(nvcc: Path) -> str | None:
+    """'13.0' from `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88"); None if unreadable."""
+    try:
+        done = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", done.stdout)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def _torch_cuda_version() -> str | None:
+    """torch.version.cuda of the torch visible to this build, read from torch/version.py without importing
+    torch; None when no torch is visible (build isolation) or it is a CPU or ROCm build."""
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        return _cuda_in_torch_version_py((Path(spec.origin).parent / "version.py").read_text())
+    except OSError:
+        return None
+
+
+def _cuda_in_torch_version_py(text: str) -> str | None:
+    """"12.4" from torch/version.py's `cuda: Optional[str] = '12.4'`; None for `= None`."""
+    match = re.search(r"^cuda\b[^=\n]*=\s*['\"](\d+\.\d+)[^'\"]*['\"]", text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def _major(version: str | None) -> int | None:
+    return int(version.split(".")[0]) if version and version.split(".")[0].isdigit() else None
+
+
+def choose_cuda_toolkit(
+    found: tuple[str, str | None] | None,
+    others: list[tuple[str, str | None]],
+    torch_cuda: str | None,
+    explicit: bool,
+) -> tuple[tuple[str, str | None] | None, str | None]:
+    """Which nvcc builds the CUDA kernels, and a warning (or None): a pure function of what was found.
+
+    ``found``: (nvcc, version) located by CUDA_HOME / CUDA_PATH (``explicit``), PATH or /usr/local/cuda;
+    ``others``: every other (nvcc, version) installed side by side (/usr/local/cuda-X.Y); ``torch_cuda``:
+    torch.version.cuda of the torch that will load the extension (None: unknown or not a CUDA build).
+    The linked runtime needs a driver for its major version, so the toolkit should have torch's major
+    version: then the ``cuda`` backend runs wherever torch's CUDA build runs. CUDA_HOME is obeyed as given.
+    """
+    if found is None and not others:
+        return None, None
+    torch_major = _major(torch_cuda)
+    if torch_major is None:
+        return (found or others[0]), None
+    if found is not None and (explicit or _major(found[1]) == torch_major):
+        chosen = found
+    else:
+        same = [c for c in others if _major(c[1]) == torch_major]
+        same.sort(key=lambda c: tuple(int(x) for x in (c[1] or "0.0").split(".")), reverse=True)
+        chosen = same[0] if same else (found or others[0])
+    chosen_major = _major(chosen[1])
+    if chosen_major == torch_major:
+        return chosen, None
+    needs = MIN_DRIVER_SERIES.get(chosen_major or -1, "a matching")
+    warning = (
+        f"nvcc {chosen[1] or '(unknown version)'} ({chosen[0]}) does not match torch's CUDA {torch_cuda}: the"
+        f" kernels link the CUDA {chosen[1]} runtime, which needs an NVIDIA driver of the {needs} series or"
+        f" newer, while torch's CUDA {torch_cuda} build runs on drivers from the"
+        f" {MIN_DRIVER_SERIES.get(torch_major, '?')} series. Where the driver is older the cuda backend will"
+        f" not run (fusedclip.available_backends() says why) and triton or torch are used instead. To match"
+        f" torch, set CUDA_HOME to a CUDA {torch_major}.x toolkit."
+    )
+    return chosen, warning
+
+
+def _other_toolkits(found: Path | None) -> list[tuple[str, str | None]]:
+    """Every /usr/local/cuda-X.Y/bin/nvcc other than ``found``, with its version."""
+    seen = {str(found.resolve())} if found else set()
+    others = []
+    for candidate in sorted(glob.glob("/usr/local/cuda-*/bin/nvcc")):
+        resolved = str(Path(candidate).resolve())
+        if resolved not in seen:
+            seen.add(resolved)
+            others.append((candidate, _nvcc_version(Path(candidate))))
+    return others
 
 
 class CudaToolchainError(RuntimeError):
@@ -153,6 +258,7 @@ class NinjaBuildExt(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         cuda, required = ext.cuda  # type: ignore[attr-defined]
+        record = dict(ext.cuda_record)  # type: ignore[attr-defined]
         try:
             self._build(ext, cuda)
         except (subprocess.CalledProcessError, CudaToolchainError) as error:
@@ -165,6 +271,26 @@ class NinjaBuildExt(build_ext):
                 flush=True,
             )
             self._build(ext, None)
+            record.update(cuda=False, cuda_skipped=f"nvcc {record.get('cuda_toolkit')} failed at build time: {error}")
+        self._write_record(ext, record)
+
+    def _write_record(self, ext: Extension, record: dict) -> None:
+        """fusedclip/_C_build.json beside the extension: what it was built with, tied to this very file
+        (size and mtime) so that fusedclip._ext ignores a record left over from another build."""
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        stat = output.stat()
+        record.update(extension=output.name, extension_size=stat.st_size, extension_mtime=stat.st_mtime)
+        (output.parent / "_C_build.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    def copy_extensions_to_source(self) -> None:
+        """--inplace and editable installs: the record goes into the source tree with the extension."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            package = ext.name.rpartition(".")[0]
+            built = Path(self.build_lib, *package.split("."), "_C_build.json")
+            if built.exists():
+                shutil.copy2(built, Path(build_py.get_package_dir(package)) / "_C_build.json")
 
     def _build(self, ext: Extension, cuda: tuple[Path, list[tuple[str, bool]]] | None) -> None:
         try:
@@ -284,16 +410,41 @@ def get_extensions() -> list[Extension]:
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"FUSEDCLIP_CUDA must be auto, 0 or 1; got {mode!r}")
     cuda = None
-    if mode != "0":
+    torch_cuda = _torch_cuda_version()
+    record: dict = {"cuda": False, "cuda_mode": mode, "torch_cuda_at_build": torch_cuda}
+    if mode == "0":
+        record["cuda_skipped"] = "built with FUSEDCLIP_CUDA=0"
+    else:
         nvcc = _find_nvcc()
-        if nvcc is None and mode == "1":
+        explicit = bool(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"))
+        found = (str(nvcc), _nvcc_version(nvcc)) if nvcc else None
+        others = []
+        if not explicit and torch_cuda and (found is None or _major(found[1]) != _major(torch_cuda)):
+            others = _other_toolkits(nvcc)  # look for a toolkit of torch's major version
+        chosen, warning = choose_cuda_toolkit(found, others, torch_cuda, explicit)
+        if chosen is None and mode == "1":
             raise RuntimeError("FUSEDCLIP_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
-        if nvcc is not None:
-            cuda = (nvcc, _cuda_archs(_env("FUSEDCLIP_CUDA_ARCHS", DEFAULT_CUDA_ARCHS) or DEFAULT_CUDA_ARCHS))
+        if warning:
+            print(f"fusedclip: WARNING: {warning}", flush=True)
+        if chosen is None:
+            record["cuda_skipped"] = "nvcc was not found at build time (set CUDA_HOME or put nvcc on PATH)"
+        else:
+            archs = _cuda_archs(_env("FUSEDCLIP_CUDA_ARCHS", DEFAULT_CUDA_ARCHS) or DEFAULT_CUDA_ARCHS)
+            cuda = (Path(chosen[0]), archs)
+            record.update(
+                cuda=True,
+                cuda_toolkit=chosen[1],
+                nvcc=chosen[0],
+                cudart="static",
+                cuda_archs=";".join(number + ("+PTX" if ptx else "") for number, ptx in archs),
+                toolkit_warning=warning,
+            )
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in (".cpp", ".cu", ".h"))
     extension = Extension("fusedclip._C", sources=[s for s in sources if not s.endswith(".h")], depends=sources)
     extension.cuda = (cuda, mode == "1")  # type: ignore[attr-defined]
+    extension.cuda_record = record  # type: ignore[attr-defined]
     return [extension]
 
 
-setup(ext_modules=get_extensions(), cmdclass={"build_ext": NinjaBuildExt})
+if __name__ == "__main__":  # setuptools' build backends and `python setup.py` run it as __main__; tests import it
+    setup(ext_modules=get_extensions(), cmdclass={"build_ext": NinjaBuildExt})

@@ -63,15 +63,8 @@ class CudaBackend(KernelBackend):
 
     @staticmethod
     def _compute_reason() -> str | None:
-        reason = _ext.cuda_build_reason()
-        if reason is not None:
-            return reason
-        if not torch.cuda.is_available():
-            return "torch sees no CUDA device"
-        count, error = _ext.C.cuda_device_count()
-        if count == 0:
-            return f"the CUDA runtime linked into fusedclip._C sees no device ({error or 'no devices'})"
-        return None
+        # built without CUDA, torch without CUDA or a device, or a driver too old for the linked runtime
+        return _ext.cuda_unavailable_reason()
 
     def device_reason(self, device: torch.device) -> str | None:
         if device.type != "cuda":
@@ -79,14 +72,7 @@ class CudaBackend(KernelBackend):
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._device_reasons:
             major, minor = torch.cuda.get_device_capability(index)
-            reason = None
-            if not _ext.runs_on_capability(major, minor):
-                reason = (
-                    f"fusedclip._C was compiled for CUDA architectures {_ext.BUILD_INFO.get('cuda_archs')}, which"
-                    f" cannot run on this GPU (compute capability {major}.{minor}); rebuild with"
-                    f" FUSEDCLIP_CUDA_ARCHS including {major}{minor}"
-                )
-            self._device_reasons[index] = reason
+            self._device_reasons[index] = _ext.arch_reason(major, minor)
         return self._device_reasons[index]
 
     # -- launches ---------------------------------------------------------------------------------
