@@ -53,13 +53,13 @@ class _RefZClip:
         self.seen, self.mean, self.var, self.step = [], 0.0, 0.0, 0
 
     def threshold(self, total):
-        step, self.step = self.step, self.step + 1
-        if step < self.warmup:
+        """The warm-up is the first ``warmup`` finite norms; non-finite norms change nothing."""
+        if len(self.seen) < self.warmup:
             if math.isfinite(total):
                 self.seen.append(total)
-            if step == self.warmup - 1:
-                self.mean = sum(self.seen) / len(self.seen)
-                self.var = sum((x - self.mean) ** 2 for x in self.seen) / len(self.seen)
+                if len(self.seen) == self.warmup:
+                    self.mean = sum(self.seen) / len(self.seen)
+                    self.var = sum((x - self.mean) ** 2 for x in self.seen) / len(self.seen)
             return self.max_norm
         std = math.sqrt(self.var)
         z = (total - self.mean) / (std + 1e-6)
@@ -223,3 +223,282 @@ def test_no_mode_synchronises(mode):
             clipper()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# -- non-finite norms never enter the statistics ----------------------------------------------
+
+import functools  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fusedclip import adaptive  # noqa: E402
+
+_NORMS = st.one_of(
+    st.floats(1e-3, 1e3),
+    st.floats(1e3, 1e8),  # spikes
+    st.sampled_from([math.inf, -math.inf, math.nan]),  # the grad's value; its norm is inf or NaN
+)
+
+
+class _RefStatistics:
+    """Every statistic, computed over the finite norms only (non-finite steps skipped entirely)."""
+
+    def __init__(self, mode, *, history_size, warmup_steps, percentile, max_norm, ema_decay, alpha=0.97, z=2.5):
+        self.mode, self.history_size, self.percentile, self.ema_decay = mode, history_size, percentile, ema_decay
+        self.finite, self.nonfinite, self.ema = [], 0, None
+        self.zclip = _RefZClip(alpha, z, warmup_steps, max_norm)
+
+    def step(self, total):
+        """The threshold for this norm (None where the mode has no adaptive threshold)."""
+        threshold = None
+        if self.mode == "autoclip":
+            window = (self.finite + [total] if math.isfinite(total) else self.finite)[-self.history_size :]
+            threshold = float(torch.tensor(window, dtype=torch.float64).quantile(self.percentile / 100)) if window else math.nan
+        elif self.mode == "zclip":
+            threshold = self.zclip.threshold(total)
+        if math.isfinite(total):
+            self.ema = total if self.ema is None else self.ema * self.ema_decay + total * (1 - self.ema_decay)
+            self.finite.append(total)
+        else:
+            self.nonfinite += 1
+        return threshold
+
+    def history(self):
+        ring = [math.nan] * self.history_size
+        for k, x in enumerate(self.finite):
+            ring[k % self.history_size] = x
+        return torch.tensor(ring, dtype=torch.float64)
+
+
+def _close(a, b, what):
+    if math.isnan(b):
+        assert math.isnan(a), f"{what}: {a} != NaN"
+    else:
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-300), f"{what}: {a} != {b}"
+
+
+def _check_statistics(mode, values, *, warmup_steps=3, history_size=4, percentile=50.0, max_norm=5.0):
+    """Feed one-element grads with these values (norm |value|) and compare every statistic after
+    every step with the reference over the finite norms only; raises AssertionError otherwise."""
+    param = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    clipper = Clipper(
+        [param], mode, warmup_steps=warmup_steps, history_size=history_size, percentile=percentile, max_norm=max_norm, ema_decay=0.9
+    )
+    ref = _RefStatistics(mode, history_size=history_size, warmup_steps=warmup_steps, percentile=percentile, max_norm=max_norm, ema_decay=0.9)
+    for step, value in enumerate(values):
+        param.grad = torch.tensor([value], dtype=torch.float64)
+        clipper()
+        state = clipper.state
+        total = float(state["last_norm"])
+        threshold = ref.step(total)
+        where = f"step {step} of {values}"
+        assert int(state["finite_steps"]) == len(ref.finite), where
+        assert int(state["nonfinite_steps"]) == ref.nonfinite, where
+        if ref.ema is not None:
+            _close(float(state["ema_norm"]), ref.ema, f"ema_norm at {where}")
+        if mode == "autoclip":
+            torch.testing.assert_close(state["history"], ref.history(), rtol=0, atol=0, equal_nan=True, msg=where)
+            _close(float(state["threshold"]), threshold, f"threshold at {where}")
+        if mode == "zclip":
+            _close(float(state["mean"]), ref.zclip.mean, f"mean at {where}")
+            _close(float(state["var"]), ref.zclip.var, f"var at {where}")
+            _close(float(state["threshold"]), threshold, f"threshold at {where}")
+        for key, value in state.items():
+            if key not in ("last_norm", "param_norms", "threshold", "history", "warmup"):
+                assert torch.isfinite(value).all(), f"{key} is not finite at {where}"
+    return clipper
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mode=st.sampled_from(["norm", "autoclip", "zclip", "agc"]),
+    values=st.lists(_NORMS, min_size=1, max_size=30),
+    warmup_steps=st.integers(1, 5),
+    history_size=st.integers(1, 6),
+    percentile=st.sampled_from([0.0, 10.0, 50.0, 90.0, 100.0]),
+)
+def test_statistics_equal_those_over_the_finite_norms_only(mode, values, warmup_steps, history_size, percentile):
+    _check_statistics(mode, values, warmup_steps=warmup_steps, history_size=history_size, percentile=percentile)
+
+
+def test_zclip_after_a_warm_up_of_only_non_finite_norms_still_clips_a_spike():
+    values = [math.inf, math.nan, math.inf] + [1.0, 1.1, 0.9, 1.0, 1.05, 0.95] + [1000.0]
+    param = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    clipper = Clipper([param], "zclip", warmup_steps=3, max_norm=1e9)
+    for value in values:
+        param.grad = torch.tensor([value], dtype=torch.float64)
+        clipper()
+    assert float(param.grad.abs()) < 10, "the spike passed unclipped"
+    assert clipper.summary()["nonfinite_steps"] == 3
+
+
+def _zclip_threshold_by_steps(self, total):
+    """The deliberately broken version: the warm-up counts steps and averages with nanmean."""
+    finite = torch.isfinite(total)
+    if self.steps < self.warmup_steps:
+        warmup = self.state["warmup"]
+        warmup[self.steps] = torch.where(finite, total, torch.full_like(total, math.nan))
+        if self.steps == self.warmup_steps - 1:
+            mean = torch.nanmean(warmup)
+            self.state["mean"].copy_(mean)
+            self.state["var"].copy_(torch.nanmean((warmup - mean) ** 2))
+        return torch.full_like(total, self.max_norm)
+    mean, var = self.state["mean"], self.state["var"]
+    std = var.sqrt()
+    z = (total - mean) / (std + 1e-6)
+    threshold = torch.where(z > self.z_threshold, mean + (self.z_threshold**2 / z) * std, torch.full_like(total, math.inf))
+    clipped = torch.minimum(total, threshold)
+    new_mean = self.alpha * mean + (1 - self.alpha) * clipped
+    new_var = self.alpha * var + (1 - self.alpha) * (clipped - new_mean) ** 2
+    mean.copy_(torch.where(finite, new_mean, mean))
+    var.copy_(torch.where(finite, new_var, var))
+    return threshold
+
+
+def _autoclip_threshold_by_steps(self, total):
+    """The deliberately broken version: a non-finite norm takes a slot of the history."""
+    history = self.state["history"]
+    history[self.steps % self.history_size] = torch.where(torch.isfinite(total), total, torch.full_like(total, math.nan))
+    return torch.nanquantile(history[: min(self.steps + 1, self.history_size)], self.percentile / 100.0)
+
+
+_REAL_RECORD = Clipper._record
+
+
+def _record_with_plain_ema(self, total, per_tensor, positions, coef):
+    """The deliberately broken version: the EMA takes every norm, inf and NaN included."""
+    before = self.state["ema_norm"].clone()
+    _REAL_RECORD(self, total, per_tensor, positions, coef)
+    self.state["ema_norm"].copy_(total if self.steps == 0 else before * self.ema_decay + total * (1 - self.ema_decay))
+
+
+@pytest.mark.parametrize(
+    "mode, broken, values",
+    [
+        ("zclip", ("_zclip_threshold", _zclip_threshold_by_steps), [math.inf] * 3 + [1.0, 1.2, 0.8, 500.0]),
+        ("autoclip", ("_autoclip_threshold", _autoclip_threshold_by_steps), [1.0, math.inf, math.nan, math.inf, 2.0, 3.0]),
+        ("agc", ("_record", _record_with_plain_ema), [1.0, math.inf, 2.0]),
+    ],
+    ids=["zclip-warmup", "autoclip-history", "ema"],
+)
+def test_the_property_catches_statistics_poisoned_by_non_finite_norms(monkeypatch, mode, broken, values):
+    _check_statistics(mode, values)  # the real code passes
+    name, replacement = broken
+    monkeypatch.setattr(Clipper, name, replacement)
+    with pytest.raises(AssertionError):
+        _check_statistics(mode, values)
+
+
+# -- a single tensor, as clip_grad_norm_ takes it -----------------------------------------------
+
+
+def _single_tensor_clips_like_torch(shape, max_norm, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ours = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    ours.grad = torch.randn(shape, generator=gen) * 10
+    theirs.grad = ours.grad.clone()
+    total = Clipper(ours, "norm", max_norm=max_norm)()
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    torch.testing.assert_close(total, expected, rtol=2e-6, atol=0)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=2e-6, atol=1e-7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple),
+    max_norm=st.floats(0.01, 100.0),
+    seed=st.integers(0, 2**16),
+)
+def test_a_single_tensor_is_clipped_as_clip_grad_norm_clips_it(shape, max_norm, seed):
+    _single_tensor_clips_like_torch(shape, max_norm, seed)
+
+
+@pytest.mark.parametrize("mode", ["norm", "autoclip", "zclip", "agc"])
+def test_single_tensor_list_and_named_pairs_are_the_same_clipper(mode):
+    results = []
+    for wrap in (lambda p: p, lambda p: [p], lambda p: iter([("w", p)]), lambda p: [("w", p)]):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        clipper = Clipper(wrap(p), mode, warmup_steps=2, max_norm=1.0)
+        assert len(clipper.named) == 1
+        for step in range(4):
+            p.grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(step)) * (1 + 10 * (step == 3))
+            clipper()
+        results.append((p.grad.clone(), clipper.summary()["last_norm"]))
+    for grad, norm in results[1:]:
+        assert torch.equal(grad, results[0][0]) and norm == results[0][1]
+
+
+def _named_by_iterating(parameters):
+    """The deliberately broken version: a tensor is iterated (its rows become the 'parameters')."""
+    named = [(f"param{i}", item) for i, item in enumerate(parameters)]
+    return named
+
+
+def test_the_comparison_catches_a_tensor_iterated_by_rows(monkeypatch):
+    _single_tensor_clips_like_torch((3, 4), 0.5, 0)
+    monkeypatch.setattr(adaptive, "_named", _named_by_iterating)
+    with pytest.raises(AssertionError):
+        _single_tensor_clips_like_torch((3, 4), 0.5, 0)
+
+
+def test_bad_parameters_are_refused_with_a_message():
+    p = torch.nn.Parameter(torch.ones(2))
+    for bad in ("weights", {"w": p}, 3, [p, 3], [("w", 3)]):
+        with pytest.raises(TypeError):
+            Clipper(bad)
+    with pytest.raises(ValueError, match="at least one"):
+        Clipper([])
+
+
+# -- result dtypes: one promotion rule ----------------------------------------------------------
+
+_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128]
+
+
+def _check_result_dtypes(dtypes, clip):
+    """``clip(params)`` returns the total; it must have torch's dtype and value (clip_grad_norm_)."""
+    gen = torch.Generator().manual_seed(len(dtypes))
+    ours = [torch.nn.Parameter(torch.zeros(3, dtype=d)) for d in dtypes]
+    theirs = [torch.nn.Parameter(torch.zeros(3, dtype=d)) for d in dtypes]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(3, generator=gen, dtype=torch.complex128 if a.is_complex() else torch.float64).to(a.dtype)
+        b.grad = a.grad.clone()
+    total = clip(ours)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1e9)
+    assert total.dtype == expected.dtype, f"{dtypes}: {total.dtype} != torch's {expected.dtype}"
+    torch.testing.assert_close(total, expected, rtol=1e-2, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtypes=st.lists(st.sampled_from(_DTYPES), min_size=1, max_size=4), mode=st.sampled_from(["norm", "autoclip", "zclip", "agc"]))
+def test_clipper_total_has_torchs_real_dtype(dtypes, mode):
+    _check_result_dtypes(dtypes, lambda params: Clipper(params, mode, max_norm=1e9, agc_clipping=1e9)())
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtypes=st.lists(st.sampled_from(_DTYPES), min_size=1, max_size=4))
+def test_get_norms_per_tensor_dtype_is_the_real_result_dtype_at_least_float32(dtypes):
+    tensors = [torch.randn(3, dtype=torch.complex128 if d.is_complex else torch.float64).to(d) for d in dtypes]
+    total, per_tensor = fusedclip.get_norms(tensors)
+    expected_total = torch.nn.utils.get_total_norm(tensors)
+    assert total.dtype == expected_total.dtype
+    assert per_tensor.dtype == torch.promote_types(expected_total.dtype, torch.float32)
+    for t, norm in zip(tensors, per_tensor.double()):
+        wanted = torch.linalg.vector_norm(t.to(torch.complex128 if t.is_complex() else torch.float64))
+        wide = t.dtype in (torch.float64, torch.complex128)
+        torch.testing.assert_close(norm, wanted, rtol=1e-12 if wide else 1e-6, atol=0)
+
+
+def test_the_dtype_check_catches_promotion_over_complex_dtypes():
+    dtypes = [torch.complex64, torch.float32]
+    _check_result_dtypes(dtypes, lambda params: Clipper(params, max_norm=1e9)())
+    raw_promotion = functools.partial(functools.reduce, torch.promote_types)
+
+    def broken(params):  # the deliberately broken rule: promote the grads' own dtypes
+        return Clipper(params, max_norm=1e9)().to(raw_promotion([p.grad.dtype for p in params]))
+
+    with pytest.raises(AssertionError, match="complex"):
+        _check_result_dtypes(dtypes, broken)
