@@ -11,11 +11,12 @@ import io
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from fusedclip.bench import cli, measure, metrics, providers, runner
+from fusedclip.bench import cli, measure, metrics, providers, report, runner
 from fusedclip.bench.environment import describe
 from fusedclip.bench.errors import BenchError
 from fusedclip.bench.gradsets import BASE_NORM, CLIPPED_SCALE, MAX_COPIES, MAX_NORM, GradSet, copies_needed
@@ -32,6 +33,12 @@ def tiny_suite(monkeypatch: pytest.MonkeyPatch) -> str:
     """A test-only set of four small tensors, registered as suite 'tiny'."""
     monkeypatch.setitem(SUITES, "tiny", Suite("tiny", "test-only set", lambda: [Variant(TINY_SHAPES, "full")]))
     return "tiny"
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default results folder is relative to the working directory: keep it out of the repository."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -236,22 +243,22 @@ def test_providers_cover_torch_variants_apex_and_every_fusedclip_backend():
     by_name = {p.name: p for p in known}
     assert by_name["torch"].available and by_name["fusedclip-torch"].available
     assert "CUDA" in by_name["apex"].unavailable
-    for backend in registry.BACKEND_NAMES:  # availability follows the registry
-        registry_reason = registry._reason(backend, CPU, None)
-        if registry_reason is not None:
-            assert by_name[f"fusedclip-{backend}"].unavailable == registry_reason
+    available = registry.available_backends(CPU)
+    for backend in ("cuda", "cpu", "torch"):  # availability follows the registry
+        expected = None if available[backend] is True else available[backend]
+        assert by_name[f"fusedclip-{backend}"].unavailable == expected
+    # triton never runs timed on a CPU (only through its interpreter, far too slow)
+    assert not by_name["fusedclip-triton"].available
 
 
-def test_triton_under_the_interpreter_is_excluded(monkeypatch):
+def test_triton_on_a_cpu_is_excluded_without_importing_triton(monkeypatch):
     import fusedclip.backends as registry
 
-    real_reason = registry._reason
-    monkeypatch.setattr(registry, "_reason", lambda name, d, p: None if name == "triton" else real_reason(name, d, p))
+    monkeypatch.setattr(registry, "_reason", lambda name, d, p: pytest.fail(f"{name} looked up"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton = {p.name: p for p in providers.discover(CPU)}["fusedclip-triton"]
-    assert triton.unavailable == providers.INTERPRETER_REASON
+    assert providers._fusedclip_reason("triton", CPU) == providers.INTERPRETER_REASON
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert {p.name: p for p in providers.discover(CPU)}["fusedclip-triton"].available
+    assert "CUDA tensors" in providers._fusedclip_reason("triton", CPU)
 
 
 def test_select_filters_orders_and_keeps_the_baseline():
@@ -285,7 +292,9 @@ def test_resolve_names_accepts_aliases_and_comma_lists():
         (["--provider", "nope"], "unknown provider 'nope'"),
         (["--provider", "apex"], "provider 'apex' is unavailable on cpu"),
         (["--reps", "0"], "--reps must be >= 1"),
-        (["--quick", "--provider", "torch-compile"], "compile budget is 0"),
+        (["--provider", "torch-compile"], "compile budget is 0"),
+        (["--time-budget", "-1"], "--time-budget must be >= 0"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_bad_options_give_a_message_not_a_traceback(capsys, argv, message):
@@ -320,21 +329,41 @@ def _options(*argv: str):
     return cli.make_options(args, info, providers.discover(CPU))
 
 
-def test_quick_defaults_are_small_and_skip_torch_compile():
-    options, notes = _options("--quick")
-    assert options.suites == cli.QUICK_SUITES and options.dtypes == cli.QUICK_DTYPES
-    assert options.budget_bytes == cli.QUICK_BUDGET_MB << 20
-    assert "torch-compile" not in [p.name for p in options.providers]
-    assert not options.launches_every_case and any("counted on one clipped call" in note for note in notes)
+def test_default_run_is_short_time_budgeted_and_compares_torch_with_the_automatic_backend():
+    options, notes = _options()
+    assert options.suites == cli.DEFAULT_SUITES and options.dtypes == cli.DEFAULT_DTYPES
+    assert options.budget_bytes == cli.DEFAULT_CPU_BUDGET_MB << 20
+    assert options.time_budget_s == cli.DEFAULT_TIME_BUDGET_S
+    assert [p.name for p in options.providers] == ["torch", cli.auto_provider(CPU, providers.discover(CPU))]
+    assert options.compile_budget_s == 0 and not options.count_launches
+    assert any("--full" in note for note in notes)
     assert "llama2-7b" not in options.suites  # its smallest real-shaped variant is one 7B layer
 
 
-def test_default_run_on_a_cpu_is_budgeted_and_compiles_within_a_budget():
-    options, _ = _options()
+def test_automatic_provider_is_the_backend_fusedclip_picks():
+    import fusedclip
+    from fusedclip import engine
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.ones(3)
+    picked = engine.prepare([param.grad], None).backend_names[0]
+    assert cli.auto_provider(CPU, providers.discover(CPU)) == f"fusedclip-{picked}"
+    assert fusedclip.available_backends(CPU)[picked] is True
+
+
+def test_full_run_is_the_complete_sweep_with_torch_compile_and_no_time_budget():
+    options, _ = _options("--full")
     assert options.suites == list(SUITES) and options.dtypes == list(DTYPES)
-    assert options.budget_bytes == cli.CPU_BUDGET_MB << 20
+    assert options.budget_bytes == cli.FULL_CPU_BUDGET_MB << 20
+    assert options.time_budget_s is None and options.count_launches
     assert options.compile_budget_s == cli.CPU_COMPILE_BUDGET_S
-    assert options.providers[0].name == "torch"
+    names = [p.name for p in options.providers]
+    assert names[0] == "torch" and "torch-loop" in names and "fusedclip-torch" in names
+
+
+def test_time_budget_zero_means_none():
+    options, _ = _options("--time-budget", "0")
+    assert options.time_budget_s is None
 
 
 def test_max_mb_zero_means_no_budget():
@@ -350,7 +379,7 @@ def test_run_writes_markdown_json_and_csv_with_consistent_numbers(capsys, tmp_pa
     code, out, err = run_cli(
         capsys,
         "--device", "cpu", "--suite", tiny_suite, "--dtype", "fp32,mix", "--provider", "fusedclip-torch,torch-loop",
-        "--reps", "3", "--no-progress", "--json", str(json_path), "--csv", str(csv_path),
+        "--reps", "3", "--no-progress", "--json", str(json_path), "--csv", str(csv_path), "--full", "--no-files",
     )  # fmt: skip
     assert code == 0, err
 
@@ -391,18 +420,55 @@ def test_run_writes_markdown_json_and_csv_with_consistent_numbers(capsys, tmp_pa
     assert "Traceback" not in err
 
 
-def test_quick_plumbing_runs_end_to_end(capsys, tmp_path, monkeypatch, tiny_suite, small_copy):
-    monkeypatch.setattr(cli, "QUICK_SUITES", [tiny_suite])
-    code, out, err = run_cli(
-        capsys, "--device", "cpu", "--quick", "--reps", "2", "--no-progress", "--json", str(tmp_path / "q.json")
-    )
+def test_default_run_writes_report_data_and_chart_to_the_results_folder(
+    capsys, tmp_path, monkeypatch, tiny_suite, small_copy
+):
+    monkeypatch.setattr(cli, "DEFAULT_SUITES", [tiny_suite])
+    code, out, err = run_cli(capsys, "--device", "cpu", "--no-progress")
     assert code == 0, err
-    data = json.loads((tmp_path / "q.json").read_text())
-    assert data["meta"]["options"]["quick"] is True
-    assert {r["dtype"] for r in data["rows"]} == set(cli.QUICK_DTYPES)
-    assert "torch-compile" not in {r["provider"] for r in data["rows"]}
-    assert data["meta"]["providers"]["torch-compile"]["available"].startswith("off: its compile budget is 0")
-    assert "- `torch-compile`: off: its compile budget is 0" in out
+    folder = tmp_path / cli.DEFAULT_OUT  # relative to the working directory
+    data = json.loads((folder / "cpu.json").read_text())
+    meta = data["meta"]
+    assert meta["options"]["full"] is False and meta["options"]["time_budget_s"] == cli.DEFAULT_TIME_BUDGET_S
+    assert {r["dtype"] for r in data["rows"]} == set(cli.DEFAULT_DTYPES)
+    assert {r["provider"] for r in data["rows"]} == {"torch", meta["fusedclip_provider"]}
+    assert all(r["status"] == "ok" and r["reps"] >= 3 and r["launches"] is None for r in data["rows"])
+    assert meta["providers"]["torch-compile"]["available"].startswith("off: its compile budget is 0")
+    assert meta["providers"]["torch-loop"]["available"].startswith("not in the default run")
+    assert set(meta["load"]) >= {"cpus", "other_cpus", "busy", "load_average_start"}
+    # the terminal: the headline first, then the speedup table, then where the files are
+    first = out.splitlines()[2]
+    assert first.startswith("On ") and "`torch.nn.utils.clip_grad_norm_`" in first and "when clipping" in first
+    assert ("The machine was quiet" in first) != ("The machine was busy" in first)
+    assert "| set | tensors |" in out and "## Details" not in out
+    for name in ("cpu.md", "cpu.json", "cpu.png"):
+        assert str(Path(cli.DEFAULT_OUT) / name) in out
+    markdown = (folder / "cpu.md").read_text()
+    assert markdown.splitlines()[4] == first  # the report opens with the same headline
+    assert "## Details" in markdown and "- `torch-loop`: not in the default run" in markdown
+    if (folder / "cpu.png").exists():  # matplotlib installed
+        assert (folder / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_run_files_are_named_apart_from_the_default_run(capsys, tmp_path, monkeypatch, tiny_suite, small_copy):
+    monkeypatch.setattr(cli, "matplotlib_missing", lambda: "no chart in this test")
+    code, out, err = run_cli(
+        capsys, "--device", "cpu", "--full", "--suite", tiny_suite, "--dtype", "fp32", "--provider", "torch",
+        "--reps", "1", "--no-progress", "--out", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["cpu-full.json", "cpu-full.md"]
+    assert "not written: no chart in this test" in out
+
+
+def test_a_spent_time_budget_skips_sets_with_the_reason(tiny_suite, monkeypatch):
+    monkeypatch.setitem(SUITES, "tiny2", Suite("tiny2", "another", lambda: [Variant(TINY_SHAPES[:3], "full")]))
+    baseline = providers.discover(CPU)[0]
+    run = _runner([baseline], suites=["tiny", "tiny2"], dtypes=["fp32", "bf16"], reps=None, time_budget_s=1e-9)
+    rows = run.run().rows
+    assert len(rows) == 2 * 2 * 2 and all(r.status == "skipped" and "time budget" in r.reason for r in rows)
+    markdown = render_markdown(Results(_tiny_results().meta, rows))
+    assert "Not measured for lack of time: tiny fp32, tiny bf16, tiny2 fp32 and tiny2 bf16" in markdown
 
 
 def test_save_writes_the_committed_files_with_the_regenerate_command(
@@ -426,8 +492,9 @@ def test_missing_matplotlib_is_a_note_not_a_crash(capsys, tmp_path, monkeypatch,
         "--no-progress", "--png", str(tmp_path / "chart.png"),
     )  # fmt: skip
     assert code == 0
-    assert "matplotlib is not installed" in err and "matplotlib is not installed" in out
+    assert "matplotlib is not installed" in err and "chart:        not written: matplotlib is not installed" in out
     assert not (tmp_path / "chart.png").exists()
+    assert not list((tmp_path / cli.DEFAULT_OUT).glob("*.png"))
 
 
 def test_chart_is_a_png(tmp_path):
@@ -642,11 +709,30 @@ def test_cuda_run_reports_device_time_and_kernels(capsys, tmp_path, tiny_suite, 
     assert "| device ms |" in out
 
 
-def test_busy_machine_is_flagged():
-    assert cli._busy_warning({"start": 0.1, "end": 1.9, "cpus": 2}) is None  # the run's own load
-    assert "busy" in cli._busy_warning({"start": 1.5, "end": 2.0, "cpus": 2})
-    assert "busy" in cli._busy_warning({"start": 0.2, "end": 3.5, "cpus": 2})
-    assert cli._busy_warning({"start": None, "end": None, "cpus": 2}) is None
+def test_busy_machine_is_flagged_and_gets_fewer_threads():
+    from fusedclip.bench import load
+
+    assert load.busy_threshold(2) == 0.5 and load.busy_threshold(64) == 16
+    quiet = load.LoadReading(cpus=2, load_average_start=0.2, load_average_end=1.9, other_cpus=0.1, busy=False)
+    busy = load.LoadReading(cpus=2, load_average_start=3.0, load_average_end=3.5, other_cpus=1.4, busy=True)
+    assert quiet.describe.startswith("The machine was quiet: other processes used 0.1 of 2 CPUs")
+    assert busy.describe.startswith("**The machine was busy**: other processes used 1.4 of 2 CPUs")
+    assert load.reading_from_dict(busy.to_dict()) == busy
+    assert load.threads_for(2, 0.1, 2) == 2 and load.threads_for(2, None, 2) == 2
+    assert load.threads_for(2, 1.4, 2) == 1 and load.threads_for(2, 2.0, 2) == 1
+    assert load.threads_for(16, 6.0, 16) == 10
+    reading = load.LoadMeter().read()  # measurable here or not, it gives a sentence
+    assert reading.cpus >= 1 and reading.describe
+
+
+def test_headline_reports_speedups_sets_and_load():
+    results = _tiny_results()
+    results.meta["fusedclip_provider"] = "x"
+    results.meta["load"] = {"cpus": 2, "load_average_start": 3.0, "load_average_end": 3.0, "other_cpus": 1.4,
+                            "busy": True}  # fmt: skip
+    text = report.headline(results)
+    assert "**speedup 2.00× when clipping**" in text and "**speedup 2.00× when the norm is under `max_norm`**" in text
+    assert "The machine was busy" in text and "in fp32" in text
 
 
 def test_console_script_and_module_share_the_entry_point():

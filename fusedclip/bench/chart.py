@@ -1,14 +1,47 @@
-"""A PNG chart: speedup over the baseline and share of copy bandwidth, per set/dtype and provider."""
+"""The PNG chart: one figure, speedup over torch per set and dtype, clipped and unclipped side by side.
+
+Read at a glance: horizontal bars, one per provider, each labelled with its value; a dashed line at
+1× (torch itself); the same colour for a provider in every chart (a fixed mapping, not the order in
+which providers happen to appear); the device and date in the title; the legend below the panels,
+never over a bar; and a red warning on the figure when the machine was busy during the run.
+"""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
+from .load import reading_from_dict
 from .providers import BASELINE
-from .report import cells_of, providers_measured
+from .report import cells_of, providers_measured, tensors_label
 from .results import Results
 
 MISSING_MATPLOTLIB = "matplotlib is not installed: no chart written (pip install 'fusedclip[bench]')"
+
+#: every known provider's colour, fixed: fusedclip's backends in blues and greens, torch's variants in
+#: greys and purple, apex in brown
+PROVIDER_COLORS: dict[str, str] = {
+    "fusedclip-cpu": "#1f77b4",
+    "fusedclip-cuda": "#08519c",
+    "fusedclip-triton": "#2ca02c",
+    "fusedclip-torch": "#17becf",
+    "torch": "#7f7f7f",
+    "torch-loop": "#bcbd22",
+    "torch-compile": "#9467bd",
+    "apex": "#8c564b",
+}
+#: colours for providers not listed above, picked by a hash of the name (stable from run to run)
+_SPARE_COLORS = ("#e377c2", "#ff7f0e", "#d62728", "#393b79", "#637939", "#843c39")
+CASE_TITLES = {
+    "clipped": "Clipped (norm above max_norm: grads scaled)",
+    "unclipped": "Unclipped (norm under max_norm: nothing to scale)",
+}
+
+
+def provider_color(name: str) -> str:
+    if name in PROVIDER_COLORS:
+        return PROVIDER_COLORS[name]
+    return _SPARE_COLORS[zlib.crc32(name.encode()) % len(_SPARE_COLORS)]
 
 
 def matplotlib_missing() -> str | None:
@@ -21,49 +54,90 @@ def matplotlib_missing() -> str | None:
 
 
 def write_chart(results: Results, path: Path) -> None:
-    """Four stacked panels of grouped bars, one group per set and dtype, one bar per provider:
-    speedup over the baseline (log scale) and share of copy bandwidth, clipped and unclipped."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.patches import Patch
 
-    cells = cells_of(results)
-    groups = [f"{set_name} {dtype}" for set_name, dtype in cells]
-    providers = providers_measured(results)
-    colors = {name: f"C{index}" for index, name in enumerate(providers)}
-    panels = [
-        (case, f"{case}: speedup over {BASELINE} (log scale)", [p for p in providers if p != BASELINE], "speedup")
-        for case in ("clipped", "unclipped")
-    ] + [(case, f"{case}: share of copy bandwidth (%)", providers, "copy_share") for case in ("clipped", "unclipped")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(10.0, 0.5 * len(groups)), 3.4 * len(panels)), squeeze=False)
-    for ax, (case, title, shown, metric) in zip(axes[:, 0], panels):
-        width = 0.8 / max(1, len(shown))
-        for index, provider in enumerate(shown):
-            xs, ys = [], []
-            for group_index, cell in enumerate(cells.values()):
-                row = cell.get((case, provider))
-                value = getattr(row, metric) if row is not None and row.ok else None
-                if value is not None:
-                    xs.append(group_index - 0.4 + width * (index + 0.5))
-                    ys.append(100 * value if metric == "copy_share" else value)
-            ax.bar(xs, ys, width=width, label=provider, color=colors[provider])
-        if metric == "speedup":
-            ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_yscale("log", base=2)
-            ax.yaxis.set_major_locator(LogLocator(base=2))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}×"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(title, fontsize=10, loc="left")
-        ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels(groups, fontsize=7, rotation=45, ha="right", rotation_mode="anchor")
-        ax.set_xlim(-0.6, len(groups) - 0.4)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, ncol=len(shown), loc="upper left")
     meta = results.meta
-    fig.suptitle(f"fusedclip benchmark on {meta['device_name']} (torch {meta['torch']})", fontsize=11)
-    fig.tight_layout()
+    cells = cells_of(results)
+    providers = [p for p in providers_measured(results) if p != BASELINE]
+    labels = []
+    scaled = False
+    for (set_name, dtype), cell in cells.items():
+        row = next(iter(cell.values()))
+        mark = "*" if row.scale != "full" else ""
+        scaled = scaled or bool(mark)
+        labels.append(f"{set_name}{mark} {dtype}\n{tensors_label(row)} tensors")
+
+    bar = 0.8 / max(1, len(providers))
+    height = max(3.6, 1.9 + len(cells) * (0.24 * max(1, len(providers)) + 0.22))
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, height), sharey=True, squeeze=False)
+    largest = max(
+        [r.speedup for r in results.rows if r.ok and r.speedup and r.provider in providers] + [1.0],
+    )
+    for ax, case in zip(axes[0], ("clipped", "unclipped")):
+        for index, provider in enumerate(providers):
+            ys, values = [], []
+            for group, cell in enumerate(cells.values()):
+                row = cell.get((case, provider))
+                if row is not None and row.ok and row.speedup:
+                    ys.append(group - 0.4 + bar * (index + 0.5))
+                    values.append(row.speedup)
+            bars = ax.barh(ys, values, height=bar * 0.92, color=provider_color(provider), label=provider)
+            ax.bar_label(bars, labels=[f"{v:.2f}×" for v in values], padding=3, fontsize=8)
+        for group, cell in enumerate(cells.values()):
+            if not any(row.ok and row.speedup for (c, p), row in cell.items() if c == case and p in providers):
+                reasons = {row.reason or row.status for (c, _), row in cell.items() if c == case and not row.ok}
+                why = "not measured: time budget spent" if any("time budget" in r for r in reasons) else "not measured"
+                ax.text(0.02 * largest, group, why, va="center", fontsize=8, color="#888888")
+        ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.text(1.0, -0.75, " torch = 1×", fontsize=8, va="bottom", ha="left")
+        ax.set_xlim(0, largest * 1.2)
+        ax.set_title(CASE_TITLES[case], fontsize=10, loc="left")
+        ax.set_xlabel("speedup over torch.nn.utils.clip_grad_norm_ (higher is better)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0][0].set_yticks(range(len(labels)))
+    axes[0][0].set_yticklabels(labels, fontsize=8)
+    axes[0][0].set_ylim(len(labels) - 0.5, -0.9)  # first set on top, room for the 1x label
+
+    date = str(meta.get("started", ""))[:10]
+    fig.suptitle(
+        f"fusedclip vs torch: speedup per gradient set\n{meta['device_name']}, {date}, torch {meta['torch']}",
+        fontsize=12,
+        x=0.01,
+        ha="left",
+    )
+    load = reading_from_dict(meta.get("load"))
+    top = 1 - 0.95 / height
+    if load is not None and load.busy:
+        fig.text(
+            0.01,
+            1 - 0.78 / height,
+            "⚠ " + load.describe.replace("**", "").replace(" rerun", "\n   rerun"),
+            color="#c00000",
+            fontsize=9,
+            va="top",
+            ha="left",
+        )
+        top -= 0.38 / height
+    handles = [Patch(color=provider_color(p), label=p) for p in providers]
+    fig.legend(handles=handles, loc="lower left", ncol=max(1, len(handles)), fontsize=9, frameon=False,
+               bbox_to_anchor=(0.01, 0.0))  # fmt: skip
+    if scaled:
+        fig.text(
+            0.99,
+            0.012,
+            "* scaled down to fit the run (fewer layers, real tensor shapes)",
+            fontsize=8,
+            ha="right",
+            va="bottom",
+            color="#555555",
+        )
+    fig.subplots_adjust(left=0.15, right=0.98, top=top - 0.25 / height, bottom=0.95 / height, wspace=0.08)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

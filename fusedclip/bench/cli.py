@@ -1,7 +1,10 @@
 """``python -m fusedclip.bench`` / ``fusedclip-bench``: compare fusedclip with torch on this machine.
 
-Runs on the best device present (CUDA, else the CPU), prints a Markdown report on stdout, and
-writes JSON, CSV and a PNG chart on request (``--save DIR`` writes DIR/<device>.md/.json/.png).
+The default run is short (at most about a minute on a 2-core CPU, busy or not): four gradient sets
+in fp32 and bf16, torch against every fusedclip backend, within a time budget. It prints a headline
+paragraph and a speedup table, and writes the full Markdown report, the JSON data and a PNG chart to
+``./fusedclip-bench-results/`` (``--out DIR``). ``--full`` runs the complete sweep: every set, dtype
+and provider (torch.compile too), with no time budget.
 """
 
 from __future__ import annotations
@@ -20,42 +23,60 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .. import backends as fusedclip_backends
 from .chart import matplotlib_missing, write_chart
 from .environment import DeviceInfo, describe, pick_device
 from .errors import BenchError
+from .load import LoadMeter, others_now, process_age_s, threads_for
 from .measure import launch_kind, measure_copy
 from .metrics import share
 from .progress import make_progress
 from .providers import BASELINE, Provider, discover, select
-from .report import render_markdown
+from .report import render_markdown, render_terminal
 from .results import Results
 from .runner import Options, Runner
 from .suites import DTYPE_ALIASES, DTYPES, SUITES
 
 MiB = 1 << 20
-#: the default run on a CPU: sets up to this size, so that it ends in a few minutes
-CPU_BUDGET_MB = 64
-#: --quick: what it measures (under a minute on a 2-core CPU)
-QUICK_SUITES = ["gpt2-small", "resnet50", "small-10k", "huge"]
-QUICK_DTYPES = ["fp32", "bf16"]
-QUICK_BUDGET_MB = 32
-#: seconds of torch.compile allowed by default (inductor's CPU compile is slow on few cores)
+#: the default run: a transformer, a convnet, many medium tensors and many small ones
+DEFAULT_SUITES = ["gpt2-small", "resnet50", "moe", "small-10k"]
+DEFAULT_DTYPES = ["fp32", "bf16"]
+#: the default run on a CPU scales sets down to this size
+DEFAULT_CPU_BUDGET_MB = 32
+#: --full on a CPU: sets up to this size (a few minutes on a 2-core CPU)
+FULL_CPU_BUDGET_MB = 64
+#: seconds the whole default run may take, from the start of the process to the files written
+DEFAULT_TIME_BUDGET_S = 50.0
+#: seconds the measuring loop gets at least, however long the start-up took
+MIN_LOOP_S = 5.0
+#: CPU seconds the end of a run takes (closing copy reference, report, chart) on an idle CPU
+CLOSING_CPU_S = 2.0
+#: seconds of torch.compile allowed with --full (inductor's CPU compile is slow on few cores)
 CPU_COMPILE_BUDGET_S = 60.0
 GPU_COMPILE_BUDGET_S = 600.0
 DEFAULT_COMPILE_MAX_TENSORS = 300
-#: the command that regenerates benchmarks/results/<device>.md and .json
-REGENERATE = "python -m fusedclip.bench --save benchmarks/results"
+#: where the report, data and chart go unless --out says otherwise
+DEFAULT_OUT = Path("fusedclip-bench-results")
+#: the commands that regenerate the committed results (benchmarks/results/<device>.* and <device>-full.*)
+REGENERATE = "python -m fusedclip.bench --out benchmarks/results"
+REGENERATE_FULL = "python -m fusedclip.bench --full --out benchmarks/results"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusedclip-bench",
         description="Compare fusedclip with torch.nn.utils.clip_grad_norm_ side by side on this machine's"
-        " best device (CUDA if available, else the CPU).",
-        epilog=f"Regenerate the committed results of this device with: {REGENERATE}",
+        " best device (CUDA if available, else the CPU). The default run takes at most about a minute;"
+        " --full runs the complete sweep.",
+        epilog=f"Regenerate the committed results of this device with: {REGENERATE} and {REGENERATE_FULL}",
     )
     add = parser.add_argument
-    add("--quick", action="store_true", help="a short run: fewer, smaller sets, fp32 and bf16, no torch.compile")
+    add(
+        "--full",
+        action="store_true",
+        help="the complete sweep: every set and dtype, every provider (torch-loop and torch.compile too), launch"
+        " counts, larger sets on a CPU, no time budget (several minutes on a 2-core CPU)",
+    )
     add("--suite", action="append", metavar="NAMES", help=f"gradient sets (comma list): {', '.join(SUITES)}")
     add("--dtype", action="append", metavar="NAMES", help=f"dtypes (comma list): {', '.join(DTYPES)}")
     add(
@@ -69,21 +90,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-mb",
         type=float,
         metavar="MB",
-        help=f"largest set in MiB before it is scaled down (default: {CPU_BUDGET_MB} on a CPU,"
-        f" {QUICK_BUDGET_MB} with --quick, free memory only on a GPU); 0 = no limit but memory",
+        help=f"largest set in MiB before it is scaled down (default on a CPU: {DEFAULT_CPU_BUDGET_MB},"
+        f" {FULL_CPU_BUDGET_MB} with --full; on a GPU: free memory only); 0 = no limit but memory",
+    )
+    add(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help=f"seconds the whole run may take, start-up included (default: {DEFAULT_TIME_BUDGET_S:g}; none with"
+        " --full); a busy machine gets fewer rounds, and sets not started in time are reported as skipped;"
+        " 0 = no limit",
+    )
+    add(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch and fusedclip alike (default: torch's default, or on a CPU that other"
+        " processes keep busy, the CPUs they leave free)",
     )
     add(
         "--reps",
         type=int,
         metavar="N",
-        help="timed rounds per set, dtype and case (default: 5 to 100, about 0.5 s of calls on a CPU, 1 s on a GPU)",
+        help="timed rounds per set, dtype and case (default: as many as fit in the case's share of time)",
     )
     add(
         "--compile-budget",
         type=float,
         metavar="SECONDS",
-        help=f"total compile time allowed to torch.compile (default: {CPU_COMPILE_BUDGET_S:.0f} on a CPU,"
-        f" {GPU_COMPILE_BUDGET_S:.0f} on a GPU, 0 with --quick); 0 turns the provider off",
+        help=f"total compile time allowed to torch.compile (default: 0, i.e. off, without --full; with --full"
+        f" {CPU_COMPILE_BUDGET_S:.0f} on a CPU, {GPU_COMPILE_BUDGET_S:.0f} on a GPU); 0 turns the provider off",
     )
     add(
         "--compile-max-tensors",
@@ -92,10 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="skip torch.compile on sets with more tensors than this (default: %(default)s)",
     )
-    add("--json", type=Path, metavar="PATH", help="write the results as JSON")
-    add("--csv", type=Path, metavar="PATH", help="write the rows as CSV")
-    add("--png", "--chart", dest="png", type=Path, metavar="PATH", help="write a PNG chart (needs matplotlib)")
-    add("--save", type=Path, metavar="DIR", help="write DIR/<device>.md, .json and .png (the committed results)")
+    add(
+        "--out",
+        "--save",
+        dest="out",
+        type=Path,
+        metavar="DIR",
+        help=f"folder for the report (.md), data (.json) and chart (.png): DIR/<device>.* (<device>-full.* with"
+        f" --full); default: ./{DEFAULT_OUT}",
+    )
+    add("--no-files", action="store_true", help="write no files: print the whole report on stdout instead")
+    add("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    add("--csv", type=Path, metavar="PATH", help="also write the rows as CSV to PATH")
+    add("--png", "--chart", dest="png", type=Path, metavar="PATH", help="also write the chart to PATH")
     add("--seed", type=int, default=0, help="seed of the random grads (default: %(default)s)")
     add("--no-progress", action="store_true", help="no progress display on stderr")
     add("--list", action="store_true", help="list sets, dtypes and providers (with availability) and exit")
@@ -125,28 +170,40 @@ def resolve_names(
     return names
 
 
+def _default_providers(known: list[Provider], device: torch.device) -> list[str] | None:
+    """Without --full: torch against the backend fusedclip picks by itself on a CPU, against every
+    fusedclip backend that runs here on a GPU (no torch-loop, no torch.compile)."""
+    if device.type == "cuda":
+        names = [p.name for p in known if p.available and p.name.startswith("fusedclip-")]
+    else:
+        names = [auto_provider(device, known)]
+    return [",".join([BASELINE] + names)] if names else None
+
+
 def make_options(args: argparse.Namespace, info: DeviceInfo, known: list[Provider]) -> tuple[Options, list[str]]:
     """Options for the runner from the command line, with the notes they imply."""
     notes: list[str] = []
-    suites = resolve_names(args.suite, list(SUITES), {}, "suite") or (QUICK_SUITES if args.quick else list(SUITES))
+    full = args.full
+    suites = resolve_names(args.suite, list(SUITES), {}, "suite") or (list(SUITES) if full else DEFAULT_SUITES)
     dtypes = resolve_names(args.dtype, list(DTYPES), DTYPE_ALIASES, "dtype") or (
-        QUICK_DTYPES if args.quick else list(DTYPES)
+        list(DTYPES) if full else DEFAULT_DTYPES
     )
-    providers = select(known, args.provider, info.device)
+    requested = args.provider if (args.provider or full) else _default_providers(known, info.device)
+    providers = select(known, requested, info.device)
 
     if args.compile_budget is not None:
         compile_budget = args.compile_budget
-    elif args.quick:
-        compile_budget = 0.0
-    else:
+    elif full:
         compile_budget = GPU_COMPILE_BUDGET_S if info.is_cuda else CPU_COMPILE_BUDGET_S
+    else:
+        compile_budget = 0.0
     if compile_budget < 0:
         raise BenchError(f"--compile-budget must be >= 0 seconds, got {compile_budget}")
     if compile_budget == 0 and any(p.compiles for p in providers):
         named = {n.strip().lower() for item in args.provider or [] for n in item.split(",")}
         if any(p.compiles and p.name in named for p in providers):
             raise BenchError(
-                "torch-compile was requested but its compile budget is 0 (the default with --quick);"
+                "torch-compile was requested but its compile budget is 0 (the default without --full);"
                 " give --compile-budget SECONDS"
             )
         providers = [p for p in providers if not p.compiles]
@@ -161,10 +218,17 @@ def make_options(args: argparse.Namespace, info: DeviceInfo, known: list[Provide
         if args.max_mb < 0:
             raise BenchError(f"--max-mb must be >= 0, got {args.max_mb}")
         budget = None if args.max_mb == 0 else int(args.max_mb * MiB)
-    elif args.quick:
-        budget = QUICK_BUDGET_MB * MiB
+    elif info.is_cuda:
+        budget = None
     else:
-        budget = None if info.is_cuda else CPU_BUDGET_MB * MiB
+        budget = (FULL_CPU_BUDGET_MB if full else DEFAULT_CPU_BUDGET_MB) * MiB
+
+    if args.time_budget is not None:
+        if args.time_budget < 0:
+            raise BenchError(f"--time-budget must be >= 0 seconds, got {args.time_budget}")
+        time_budget = args.time_budget or None
+    else:
+        time_budget = None if full else DEFAULT_TIME_BUDGET_S
     if args.reps is not None and args.reps < 1:
         raise BenchError(f"--reps must be >= 1, got {args.reps}")
     if args.compile_max_tensors < 1:
@@ -175,14 +239,19 @@ def make_options(args: argparse.Namespace, info: DeviceInfo, known: list[Provide
         providers=providers,
         budget_bytes=budget,
         reps=args.reps,
-        target_s=0.25 if args.quick else (1.0 if info.is_cuda else 0.5),
+        min_reps=5 if full else 3,
+        target_s=1.0 if info.is_cuda else 0.5,
         compile_budget_s=compile_budget,
         compile_max_tensors=args.compile_max_tensors,
         # profiling a call on 10000 tensors takes seconds on a small CPU: once per set there
-        launches_every_case=info.is_cuda and not args.quick,
+        launches_every_case=info.is_cuda,
+        count_launches=full,
+        time_budget_s=time_budget,
         seed=args.seed,
     )
-    if not options.launches_every_case:
+    if not full:
+        notes.append("Launches per call are counted by `--full` only.")
+    elif not options.launches_every_case:
         notes.append(
             "Launches were counted on one clipped call per set, dtype and provider and are reported for the"
             " unclipped case too (no provider synchronises to decide whether to scale, so both make the same calls)."
@@ -190,12 +259,23 @@ def make_options(args: argparse.Namespace, info: DeviceInfo, known: list[Provide
     return options, notes
 
 
+def auto_provider(device: torch.device, known: list[Provider]) -> str:
+    """The provider of the backend fusedclip picks by itself on ``device`` (what a user gets)."""
+    available = {p.name for p in known if p.available}
+    for name in fusedclip_backends._AUTO_ORDER.get(device.type, ("torch",)):
+        if f"fusedclip-{name}" in available:
+            return f"fusedclip-{name}"
+    return "fusedclip-torch"
+
+
 def copy_buffer_bytes(info: DeviceInfo, quick: bool) -> int:
-    """A copy buffer far larger than the last-level cache, within memory."""
+    """A copy buffer far larger than the last-level cache, within memory (smaller for a ``quick`` run)."""
     if info.is_cuda:
         wanted = 2 << 30
+    elif quick:
+        wanted = max(64 * MiB, 2 * info.cache_bytes)
     else:
-        wanted = max(128 * MiB if quick else 256 * MiB, 8 * info.cache_bytes)
+        wanted = max(256 * MiB, 8 * info.cache_bytes)
     return max(MiB, min(wanted, info.memory_bytes // 8))
 
 
@@ -215,14 +295,16 @@ def list_everything(info: DeviceInfo, known: list[Provider]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _availability(provider: Provider, options: Options) -> bool | str:
+def _availability(provider: Provider, options: Options, default_run: bool) -> bool | str:
     """True for a measured provider, else why it was not measured."""
     if provider in options.providers:
         return True
     if provider.unavailable:
         return provider.unavailable
     if provider.compiles and options.compile_budget_s == 0:
-        return "off: its compile budget is 0 (--quick turns it off; see --compile-budget)"
+        return "off: its compile budget is 0 (it runs with --full, or with --compile-budget SECONDS)"
+    if default_run:
+        return f"not in the default run (--full measures it, as does --provider {provider.name})"
     return "not selected (--provider)"
 
 
@@ -237,6 +319,9 @@ def build_meta(
 ) -> dict[str, Any]:
     copy_gbps = max(copy_start.gbps, copy_end.gbps)
     rounds = f"{options.reps} rounds" if options.reps else f"median of {options.min_reps}-{options.max_reps} rounds"
+    share_of_time = f"about {options.target_s:g} s of calls per set, dtype and case"
+    if options.time_budget_s is not None:
+        share_of_time += f", less when the {options.time_budget_s:g} s budget of the whole run requires it"
     return {
         "device": str(info.device),
         "device_name": info.name,
@@ -249,7 +334,7 @@ def build_meta(
         "platform": platform.platform(),
         "command": "python -m fusedclip.bench" + (" " + shlex.join(argv) if argv else ""),
         "options": {
-            "quick": args.quick,
+            "full": args.full,
             "suites": options.suites,
             "dtypes": options.dtypes,
             "budget_bytes": options.budget_bytes,
@@ -259,6 +344,10 @@ def build_meta(
             "target_s": options.target_s,
             "compile_budget_s": options.compile_budget_s,
             "compile_max_tensors": options.compile_max_tensors,
+            "time_budget_s": (args.time_budget or None) if args.time_budget is not None else (
+                None if args.full else DEFAULT_TIME_BUDGET_S
+            ),
+            "loop_budget_s": options.time_budget_s,
             "seed": options.seed,
         },
         "copy": {
@@ -269,7 +358,7 @@ def build_meta(
         },
         "timing": (
             f"providers interleaved call by call (order rotated each round), one warm-up call each, {rounds}"
-            f" (about {options.target_s:g} s of calls per set, dtype and case); several copies of a set rotate"
+            f" ({share_of_time}); several copies of a set rotate"
             " when one copy would fit in the cache; a clipped copy is restored outside the timed region"
         ),
         "bandwidth_time": "device (CUDA events)" if info.is_cuda else "wall",
@@ -281,7 +370,11 @@ def build_meta(
             " i.e. dispatcher round trips; work inside a compiled extension that bypasses the dispatcher is not"
             " counted, so compare it between torch-based providers only."
         ),
-        "providers": {p.name: {"label": p.label, "available": _availability(p, options)} for p in known},
+        "providers": {
+            p.name: {"label": p.label, "available": _availability(p, options, not (args.full or args.provider))}
+            for p in known
+        },
+        "fusedclip_provider": auto_provider(info.device, known),
         "notes": [],
     }
 
@@ -289,6 +382,7 @@ def build_meta(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
     try:
         return _run(args, argv)
     except BenchError as error:
@@ -297,19 +391,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fusedclip-bench: interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process gets its own setting back
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events, streams and launches all on the measured device
+    meter = LoadMeter()
+    thread_note = None if args.list else _choose_threads(args, meter.cpus)
     info = describe(device)
     known = discover(info.device)
     if args.list:
         sys.stdout.write(list_everything(info, known))
         return 0
     options, notes = make_options(args, info, known)
-    chart_paths = [path for path in (args.png, args.save / f"{info.slug}.png" if args.save else None) if path]
+    if thread_note:
+        notes.insert(0, thread_note)
+        print(f"fusedclip-bench: {thread_note}", file=sys.stderr)
+    out_dir = None if args.no_files else (args.out or DEFAULT_OUT)
+    stem = f"{info.slug}-full" if args.full else info.slug
+    chart_paths = [path for path in (args.png, out_dir / f"{stem}.png" if out_dir else None) if path]
     missing_chart = matplotlib_missing() if chart_paths else None
     if missing_chart:
         notes.append(missing_chart)
@@ -319,52 +422,76 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"fusedclip-bench: {note}", file=sys.stderr)
 
     started = time.time()
-    load_start = _load_average()
-    buffer = copy_buffer_bytes(info, args.quick)
-    copy_start = measure_copy(info.device, buffer)
+    if chart_paths and not missing_chart:
+        import matplotlib.pyplot  # noqa: F401  (seconds on a busy machine: before the budget is shared out)
+    buffer = copy_buffer_bytes(info, not args.full)
+    copy_clock = time.perf_counter()
+    copy_start = measure_copy(info.device, buffer, reps=15 if args.full else 7)
+    copy_s = time.perf_counter() - copy_clock
+    age = process_age_s()
+    timeline: dict[str, Any] = {"start_up_s": None if age is None else round(age, 1)}
+    if options.time_budget_s is not None:
+        # What is left of the whole run's budget, less the closing copy and writing the files. Those
+        # take about CLOSING_CPU_S of CPU time; a busy machine gives this process a smaller share of a
+        # CPU, measured so far, so they take longer.
+        share_of_cpu = min(1.0, max(0.05, _own_cpu_s() / age)) if age else 1.0
+        closing = copy_s + CLOSING_CPU_S / share_of_cpu
+        options.time_budget_s = max(MIN_LOOP_S, options.time_budget_s - (age or 0.0) - closing)
+        timeline.update(cpu_share=round(share_of_cpu, 2), loop_budget_s=round(options.time_budget_s, 1))
+    loop_clock = time.perf_counter()
     run = Runner(options, info, copy_start.gbps, progress).run()
-    copy_end = measure_copy(info.device, buffer)
+    timeline["loop_s"] = round(time.perf_counter() - loop_clock, 1)
+    copy_end = measure_copy(info.device, buffer, reps=15 if args.full else 7)
     if copy_end.gbps > copy_start.gbps:  # shares against the best copy rate seen in this run
         _rescale_shares(run.rows, copy_end.gbps)
 
     meta = build_meta(args, argv, info, known, options, copy_start, copy_end)
     meta["started"] = datetime.datetime.fromtimestamp(started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta["duration_s"] = time.time() - started
-    meta["load_average"] = {"start": load_start, "end": _load_average(), "cpus": os.cpu_count()}
+    load = meter.read()
+    meta["load"] = load.to_dict()
     meta["compile_spent_s"] = run.compile_spent_s
     meta["notes"] = notes + run.notes
-    busy = _busy_warning(meta["load_average"])
-    if busy:
-        meta["notes"].insert(0, busy)
-        print(f"fusedclip-bench: {busy}", file=sys.stderr)
+    meta["thread_note"] = thread_note
+    meta["timeline"] = timeline
+    if load.busy:
+        print(f"fusedclip-bench: {load.describe.replace('**', '')}", file=sys.stderr)
     results = Results(meta, run.rows)
 
-    sys.stdout.write(render_markdown(results))
+    written = _write_outputs(args, results, out_dir, stem, missing_chart is None)
+    if out_dir is None:
+        sys.stdout.write(render_markdown(results))
+    else:
+        sys.stdout.write(render_terminal(results, written, missing_chart))
     sys.stdout.flush()
-    _write_outputs(args, results, info, missing_chart is None)
     return 0
 
 
-def _load_average() -> float | None:
-    """The 1-minute load average: other work on the machine skews every timing."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _choose_threads(args: argparse.Namespace, cpus: int) -> str | None:
+    """Set torch's thread count (which fusedclip's CPU kernels use too); a note when it was lowered."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BenchError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
         return None
-
-
-def _busy_warning(load: dict) -> str | None:
-    """A warning when other work kept the machine busy during the run."""
-    cpus = load.get("cpus") or 1
-    worst = max((v for v in (load.get("start"), load.get("end")) if v is not None), default=None)
-    # the run itself keeps up to all CPUs busy at the end; before it starts, anything is someone else's
-    if (load.get("start") or 0) >= 0.5 * cpus or (worst is not None and worst >= 1.5 * cpus):
-        return (
-            f"**The machine was busy during this run** (1-minute load average {load.get('start')} at the start,"
-            f" {load.get('end')} at the end, on {cpus} logical CPUs): threads that wait for a CPU make single"
-            " timings jump by large factors. Treat outliers with suspicion and rerun on an idle machine."
-        )
-    return None
+    if args.device not in (None, "cpu") or torch.cuda.is_available():
+        return None
+    current = torch.get_num_threads()
+    others = others_now()
+    chosen = threads_for(cpus, others, current)
+    if chosen >= current:
+        return None
+    torch.set_num_threads(chosen)
+    return (
+        f"Other processes were using {others:.1f} of {cpus} CPUs when the run started, so it ran with"
+        f" {chosen} thread{'s' if chosen > 1 else ''} instead of {current}: a CPU shared with other work makes"
+        " every multithreaded call wait for its slowest thread (--threads N chooses)."
+    )
 
 
 def _rescale_shares(rows: list, copy_gbps: float) -> None:
@@ -372,24 +499,30 @@ def _rescale_shares(rows: list, copy_gbps: float) -> None:
         row.copy_share = share(row.gbps, copy_gbps)
 
 
-def _write(path: Path, text: str) -> None:
+def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    print(f"fusedclip-bench: wrote {path}", file=sys.stderr)
+    return path
 
 
-def _write_outputs(args: argparse.Namespace, results: Results, info: DeviceInfo, can_chart: bool) -> None:
+def _write_outputs(
+    args: argparse.Namespace, results: Results, out_dir: Path | None, stem: str, can_chart: bool
+) -> dict[str, Path]:
+    """Every file asked for; returns {"report"/"data"/"chart"/...: path} of what was written."""
+    written: dict[str, Path] = {}
+    if out_dir is not None:
+        base = out_dir / stem
+        report = render_markdown(results, regenerate=results.meta["command"])
+        written["report"] = _write(base.with_suffix(".md"), report)
+        written["data"] = _write(base.with_suffix(".json"), results.to_json())
+        if can_chart:
+            write_chart(results, base.with_suffix(".png"))
+            written["chart"] = base.with_suffix(".png")
     if args.json:
-        _write(args.json, results.to_json())
+        written["json"] = _write(args.json, results.to_json())
     if args.csv:
-        _write(args.csv, results.to_csv())
+        written["csv"] = _write(args.csv, results.to_csv())
     if args.png and can_chart:
         write_chart(results, args.png)
-        print(f"fusedclip-bench: wrote {args.png}", file=sys.stderr)
-    if args.save:
-        stem = args.save / info.slug
-        _write(stem.with_suffix(".md"), render_markdown(results, regenerate=results.meta["command"]))
-        _write(stem.with_suffix(".json"), results.to_json())
-        if can_chart:
-            write_chart(results, stem.with_suffix(".png"))
-            print(f"fusedclip-bench: wrote {stem.with_suffix('.png')}", file=sys.stderr)
+        written["png"] = args.png
+    return written

@@ -56,9 +56,8 @@ def describe(device: torch.device) -> DeviceInfo:
         free, _ = torch.cuda.mem_get_info(device)
         cache = int(getattr(props, "L2_cache_size", 0)) or _DEFAULT_CACHE
         return DeviceInfo(device, props.name, _slug(props.name), cache, int(free), threads)
-    return DeviceInfo(
-        device, f"{_cpu_model()} ({threads} threads)", "cpu", _cpu_cache_bytes(), _available_ram(), threads
-    )
+    name = f"{_cpu_model()} ({threads} thread{'' if threads == 1 else 's'})"
+    return DeviceInfo(device, name, "cpu", _cpu_cache_bytes(), _available_ram(), threads)
 
 
 def _slug(name: str) -> str:

@@ -107,6 +107,11 @@ def _fusedclip(backend: str) -> Callable[[float], Clip]:
 
 
 def _fusedclip_reason(backend: str, device: torch.device) -> str | None:
+    if backend == "triton" and device.type != "cuda":
+        # Not timed off CUDA either way, so triton (seconds to import) is not even imported.
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return INTERPRETER_REASON
+        return "Triton kernels run on CUDA tensors (CPU tensors only through its interpreter, too slow to time)"
     reason = fusedclip_backends._reason(backend, device, None)
     if reason is None and backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRETER_REASON

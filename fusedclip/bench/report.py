@@ -1,10 +1,14 @@
-"""The Markdown report: a header saying what ran where, a speedup summary, and per-set details."""
+"""The Markdown report: a headline paragraph, a header saying what ran where, a speedup summary,
+and per-set details; and the shorter text the terminal gets (headline, summary, file paths)."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
+from .load import reading_from_dict
 from .metrics import bytes_moved
 from .providers import BASELINE
 from .results import Results, Row
@@ -60,12 +64,97 @@ def cells_of(results: Results) -> dict[tuple[str, str], dict[tuple[str, str], Ro
     return cells
 
 
+def _short_name(set_name: str) -> str:
+    suite = SUITES.get(set_name)
+    return (suite.short or suite.name) if suite else set_name
+
+
+def _join(words: list[str]) -> str:
+    if len(words) <= 2:
+        return " and ".join(words)
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _speedup_phrase(values: list[float], when: str, aside: str = "") -> str:
+    low, high = min(values), max(values)
+    if len(values) == 1:
+        return f"**speedup {low:.2f}× {when}**" + (f" ({aside})" if aside else "")
+    mean = math.exp(sum(math.log(v) for v in values) / len(values))
+    aside = f"; {aside}" if aside else ""
+    return f"**speedup {low:.2f}× to {high:.2f}× {when}** (geometric mean {mean:.2f}×{aside})"
+
+
+def scaled_sets(results: Results) -> list[str]:
+    return list(dict.fromkeys(row.set for row in results.rows if row.ok and row.scale != "full"))
+
+
+def headline(results: Results) -> str:
+    """One paragraph: on what, which sets, fusedclip's speedup over torch clipped and unclipped, and
+    whether the machine was busy."""
+    meta = results.meta
+    fused = meta.get("fusedclip_provider") or next(
+        (p for p in providers_measured(results) if p.startswith("fusedclip-")), None
+    )
+    measured = [row for row in results.rows if row.ok]
+    sets = list(dict.fromkeys(row.set for row in measured))
+    dtypes = list(dict.fromkeys(row.dtype for row in measured))
+    parts = []
+    speed = {
+        case: [r.speedup for r in measured if r.provider == fused and r.case == case and r.speedup]
+        for case in ("clipped", "unclipped")
+    }
+    backend = fused.removeprefix("fusedclip-") if fused else None
+    if speed["clipped"] or speed["unclipped"]:
+        clauses = []
+        if speed["clipped"]:
+            clauses.append(_speedup_phrase(speed["clipped"], "when clipping"))
+        if speed["unclipped"]:
+            clauses.append(_speedup_phrase(speed["unclipped"], "when the norm is under `max_norm`", "nothing to scale"))
+        parts.append(
+            f"On {meta['device_name']}, `fusedclip.clip_grad_norm_` (automatic backend: `{backend}`) against"
+            f" `torch.nn.utils.clip_grad_norm_`: {' and '.join(clauses)}; speedup = torch's time / fusedclip's,"
+            " above 1× fusedclip is faster."
+        )
+    else:
+        parts.append(f"On {meta['device_name']}, no fusedclip call was measured against torch (see below).")
+    if sets:
+        parts.append(
+            f"Gradient sets: {_join([_short_name(s) for s in sets])}, in {_join(dtypes)}"
+            + (f"; {_scaled_phrase(results)}." if scaled_sets(results) else ".")
+        )
+    skipped = list(
+        dict.fromkeys(
+            f"{r.set} {r.dtype}" for r in results.rows if r.status == "skipped" and "time budget" in (r.reason or "")
+        )
+    )
+    if skipped:
+        shown = _join(skipped) if len(skipped) <= 4 else f"{len(skipped)} set/dtype pairs"
+        parts.append(f"Not measured for lack of time: {shown} (`--time-budget 0` measures everything).")
+    load = reading_from_dict(meta.get("load"))
+    if load is not None:
+        parts.append(load.describe)
+    if meta.get("thread_note"):
+        parts.append(meta["thread_note"])
+    duration = meta.get("duration_s")
+    when = f"Measured {meta.get('started', '')}" + (f" in {duration:.0f} s" if duration is not None else "")
+    full = (meta.get("options") or {}).get("full")
+    parts.append(when + ("." if full else "; `--full` runs the complete sweep."))
+    return " ".join(parts)
+
+
+def _scaled_phrase(results: Results) -> str:
+    budget = (results.meta.get("options") or {}).get("budget_bytes")
+    names = _join([_short_name(s) for s in scaled_sets(results)])
+    limit = f" to at most {budget / 2**20:.0f} MiB" if budget else ""
+    return f"{names} scaled down{limit} (fewer layers, real tensor shapes; the tensors column shows how many)"
+
+
 def header_lines(results: Results, regenerate: str | None = None) -> list[str]:
     meta = results.meta
     lines = []
     if regenerate:
         lines += [f"<!-- Regenerate: {regenerate} -->", ""]
-    lines += [f"# fusedclip benchmark: {meta['device_name']}", ""]
+    lines += [f"# fusedclip benchmark: {meta['device_name']}", "", headline(results), ""]
     copy = meta["copy"]
     info = [
         ["device", f"{meta['device']}: {meta['device_name']}"],
@@ -77,15 +166,14 @@ def header_lines(results: Results, regenerate: str | None = None) -> list[str]:
         ],
         ["timing", meta["timing"]],
     ]
-    load = meta.get("load_average") or {}
-    if load.get("start") is not None:
-        info.append(
-            [
-                "machine load",
-                f"1-minute load average {load['start']:g} at the start, {load['end']:g} at the end, on"
-                f" {load['cpus']} logical CPUs (other work on the machine skews every timing)",
-            ]
+    load = reading_from_dict(meta.get("load"))
+    if load is not None:
+        averages = ", ".join(
+            f"{value:g} at the {when}"
+            for value, when in ((load.load_average_start, "start"), (load.load_average_end, "end"))
+            if value is not None
         )
+        info.append(["machine load", load.describe.replace("**", "") + (f" (1-minute load average {averages})")])
     lines += _table(["", ""], info, ["l", "l"]) + [""]
     lines.append("Providers (baseline first):")
     lines.append("")
@@ -110,6 +198,14 @@ def _both_cases(cell: dict[tuple[str, str], Row], provider: str, value: Callable
     return " / ".join(parts)
 
 
+def tensors_label(row: Row) -> str:
+    """The tensors measured, with the full set's count when the set was scaled down ("24 of 148")."""
+    suite = SUITES.get(row.set)
+    if row.scale == "full" or suite is None:
+        return str(row.tensors)
+    return f"{row.tensors} of {suite.full().tensors}"
+
+
 def summary_lines(results: Results) -> list[str]:
     providers = [p for p in providers_measured(results) if p != BASELINE]
     lines = [
@@ -123,7 +219,7 @@ def summary_lines(results: Results) -> list[str]:
     body = []
     for (set_name, dtype), cell in cells_of(results).items():
         any_row = next(iter(cell.values()))
-        entries = [set_name, str(any_row.tensors), any_row.scale, dtype]
+        entries = [set_name, tensors_label(any_row), any_row.scale, dtype]
         entries.append(_both_cases(cell, BASELINE, lambda r: fmt_number(r.wall_ms)))
         entries += [_both_cases(cell, p, lambda r: fmt_speedup(r.speedup)) for p in providers]
         body.append(entries)
@@ -135,6 +231,7 @@ def detail_lines(results: Results) -> list[str]:
     meta = results.meta
     gpu = meta["device"].startswith("cuda")
     launches = meta["launches_counted"]
+    counted = any(row.launches is not None for row in results.rows)
     lines = ["## Details", ""]
     by_set: dict[str, list[Row]] = defaultdict(list)
     for row in results.rows:
@@ -147,18 +244,16 @@ def detail_lines(results: Results) -> list[str]:
         lines += [f"### {set_name}", "", f"{title}{size}.", ""]
         header = ["dtype", "scale", "case", "provider", "wall ms"]
         header += ["device ms"] if gpu else []
-        header += ["host CPU ms", "GB/s", "of copy", f"{launches}/call", "speedup", "norm rel. err"]
+        header += ["host CPU ms", "GB/s", "of copy"] + ([f"{launches}/call"] if counted else [])
+        header += ["speedup", "norm rel. err"]
         body = []
         for row in rows:
             if not row.ok:
                 continue
             entries = [row.dtype, row.scale, row.case, f"`{row.provider}`", fmt_number(row.wall_ms)]
             entries += [fmt_number(row.device_ms)] if gpu else []
-            entries += [
-                fmt_number(row.cpu_ms),
-                fmt_number(row.gbps),
-                fmt_share(row.copy_share),
-                "—" if row.launches is None else str(row.launches),
+            entries += [fmt_number(row.cpu_ms), fmt_number(row.gbps), fmt_share(row.copy_share)]
+            entries += (["—" if row.launches is None else str(row.launches)] if counted else []) + [
                 fmt_speedup(row.speedup),
                 fmt_error(row.norm_rel_err),
             ]
@@ -207,7 +302,11 @@ def notes_lines(results: Results) -> list[str]:
         "- **of copy**: that bandwidth as a share of the `copy_` bandwidth above (2 bytes counted per byte"
         " copied; on most CPUs the copy's write first reads the destination line too, so in-place work like"
         " clipping can exceed 100%).",
-        f"- **{meta['launches_counted']}/call**: {meta['launches_note']}",
+        *(
+            [f"- **{meta['launches_counted']}/call**: {meta['launches_note']}"]
+            if any(row.launches is not None for row in results.rows)
+            else []
+        ),
         "- **speedup**: the baseline's median wall time over this provider's, measured in the same rounds.",
         "- **norm rel. err**: |returned norm − fp64 norm of the same grads| / fp64 norm. bf16/fp16 norms are"
         " returned in bf16/fp16, as torch does, so their error is at least that dtype's rounding.",
@@ -220,6 +319,20 @@ def notes_lines(results: Results) -> list[str]:
     for note in meta.get("notes", []):
         lines.append(f"- {note}")
     return lines + [""]
+
+
+def render_terminal(results: Results, written: dict[str, Path], missing_chart: str | None = None) -> str:
+    """What the terminal gets: the headline, the speedup table and where the files are."""
+    meta = results.meta
+    lines = [f"fusedclip benchmark: {meta['device_name']}", "", headline(results), ""]
+    lines += summary_lines(results)[2:]  # the table with its one-line explanation
+    labels = {"report": "full report", "data": "data", "chart": "chart", "json": "JSON", "csv": "CSV", "png": "chart"}
+    if written:
+        lines.append("Files:")
+        lines += [f"  {labels.get(kind, kind) + ':':<13} {path}" for kind, path in written.items()]
+    if missing_chart:
+        lines.append(f"  chart:        not written: {missing_chart}")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def render_markdown(results: Results, regenerate: str | None = None) -> str:

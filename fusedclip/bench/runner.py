@@ -9,6 +9,11 @@ restored after a clipped call. Medians over the rounds go into the rows.
 
 Sets run from the fewest tensors to the most, so that the torch.compile budget (compile time
 grows with the number of tensors) covers as many sets as it can; rows come back in report order.
+
+With a time budget (the default run) the seconds left are shared among the cases left: each case
+gets its slice, its rounds stop once the slice is spent (after ``min_reps`` rounds), and a set not
+started when the budget is gone is reported as skipped. A busy machine therefore gets fewer rounds,
+not a longer run.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +54,8 @@ class Options:
     compile_budget_s: float = 0.0
     compile_max_tensors: int = 300
     launches_every_case: bool = True  # False: count on the clipped call, reuse for the unclipped one
+    count_launches: bool = True  # False: no profiled call at all (the launches column stays empty)
+    time_budget_s: float | None = None  # seconds for the whole loop; None: no limit
     seed: int = 0
 
 
@@ -82,15 +90,44 @@ class Runner:
         self.run_state = Run()
         self.launch_counts: dict[tuple[str, str, str], int] = {}  # (set, dtype, provider) -> launches
         self.memory_budget = int(info.memory_bytes * MEMORY_SHARE)
+        self._started = time.perf_counter()
+        self._cases_left = 0
+
+    # -- the time budget ----------------------------------------------------------------------------
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self._started
+
+    def budget_spent(self) -> bool:
+        budget = self.options.time_budget_s
+        return budget is not None and self.elapsed_s() >= budget
+
+    def case_target_s(self) -> float:
+        """Seconds of timed rounds for the next case: ``target_s``, or less when the time budget's
+        remainder, shared among the cases left (with room for set-up), is smaller."""
+        target = self.options.target_s
+        budget = self.options.time_budget_s
+        if budget is None:
+            return target
+        left = max(0.0, budget - self.elapsed_s())
+        return max(0.02, min(target, 0.6 * left / max(1, self._cases_left)))
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Run:
         budget = self._budget()
         cells = [(SUITES[s], DTYPES[d]) for s in self.options.suites for d in self.options.dtypes]
-        order = sorted(cells, key=lambda cell: cell[0].fit(budget, cell[1]).tensors)
+        if any(p.compiles for p in self.options.providers):
+            # the compile budget covers as many sets as it can when they run from the fewest tensors
+            order = sorted(cells, key=lambda cell: cell[0].fit(budget, cell[1]).tensors)
+        else:  # every set in the first dtype, then the next: a spent time budget still leaves every set
+            order = sorted(cells, key=lambda cell: self.options.dtypes.index(cell[1].name))
         self.progress.start(len(cells) * len(CASES))
+        self._started = time.perf_counter()
+        self._cases_left = len(cells) * len(CASES)
         try:
             for suite, spec in order:
+                if self.budget_spent():
+                    self._skip_for_time(suite, spec, budget)
+                    continue
                 self._measure_set(suite, spec, budget)
         finally:
             self.progress.stop()
@@ -110,6 +147,32 @@ class Runner:
         budget = self.options.budget_bytes
         memory_cap = self.memory_budget // 2  # pristine + at least one working copy must fit
         return memory_cap if budget is None else min(budget, memory_cap)
+
+    def _time_skipped_rows(self, suite: Suite, variant: Variant, spec: DtypeSpec, case: str) -> list[Row]:
+        reason = "the run's time budget was spent (--time-budget; --full has none)"
+        return [
+            Row(
+                set=suite.name,
+                scale=variant.scale,
+                tensors=variant.tensors,
+                elements=variant.elements,
+                dtype=spec.name,
+                case=case,
+                provider=provider.name,
+                status=STATUS_SKIPPED,
+                reason=reason,
+                grad_bytes=spec.nbytes(variant),
+            )
+            for provider in self.options.providers
+        ]
+
+    def _skip_for_time(self, suite: Suite, spec: DtypeSpec, budget: int) -> None:
+        """A set left out because the time budget is spent: rows marked skipped, with the reason."""
+        variant = suite.fit(budget, spec)
+        if spec.dtypes_for(variant.shapes) is not None:
+            for case, _ in CASES:
+                self.run_state.rows.extend(self._time_skipped_rows(suite, variant, spec, case))
+        self._skip_cases(f"{suite.name} {spec.name}")
 
     def _measure_set(self, suite: Suite, spec: DtypeSpec, budget: int) -> None:
         variant = suite.fit(budget, spec)
@@ -134,10 +197,16 @@ class Runner:
         bound = self._bind(variant)
         try:
             for case, scale in CASES:
+                if self.budget_spent():
+                    self.run_state.rows.extend(self._time_skipped_rows(suite, variant, spec, case))
+                    self._cases_left -= 1
+                    self.progress.advance()
+                    continue
                 self.progress.step(f"{label} {case}")
                 gradset.set_scale(scale)
                 cell = _Cell(self, suite, variant, spec, gradset, reference * scale, case, grad_bytes, bound)
                 self.run_state.rows.extend(cell.measure())
+                self._cases_left -= 1
                 self.progress.advance()
         finally:
             del gradset, bound
@@ -163,6 +232,7 @@ class Runner:
     def _skip_cases(self, label: str) -> None:
         for case, _ in CASES:
             self.progress.step(f"{label} {case}")
+            self._cases_left -= 1
             self.progress.advance()
 
     # -- torch.compile budget ---------------------------------------------------------------------
@@ -220,12 +290,15 @@ class _Cell:
         self.providers = [p for p in runner.options.providers if p.name in bound.calls]
         self.warm_s: dict[str, float] = {}
         self.samples: dict[str, list[Sample]] = {}
+        self.target_s = runner.options.target_s
 
     def measure(self) -> list[Row]:
+        self.target_s = self.runner.case_target_s()
         for provider in self.providers:
             self._warm_up(provider)
-        for name in self._live():
-            self._count_launches(name)
+        if self.runner.options.count_launches:
+            for name in self._live():
+                self._count_launches(name)
         self._timed_rounds()
         self._fill_rows()
         return list(self.rows.values())
@@ -295,7 +368,7 @@ class _Cell:
             per_round *= 1.5  # the restores
         if per_round <= 0:
             return options.max_reps
-        return max(options.min_reps, min(options.max_reps, math.ceil(options.target_s / per_round)))
+        return max(options.min_reps, min(options.max_reps, math.ceil(self.target_s / per_round)))
 
     def _timed_rounds(self) -> None:
         names = self._live()
@@ -303,9 +376,14 @@ class _Cell:
             return
         rounds = self._rounds()
         self.samples = {name: [] for name in names}
+        options = self.runner.options
+        # A slower machine than the warm-up suggested (other work started) ends the rounds early.
+        deadline = time.perf_counter() + 2 * self.target_s
         for index in range(rounds):
             names = self._live()
             if not names:
+                break
+            if options.reps is None and index >= options.min_reps and time.perf_counter() > deadline:
                 break
             shift = index % len(names)  # rotate the order so that no provider always runs first
             for name in names[shift:] + names[:shift]:

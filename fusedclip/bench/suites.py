@@ -46,6 +46,7 @@ class Suite:
     name: str
     title: str
     variants: Callable[[], list[Variant]]
+    short: str = ""  # a few words for headlines ("GPT-2 small"); the name when empty
 
     @cached_property
     def _variants(self) -> list[Variant]:
@@ -215,12 +216,16 @@ def _huge(log2_elements: int = 31, log2_smallest: int = 20) -> Callable[[], list
 SUITES: dict[str, Suite] = {
     suite.name: suite
     for suite in (
-        Suite("gpt2-small", "GPT-2 small (124M), Hugging Face layout, tied LM head", _gpt2(768, 12)),
-        Suite("gpt2-medium", "GPT-2 medium (355M), Hugging Face layout, tied LM head", _gpt2(1024, 24)),
-        Suite("llama2-7b", "Llama-2-7B-shaped (6.7B): 32 layers, d=4096, FFN 11008", _llama2_7b()),
-        Suite("resnet50", "ResNet-50 (25.6M), torchvision layout", _resnet50()),
-        Suite("moe", "MoE-like, ~2000 tensors: 10 layers x 64 experts (d=512, expert FFN 256)", _moe()),
-        Suite("small-10k", "10000 small vectors of 64..2048 elements", _small_tensors()),
-        Suite("huge", "one huge tensor of 2^31 elements", _huge()),
+        Suite("gpt2-small", "GPT-2 small (124M), Hugging Face layout, tied LM head", _gpt2(768, 12), "GPT-2 small"),
+        Suite(
+            "gpt2-medium", "GPT-2 medium (355M), Hugging Face layout, tied LM head", _gpt2(1024, 24), "GPT-2 medium"
+        ),
+        Suite("llama2-7b", "Llama-2-7B-shaped (6.7B): 32 layers, d=4096, FFN 11008", _llama2_7b(), "Llama-2-7B"),
+        Suite("resnet50", "ResNet-50 (25.6M), torchvision layout", _resnet50(), "ResNet-50"),
+        Suite(
+            "moe", "MoE-like, ~2000 tensors: 10 layers x 64 experts (d=512, expert FFN 256)", _moe(), "an MoE-like set"
+        ),
+        Suite("small-10k", "10000 small vectors of 64..2048 elements", _small_tensors(), "10000 small tensors"),
+        Suite("huge", "one huge tensor of 2^31 elements", _huge(), "one 2^31-element tensor"),
     )
 }
