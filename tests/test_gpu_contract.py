@@ -6,7 +6,9 @@
 * no host synchronisation (``torch.cuda.set_sync_debug_mode("error")``);
 * an unclipped call touches no grad byte (the scale kernel is pointed at unmapped memory);
 * one tensor of more than 2**31 elements; 10**5 tensors in one call;
-* work is issued on the current stream, and concurrent calls on two streams do not interfere.
+* work is issued on the current stream, and concurrent calls on two streams do not interfere (two
+  streams clipping their own grads with nothing synchronising them; graph replays interleaved with
+  eager calls of other norm types on the same grads).
 
 Every test needs a GPU (the ``gpu`` marker skips them elsewhere); a backend that cannot run is
 skipped with its reason.
@@ -296,3 +298,79 @@ def test_concurrent_calls_on_two_streams_do_not_share_a_workspace(backend, norm_
                 results.append(fusedclip.get_total_norm(tensors, norm_type, backend=backend))
     torch.cuda.synchronize()
     assert all(torch.equal(r, expected) for r in results)
+
+
+def _fresh_values(params: list[torch.nn.Parameter], generator: torch.Generator, scale: float) -> list[torch.Tensor]:
+    """New random grads made on the device, on the current stream (no host transfer, no sync)."""
+    return [
+        (torch.randn(p.shape, device="cuda", generator=generator) * scale).to(p.dtype)
+        for p in params
+    ]
+
+
+def test_two_streams_clip_their_own_grads_with_no_synchronisation_between(backend):
+    sets = [_cuda_params(25, "all4", seed=7), _cuda_params(33, "bf16+fp32", seed=8)]
+    for params in sets:  # plans and first workspaces, on the default stream
+        fusedclip.clip_grad_norm_(params, 1.0, backend=backend)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    generators = [torch.Generator(device="cuda").manual_seed(20 + i) for i in range(2)]
+    records = []  # (set index, grads before, returned total, grads after), all still on the device
+    max_norm = 0.5
+    for step in range(8):
+        for index, (stream, params) in enumerate(zip(streams, sets)):
+            with torch.cuda.stream(stream):  # the two streams' work overlaps: nothing waits in between
+                before = _fresh_values(params, generators[index], [1e-3, 30.0][(step + index) % 2])
+                for p, value in zip(params, before):
+                    p.grad.copy_(value)
+                total = fusedclip.clip_grad_norm_(params, max_norm, backend=backend)
+                records.append((index, before, total, [p.grad.clone() for p in params]))
+    torch.cuda.synchronize()
+    for index, before, total, after in records:
+        ours = []
+        for value, grad in zip(before, after):
+            param = torch.nn.Parameter(torch.empty_like(value), requires_grad=False)
+            param.grad = grad
+            ours.append(param)
+        theirs = []
+        for value in before:
+            param = torch.nn.Parameter(torch.empty_like(value), requires_grad=False)
+            param.grad = value.clone()
+            theirs.append(param)
+        reference_total = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        check_clip_against_torch(ours, theirs, before, total, reference_total, max_norm, 2.0)
+
+
+def test_graph_replays_interleaved_with_eager_calls_on_the_same_grads(backend):
+    params = _cuda_params(40, "all4", seed=6)
+    max_norm = 0.5
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up where the capture will run
+        for _ in range(2):
+            fusedclip.clip_grad_norm_(params, max_norm, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_total = fusedclip.clip_grad_norm_(params, max_norm, backend=backend)
+
+    generator = torch.Generator().manual_seed(12)
+    # the same plan (same grads) run by the graph and eagerly, the eager calls with other norm
+    # types too (other kernel variants over the same workspace and counters)
+    steps = [("graph", 2.0), ("eager", 2.0), ("graph", 2.0), ("eager", math.inf), ("graph", 2.0), ("eager", 0.0),
+             ("eager", 2.0), ("graph", 2.0)]  # fmt: skip
+    for step, (how, norm_type) in enumerate(steps):
+        scale = [1e-3, 30.0][step % 2]
+        fresh = [(torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale).to("cuda", p.dtype)
+                 for p in params]  # fmt: skip
+        for p, f in zip(params, fresh):
+            p.grad.copy_(f)
+        theirs = clone_params(params)
+        if how == "graph":
+            graph.replay()
+            total = captured_total
+        else:
+            total = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend)
+        reference_total = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+        check_clip_against_torch(params, theirs, fresh, total, reference_total, max_norm, norm_type)
