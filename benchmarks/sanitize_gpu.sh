@@ -15,6 +15,7 @@
 #   BACKENDS           backends for the driver (default cuda,triton)
 #   DRIVER_ARGS        more driver arguments, e.g. "--small" (see the driver's --help)
 #   COMPUTE_SANITIZER  the binary (default: on PATH, else $CUDA_HOME/bin, /usr/local/cuda*/bin)
+#   PYTHON             the interpreter (default: python3, else python; the lent GPU machines have python3 only)
 #   FUSEDCLIP_CUDA_ARCHS  used when the extension has to be built (default: this GPU's architecture)
 #
 # Settings, and why:
@@ -68,23 +69,24 @@ sanitizer_help="$("$sanitizer" --help 2>&1)"
 has_option() { grep -q -- "$1" <<<"$sanitizer_help"; }
 
 cd "$ROOT"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 unset TRITON_INTERPRET
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/fusedclip-sanitize-triton-cache}"
 export PYTHONDONTWRITEBYTECODE=1
 
 # ---- the extension with CUDA kernels (built in place when missing) -----------------------------------------
-if [[ ",$BACKENDS," == *,cuda,* ]] && ! python -c "from fusedclip import _ext; raise SystemExit(_ext.cuda_build_reason() is not None)"; then
-    archs="${FUSEDCLIP_CUDA_ARCHS:-$(python -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}"
+if [[ ",$BACKENDS," == *,cuda,* ]] && ! "$PY" -c "from fusedclip import _ext; raise SystemExit(_ext.cuda_build_reason() is not None)"; then
+    archs="${FUSEDCLIP_CUDA_ARCHS:-$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}"
     say "building fusedclip._C with CUDA kernels for $archs (log: $LOGS/build.log)"
-    if ! FUSEDCLIP_CUDA=1 FUSEDCLIP_CUDA_ARCHS="$archs" python setup.py build_ext --inplace >"$LOGS/build.log" 2>&1; then
+    if ! FUSEDCLIP_CUDA=1 FUSEDCLIP_CUDA_ARCHS="$archs" "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1; then
         say "FAILED: the build (see $LOGS/build.log)"
         exit 2
     fi
 fi
 
 # shellcheck disable=SC2206  # DRIVER_ARGS is a list of words
-driver=(python benchmarks/sanitize_driver.py --backends "$BACKENDS" ${DRIVER_ARGS:-})
+driver=("$PY" benchmarks/sanitize_driver.py --backends "$BACKENDS" ${DRIVER_ARGS:-})
 
 # ---- a plain run: correct results, warm Triton cache ----------------------------------------------------------
 started=$SECONDS
