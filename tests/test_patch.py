@@ -72,3 +72,201 @@ def test_names_bound_before_patching_are_not_reached():
     with fusedclip.patch_torch():
         assert bound_before_patching is not fusedclip.clip_grad_norm_
         assert torch.nn.utils.clip_grad_norm_ is fusedclip.clip_grad_norm_
+
+
+# -- nesting, overlap across threads, unpatch_torch semantics -------------------------------------
+
+import random  # noqa: E402
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fusedclip import patch as patch_module  # noqa: E402
+
+TORCH_CLIP = torch.nn.utils.clip_grad.clip_grad_norm_ if not fusedclip.is_patched() else None
+
+
+@pytest.fixture(autouse=True)
+def _always_unpatched_after():
+    yield
+    fusedclip.unpatch_torch(force=True)
+    assert not fusedclip.is_patched()
+
+
+def _in_effect():
+    """(patched?, backend) as seen through torch's names; both modules must agree."""
+    states = set()
+    for module in (torch.nn.utils, torch.nn.utils.clip_grad):
+        fn = module.clip_grad_norm_
+        if fn is TORCH_CLIP:
+            states.add((False, None))
+        else:
+            assert (fn.__wrapped__ if hasattr(fn, "_fusedclip_backend") else fn) is fusedclip.clip_grad_norm_
+            states.add((True, getattr(fn, "_fusedclip_backend", None)))
+    assert len(states) == 1, states
+    return states.pop()
+
+
+def test_leaving_an_inner_with_keeps_the_outer_block_patched():
+    with fusedclip.patch_torch():
+        with fusedclip.patch_torch():
+            assert _in_effect() == (True, None)
+        assert _in_effect() == (True, None), "the inner exit unpatched the outer block"
+        assert fusedclip.is_patched()
+    assert _in_effect() == (False, None)
+
+
+def test_the_innermost_backend_applies_and_the_outer_one_returns():
+    with fusedclip.patch_torch(backend="torch"):
+        assert _in_effect() == (True, "torch")
+        with fusedclip.patch_torch():
+            assert _in_effect() == (True, None)
+            with fusedclip.patch_torch(backend="cpu"):
+                assert _in_effect() == (True, "cpu")
+            assert _in_effect() == (True, None)
+        assert _in_effect() == (True, "torch")
+    assert _in_effect() == (False, None)
+
+
+def test_unpatch_torch_closes_only_a_bare_patch_and_force_closes_all():
+    with fusedclip.patch_torch():
+        fusedclip.unpatch_torch()  # no bare patch open: the with block keeps its patch
+        assert _in_effect() == (True, None)
+        fusedclip.patch_torch(backend="torch")
+        assert _in_effect() == (True, "torch")
+        fusedclip.unpatch_torch()
+        assert _in_effect() == (True, None)
+        fusedclip.patch_torch()
+        fusedclip.unpatch_torch(force=True)
+        assert _in_effect() == (False, None)
+    assert _in_effect() == (False, None)  # leaving the block after a forced unpatch is harmless
+
+
+def test_patches_close_in_any_order():
+    first, second = fusedclip.patch_torch(backend="torch"), fusedclip.patch_torch(backend="cpu")
+    first.close()
+    assert _in_effect() == (True, "cpu")
+    first.close()  # closing twice is a no-op
+    assert patch_module.open_patches() == 1 and second.active and not first.active
+    second.close()
+    assert _in_effect() == (False, None)
+
+
+def test_a_name_rebound_by_someone_else_while_patched_is_left_alone():
+    def theirs(*args, **kwargs):
+        return "theirs"
+
+    original = torch.nn.utils.clip_grad_value_
+    try:
+        with fusedclip.patch_torch():
+            torch.nn.utils.clip_grad_value_ = theirs
+            with fusedclip.patch_torch(backend="torch"):  # a nested patch does not overwrite it either
+                assert torch.nn.utils.clip_grad_value_ is theirs
+        assert torch.nn.utils.clip_grad_value_ is theirs
+        assert torch.nn.utils.clip_grad_norm_ is TORCH_CLIP
+        assert torch.nn.utils.clip_grad.clip_grad_value_ is original
+    finally:
+        torch.nn.utils.clip_grad_value_ = original
+
+
+def test_an_unknown_backend_fails_at_patch_time_and_patches_nothing():
+    with pytest.raises(ValueError):
+        fusedclip.patch_torch(backend="nope")
+    assert _in_effect() == (False, None) and patch_module.open_patches() == 0
+
+
+def test_overlapping_with_blocks_in_threads():
+    """Threads enter and leave their own with blocks in random overlapping order: torch stays
+    patched while any block is open, and is restored after the last."""
+    n = 6
+    entered = threading.Barrier(n)
+    order = list(range(n))
+    random.Random(0).shuffle(order)
+    turn = threading.Condition()
+    next_to_leave = [0]
+    seen = []
+    errors = []
+
+    def worker(i):
+        try:
+            with fusedclip.patch_torch():
+                entered.wait(timeout=30)
+                with turn:  # leave in a shuffled order
+                    turn.wait_for(lambda: order[next_to_leave[0]] == i, timeout=30)
+                    seen.append(_in_effect())
+            with turn:
+                # after leaving: patched exactly while some other thread is still inside
+                seen.append((_in_effect()[0], next_to_leave[0] < n - 1))
+                next_to_leave[0] += 1
+                turn.notify_all()
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    inside, after = seen[0::2], seen[1::2]
+    assert all(state == (True, None) for state in inside)
+    assert all(patched == expected for patched, expected in after)
+    assert _in_effect() == (False, None)
+
+
+# A model of the patch stack, and random programs run against it.
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("open-with"), st.sampled_from([None, "torch", "cpu"])),
+        st.tuples(st.just("open-bare"), st.sampled_from([None, "torch", "cpu"])),
+        st.tuples(st.just("exit"), st.integers(0, 10)),
+        st.tuples(st.just("unpatch"), st.booleans()),
+    ),
+    max_size=25,
+)
+
+
+def _run_against_model(ops):
+    """Apply ``ops``; after each, torch's names must match the model: patched while any patch is
+    open, with the backend of the most recently opened one."""
+    model = []  # [(patch, backend, with?)] oldest first
+    for op, arg in ops:
+        if op in ("open-with", "open-bare"):
+            p = fusedclip.patch_torch(backend=arg)
+            if op == "open-with":
+                p.__enter__()
+            model.append((p, arg, op == "open-with"))
+        elif op == "exit" and model:
+            p, _, _ = model.pop(arg % len(model))
+            p.__exit__(None, None, None)
+        elif op == "unpatch":
+            if arg:
+                model.clear()
+            else:
+                bare = [i for i, (_, _, with_) in enumerate(model) if not with_]
+                if bare:
+                    del model[bare[-1]]
+            fusedclip.unpatch_torch(force=arg)
+        expected = (True, model[-1][1]) if model else (False, None)
+        assert _in_effect() == expected, (ops, expected)
+        assert patch_module.open_patches() == len(model)
+    for p, _, _ in model:
+        p.close()
+    assert _in_effect() == (False, None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_OPS)
+def test_any_sequence_of_patches_matches_the_stack_model(ops):
+    _run_against_model(ops)
+
+
+def test_the_model_catches_an_exit_that_unpatches_everything(monkeypatch):
+    """The deliberately broken version: leaving any block restores torch (no depth count)."""
+    ops = [("open-with", None), ("open-with", None), ("exit", 1)]
+    _run_against_model(ops)
+    monkeypatch.setattr(patch_module.Patch, "__exit__", lambda self, *exc: fusedclip.unpatch_torch(force=True))
+    with pytest.raises(AssertionError):
+        _run_against_model(ops)
