@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fusedclip
-from fusedclip import Clipper
+from fusedclip import Clipper, adaptive
 
 SPIKES = {9: 40.0, 14: 25.0}  # steps whose grads are blown up (what adaptive modes must catch)
 INF_STEP = 17
@@ -227,12 +230,6 @@ def test_no_mode_synchronises(mode):
 
 # -- non-finite norms never enter the statistics ----------------------------------------------
 
-import functools  # noqa: E402
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from fusedclip import adaptive  # noqa: E402
 
 _NORMS = st.one_of(
     st.floats(1e-3, 1e3),

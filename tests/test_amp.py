@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fusedclip
+from fusedclip import amp
 
 INF_STEPS = {3, 7}
 
@@ -127,13 +131,6 @@ def test_a_scale_below_one_still_unscales():
 
 
 # -- found_inf from the values, norms that overflow only while scaled ----------------------------
-
-import math  # noqa: E402
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from fusedclip import amp  # noqa: E402
 
 
 def _scaled_params(dtypes, exponents, scale, seed, poison=None):

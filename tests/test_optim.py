@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fusedclip
+from fusedclip import optim
 
 
 def _pair(seed=0):
@@ -75,20 +79,36 @@ def test_non_fused_optimizer_is_refused():
     model, _ = _pair()
     model(torch.randn(2, 10)).sum().backward()
     before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
     for optimizer in (torch.optim.AdamW(model.parameters()), torch.optim.RMSprop(model.parameters())):
         with pytest.raises(ValueError, match="fused=True"):
             fusedclip.clip_and_step_(optimizer, 1.0)
+        assert not optimizer.state and not hasattr(optimizer, "grad_scale")
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+@pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "scaler"])
+def test_bad_arguments_leave_grads_parameters_and_state_alone(with_scaler):
+    model, _ = _pair()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu") if with_scaler else None
+    loss = model(torch.randn(2, 10)).sum()
+    (scaler.scale(loss) if scaler else loss).backward()
+    before = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+    scaler_state = dict(scaler._per_optimizer_states[id(optimizer)]) if scaler else None
+    for max_norm, norm_type in ((-1.0, 2.0), (math.nan, 2.0), ("1", 2.0), (1.0, "fro"), (1.0, None)):
+        with pytest.raises((ValueError, TypeError)):
+            fusedclip.clip_and_step_(optimizer, max_norm, norm_type, scaler=scaler)
+    for p, (data, grad) in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), data) and torch.equal(p.grad, grad)
+    assert not optimizer.state and not hasattr(optimizer, "grad_scale")
+    if scaler:
+        assert scaler._per_optimizer_states[id(optimizer)] == scaler_state
 
 
 # -- coefficients a float32 grad_scale cannot carry ---------------------------------------------
 
-import math  # noqa: E402
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from fusedclip import optim  # noqa: E402
 
 _OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True),

@@ -1,13 +1,21 @@
-"""patch_torch(): torch's names route through fusedclip; what a patch cannot reach is documented."""
+"""patch_torch(): torch's names route through fusedclip; what a patch cannot reach is documented;
+patches nest and overlap across threads."""
 
 from __future__ import annotations
 
+import random
+import threading
+
+import pytest
 import torch
 import torch.nn.utils
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.utils import clip_grad_norm_ as bound_before_patching
 
 import fusedclip
 from fusedclip import engine
+from fusedclip import patch as patch_module
 
 
 def _train(steps=4, seed=0):
@@ -76,14 +84,6 @@ def test_names_bound_before_patching_are_not_reached():
 
 # -- nesting, overlap across threads, unpatch_torch semantics -------------------------------------
 
-import random  # noqa: E402
-import threading  # noqa: E402
-
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from fusedclip import patch as patch_module  # noqa: E402
 
 TORCH_CLIP = torch.nn.utils.clip_grad.clip_grad_norm_ if not fusedclip.is_patched() else None
 
