@@ -28,13 +28,13 @@ from .inputs import (
     grads_of,
 )
 from .norm_type import NormSpec, parse_norm_type
-from .plan import all_plain
+from .plan import all_plain, check_writable
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "get_norms", "clip_grads_with_norm_", "clip_grad_value_"]
 
 
 def _no_grads_result() -> Tensor:
-    return torch.tensor(0.0)
+    return torch.tensor(0.0, device=torch.get_default_device())  # torch's result without grads, on its default device
 
 
 def _compiling() -> bool:
@@ -78,6 +78,8 @@ def norm_pass(
 
 
 def scale_calls_(calls: list[engine.PreparedCall], coef: Tensor) -> None:
+    if len(calls) > 1:  # each call checks its own grads; these must all pass before any is written
+        check_writable(work for call in calls for _, work in call.works)
     for call in calls:
         engine.scale_(call, coef)
 
@@ -239,7 +241,7 @@ def get_norms(
     norm = parse_norm_type(norm_type)
     requested_backend(backend)
     if not tensors:
-        return _no_grads_result(), torch.zeros(0)
+        return _no_grads_result(), torch.zeros(0, device=torch.get_default_device())
     device = tensors[0].device
     per_tensor = torch.empty(len(tensors), dtype=ACC_DTYPE, device=device)
     result, _ = norm_pass(tensors, norm, None, backend=backend, group=group, per_tensor=per_tensor)

@@ -15,7 +15,7 @@ from torch import Tensor
 from .backends import Backend, DeviceWork, requested_backend, resolve_backend
 from .backends.base import ACC_DTYPE, NormResult, combine_accumulators, finish
 from .norm_type import NormSpec
-from .plan import PLANS, Plan
+from .plan import PLANS, Plan, check_writable
 
 
 @dataclass
@@ -108,11 +108,13 @@ def norm_and_coef(
 
 def scale_(call: PreparedCall, coef: Tensor) -> None:
     """Multiply every grad of the call by ``coef`` (a 0-d tensor on any device)."""
+    check_writable(work for _, work in call.works)  # refuse before writing any grad
     for backend, work in call.works:
         backend.scale_(work, coef if coef.device == work.device else coef.to(work.device))
 
 
 def clamp_(call: PreparedCall, clip_value: float) -> None:
+    check_writable(work for _, work in call.works)  # refuse before writing any grad
     for backend, work in call.works:
         backend.clamp_(work, clip_value)
 

@@ -144,19 +144,44 @@ def check_total_norm(total_norm: Any) -> Tensor:
         return total_norm.reshape(())
     if isinstance(total_norm, bool) or not isinstance(total_norm, (int, float)) and not _is_real_scalar(total_norm):
         raise TypeError(f"total_norm must be a tensor or a real number; got {type(total_norm).__name__}")
-    return torch.tensor(float(total_norm), dtype=torch.float32)
+    return torch.tensor(float(total_norm), dtype=torch.float32, device="cpu")
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A yes/no flag read as torch reads it (``if flag:``), from what torch accepts without misreading
+    it: a bool, a numpy bool, the numbers 0 and 1 (Python, numpy), a one-element real tensor holding
+    0 or 1. Refused: strings (``"False"`` is truthy, so torch would read it as True), other numbers
+    (``2`` is most likely an argument in the wrong place), containers and other objects."""
+    if isinstance(value, bool):
+        return value
+    original = value
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.device.type == "meta":
+            raise TypeError(f"{name} must be True or False (or a one-element tensor holding 0 or 1); got {value!r}")
+        value = value.item()  # as torch's ``if flag:`` reads it (a device tensor syncs there too)
+    if isinstance(value, (str, bytes)) or not _is_real_scalar(value):
+        raise TypeError(
+            f"{name} must be True or False (or 0/1); got {original!r}"
+            + (" (a string is always true, so torch would read it as True)" if isinstance(value, (str, bytes)) else "")
+        )
+    number = float(value)
+    if number not in (0.0, 1.0):
+        raise ValueError(f"{name} must be True or False (or 0/1); got {original!r}")
+    return number == 1.0
 
 
 def check_foreach(foreach: Any) -> bool | None:
-    if foreach is None or isinstance(foreach, bool):
-        return foreach
-    raise TypeError(f"foreach must be None, True or False; got {foreach!r}")
+    """None (automatic), or a flag as :func:`_flag` accepts it, as a bool."""
+    if foreach is None:
+        return None
+    return _flag(foreach, "foreach")
 
 
 def check_error_if_nonfinite(flag: Any) -> bool:
-    if isinstance(flag, bool):
-        return flag
-    raise TypeError(f"error_if_nonfinite must be True or False; got {flag!r}")
+    """A flag as :func:`_flag` accepts it, as a bool; None reads as False, as in torch."""
+    if flag is None:
+        return False
+    return _flag(flag, "error_if_nonfinite")
 
 
 def _is_integral(tensor: Tensor) -> bool:

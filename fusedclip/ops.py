@@ -115,7 +115,7 @@ def compiled_clip_grad_norm_(
         max_norm = check_max_norm(max_norm)  # a constant: checked while tracing
     grads = _grads(params)
     if not grads:
-        return torch.tensor(0.0)
+        return torch.tensor(0.0, device=torch.get_default_device())
     value, tensor = _split_max_norm(max_norm)
     return clip_grad_norm_op(grads, value, tensor, norm.p, error_if_nonfinite, foreach, backend)
 
@@ -126,7 +126,7 @@ def compiled_get_total_norm(
     if group is not None:
         raise ValueError(_NO_GROUP)
     if not tensors:
-        return torch.tensor(0.0)
+        return torch.tensor(0.0, device=torch.get_default_device())
     return get_total_norm_op(tensors, norm.p, error_if_nonfinite, foreach, backend)
 
 
@@ -134,7 +134,7 @@ def compiled_clip_grads_with_norm_(params: list, max_norm: Any, total_norm: Any,
     if not isinstance(max_norm, Tensor):
         max_norm = check_max_norm(max_norm)
     if not isinstance(total_norm, Tensor):
-        total_norm = torch.tensor(float(total_norm))
+        total_norm = torch.tensor(float(total_norm), device="cpu")
     grads = _grads(params)
     if grads:
         value, tensor = _split_max_norm(max_norm)

@@ -19,15 +19,24 @@ grad dense), the new plan is the cached plan of that layout with its address col
 (``DevicePlan.rebased``): the chunk tables are reused instead of rebuilt, and only the aliasing
 check looks at the new addresses.
 
-Grads that are not dense in memory (e.g. ``x[:, ::2]``) are copied into staging buffers owned by
-the plan before a kernel runs and copied back after a kernel writes: in place from the caller's
-point of view. Dense but permuted grads (transposes, channels-last) are used in place, since norms
-and scaling do not depend on element order.
+Grads that are not dense in memory (e.g. ``x[:, ::2]``) are copied into staging buffers before a
+kernel runs and copied back after a kernel writes: in place from the caller's point of view. The
+staging buffers belong to one primitive of one call (:meth:`DevicePlan.bind`), never to a cached
+plan, so the cache never keeps grad-sized memory alive (see :class:`PlanCache` for what it keeps).
+Dense but permuted grads (transposes, channels-last) are used in place, since norms and scaling do
+not depend on element order.
+
+Memory is judged by each grad's true extent, from its sizes and strides (:func:`span_bytes`), not by
+its element count: ``buf[::2]`` reaches as far as ``buf[:-1]``. Grads whose extents overlap are
+scaled one tensor after another, as torch does (:attr:`DevicePlan.aliased`); a grad whose own
+elements share memory (``expand``) cannot be written in place at all, and :func:`check_writable`
+refuses it, like an inference tensor, before any grad is written.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import threading
 from array import array
@@ -48,11 +57,18 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 }
 #: largest chunk, in elements; a power of two so chunk starts stay aligned like the tensor base
 CHUNK_ELEMENTS = 1 << 16
-#: element size of each dtype code (indexed by code)
-_ITEMSIZE_OF_CODE = torch.tensor([dtype.itemsize for dtype, _ in sorted(DTYPE_CODES.items(), key=lambda item: item[1])])
+_CPU = torch.device("cpu")
+#: element size of each dtype code (indexed by code); every tensor made here names its device, so
+#: a default device set by the caller (``torch.set_default_device('meta')``) never leaks in
+_ITEMSIZE_OF_CODE = torch.tensor(
+    [dtype.itemsize for dtype, _ in sorted(DTYPE_CODES.items(), key=lambda item: item[1])], device=_CPU
+)
 
 #: plans kept in the cache (a training loop needs one or two)
 CACHE_SIZE = 16
+#: largest grad (in elements) whose self-overlap is decided exactly when its strides interleave;
+#: beyond it such a grad counts as self-overlapping (only exotic ``as_strided`` layouts get there)
+EXACT_OVERLAP_LIMIT = 1 << 24
 
 _REAL_OF_COMPLEX = {
     torch.complex32: torch.float16,
@@ -60,8 +76,6 @@ _REAL_OF_COMPLEX = {
     torch.complex128: torch.float64,
 }
 PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
-
-_CPU = torch.device("cpu")
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,6 +95,42 @@ def is_dense(tensor: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def span_bytes(tensor: Tensor) -> int:
+    """Bytes from the tensor's data address to the end of its last element: its true extent in
+    memory (strides are never negative in torch, so the data address is the lowest one).
+
+    For a dense tensor this is ``nbytes``; for a view with gaps (``buf[::2]``) it is larger, and
+    only this extent tells whether two grads can share memory. 0 for a tensor without elements.
+    """
+    if tensor.is_contiguous():
+        return tensor.nbytes
+    if tensor.numel() == 0:
+        return 0
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return (last + 1) * tensor.element_size()
+
+
+def self_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """True when two elements of a tensor of this shape and these strides share memory (an
+    ``expand``-ed or overlapping ``as_strided`` view): such a tensor cannot be written in place."""
+    if math.prod(shape) <= 1:
+        return False
+    extent = 0  # the largest offset the dimensions of smaller stride reach
+    for stride_, size in sorted((st, sz) for sz, st in zip(shape, stride) if sz > 1):
+        if stride_ <= extent:  # stride 0, or interleaved with a smaller dimension
+            break
+        extent += (size - 1) * stride_
+    else:
+        return False  # each dimension steps past everything the smaller ones reach
+    if math.prod(shape) > EXACT_OVERLAP_LIMIT:
+        return True
+    offsets = torch.zeros(1, dtype=torch.int64, device=_CPU)
+    for size, stride_ in zip(shape, stride):
+        steps = torch.arange(size, dtype=torch.int64, device=_CPU) * stride_
+        offsets = (offsets[:, None] + steps).reshape(-1)
+    return torch.unique(offsets).numel() != offsets.numel()
 
 
 @dataclass(frozen=True)
@@ -114,18 +164,19 @@ def _slice_tables(packed: Tensor, t: int, c: int, chunk_elements: int, max_numel
 def build_tables(addresses: list[int], numels: list[int], codes: list[int], chunk_elements: int) -> KernelTables:
     """Chunk every tensor into pieces of at most ``chunk_elements`` elements (vectorised, on the CPU)."""
     t = len(numels)
-    numel_t = torch.tensor(numels, dtype=torch.int64)
+    numel_t = torch.tensor(numels, dtype=torch.int64, device=_CPU)
     chunks_per_tensor = (numel_t + (chunk_elements - 1)) // chunk_elements
-    first_chunk = torch.zeros(t + 1, dtype=torch.int64)
+    first_chunk = torch.zeros(t + 1, dtype=torch.int64, device=_CPU)
     torch.cumsum(chunks_per_tensor, 0, out=first_chunk[1:])
     c = int(first_chunk[-1])
-    chunk_tensor = torch.repeat_interleave(torch.arange(t, dtype=torch.int64), chunks_per_tensor, output_size=c)
-    chunk_start = (torch.arange(c, dtype=torch.int64) - first_chunk[chunk_tensor]) * chunk_elements
+    arange_t = torch.arange(t, dtype=torch.int64, device=_CPU)
+    chunk_tensor = torch.repeat_interleave(arange_t, chunks_per_tensor, output_size=c)
+    chunk_start = (torch.arange(c, dtype=torch.int64, device=_CPU) - first_chunk[chunk_tensor]) * chunk_elements
     packed = torch.cat(
         [
-            torch.tensor(addresses, dtype=torch.int64),
+            torch.tensor(addresses, dtype=torch.int64, device=_CPU),
             numel_t,
-            torch.tensor(codes, dtype=torch.int64),
+            torch.tensor(codes, dtype=torch.int64, device=_CPU),
             first_chunk,
             chunk_tensor,
             chunk_start,
@@ -149,9 +200,11 @@ class DevicePlan:
     whole_call: bool  # these are all the call's grads, in order
     kernel_reason: str | None  # why the kernel backends cannot take these grads, if they cannot
     chunk_elements: int = CHUNK_ELEMENTS
+    spans: tuple[int, ...] = ()  # span_bytes of each grad (its extent from its address; 0 if unknown)
+    write_reason: str | None = None  # why some grad cannot be written in place (see check_writable)
     scratch: dict[Any, Any] = field(default_factory=dict)  # per-backend workspaces
     _tables: dict[torch.device, KernelTables] = field(default_factory=dict)
-    _staging: dict[int, Tensor] | None = None
+    _staging: dict[int, Tensor] | None = None  # set only in a plan bound to one call (see bind)
     _aliased: bool | None = None
     _upload_source: Tensor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -179,13 +232,18 @@ class DevicePlan:
 
     @property
     def aliased(self) -> bool:
-        """True when two grads share memory (e.g. one grad listed twice): scaling must not race."""
+        """True when the memory extents of two grads overlap (one grad listed twice, views sharing
+        elements, interleaved strided views): scaling must then go one tensor after another, as in
+        torch, so shared elements are scaled once per grad that holds them and no two programs race."""
         if self._aliased is None:
+            if not self.has_storage:
+                self._aliased = False  # no addresses; the torch backend runs these one op at a time anyway
+                return False
             tables = None if self.strided else self._tables.get(_CPU)
-            if tables is not None:  # its columns, as tensors already: no conversion of long tuples
+            if tables is not None:  # dense grads span numel * itemsize: the columns, as tensors already
                 starts, sizes = tables.addresses, tables.numels * _ITEMSIZE_OF_CODE[tables.dtype_codes]
             else:
-                starts, sizes = _byte_spans(self.addresses, self.numels, self.dtype_groups)
+                starts, sizes = _byte_spans(self.addresses, self.spans)
             self._aliased = _spans_overlap(starts, sizes)
         return self._aliased
 
@@ -200,7 +258,7 @@ class DevicePlan:
         cpu_tables = self._tables.get(_CPU)
         if cpu_tables is not None:
             packed = cpu_tables.packed.clone()
-            # a writable copy: torch warns when it wraps read-only memory
+            # a writable copy: torch warns when it wraps read-only memory (frombuffer is always on the CPU)
             packed[: self.num_tensors] = torch.frombuffer(bytearray(address_column), dtype=torch.int64)
             tables[_CPU] = _slice_tables(
                 packed, cpu_tables.num_tensors, cpu_tables.num_chunks, cpu_tables.chunk_elements, cpu_tables.max_numel
@@ -217,30 +275,78 @@ class DevicePlan:
             _lock=threading.Lock(),
         )
 
+    def bind(self, grads: list[Tensor]) -> DevicePlan:
+        """The plan to launch one primitive with: this plan itself when every grad is dense; else a
+        copy for this call only, whose tables point at fresh staging buffers for the strided grads
+        (:meth:`stage_in` fills them, :meth:`stage_out` copies them back).
+
+        The copy, its staging buffers and its workspaces die with the call, so no cached plan holds
+        memory proportional to the grads. While a CUDA graph is being captured the copy is kept by
+        this plan instead: a replay reads its tables and buffers.
+        """
+        if not self.strided or self._staging is not None:
+            return self
+        if self.kernel_reason is not None:
+            raise RuntimeError(self.kernel_reason)
+        staging = {i: torch.empty_like(grads[i], memory_format=torch.contiguous_format) for i in self.strided}
+        cpu_tables = self._cpu_tables()
+        packed = cpu_tables.packed.clone()
+        index = torch.tensor(self.strided, dtype=torch.int64, device=_CPU)
+        packed[index] = torch.tensor([buffer.data_ptr() for buffer in staging.values()], dtype=torch.int64, device=_CPU)
+        tables = _slice_tables(
+            packed, cpu_tables.num_tensors, cpu_tables.num_chunks, cpu_tables.chunk_elements, cpu_tables.max_numel
+        )
+        bound = replace(
+            self,
+            scratch={},
+            _tables={_CPU: tables},
+            _staging=staging,
+            _aliased=self.aliased,
+            _upload_source=None,
+            _lock=threading.Lock(),
+        )
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            with self._lock:
+                self.scratch.setdefault(_CAPTURED_BINDINGS, []).append(bound)
+        return bound
+
     def kernel_tables(self, grads: list[Tensor]) -> KernelTables:
-        """Tables on this plan's device; strided grads are redirected to staging buffers."""
+        """Tables on this plan's device. A plan with strided grads has tables only once bound to a
+        call's staging buffers (:meth:`bind`)."""
         tables = self._tables.get(self.device)
         if tables is None:
+            if self.strided and self._staging is None:
+                raise RuntimeError("internal error: a plan with strided grads must be bound to a call (DevicePlan.bind)")
             with self._lock:
                 tables = self._tables.get(self.device)
                 if tables is None:
-                    tables = self._build_kernel_tables(grads)
+                    tables = self._build_kernel_tables()
         return tables
 
-    def _build_kernel_tables(self, grads: list[Tensor]) -> KernelTables:
+    def _cpu_tables(self) -> KernelTables:
+        """The tables on the CPU, built once (strided grads' addresses are 0 until bound to a call)."""
+        tables = self._tables.get(_CPU)
+        if tables is None:
+            if self.kernel_reason is not None:
+                raise RuntimeError(self.kernel_reason)
+            with self._lock:
+                tables = self._tables.get(_CPU)
+                if tables is None:
+                    addresses = list(self.addresses)
+                    for i in self.strided:
+                        addresses[i] = 0
+                    codes = [DTYPE_CODES[dtype] for dtype in self.dtypes]
+                    tables = build_tables(addresses, list(self.numels), codes, self.chunk_elements)
+                    self._tables[_CPU] = tables
+        return tables
+
+    def _build_kernel_tables(self) -> KernelTables:
         if self.kernel_reason is not None:
             raise RuntimeError(self.kernel_reason)
-        cpu_tables = self._tables.get(_CPU)  # present in a rebased plan
+        cpu_tables = self._tables.get(_CPU)  # present in a rebased or bound plan
         if cpu_tables is None:
-            addresses = list(self.addresses)
-            if self.strided:
-                self._staging = {
-                    i: torch.empty_like(grads[i], memory_format=torch.contiguous_format) for i in self.strided
-                }
-                for i, buffer in self._staging.items():
-                    addresses[i] = buffer.data_ptr()
             codes = [DTYPE_CODES[dtype] for dtype in self.dtypes]
-            cpu_tables = build_tables(addresses, list(self.numels), codes, self.chunk_elements)
+            cpu_tables = build_tables(list(self.addresses), list(self.numels), codes, self.chunk_elements)
             self._tables[_CPU] = cpu_tables
         if self.device.type == "cpu":
             tables = cpu_tables
@@ -261,17 +367,39 @@ class DevicePlan:
         return tables
 
     def stage_in(self, grads: list[Tensor]) -> None:
-        """Copy non-dense grads into their staging buffers (before a kernel reads them)."""
+        """Copy non-dense grads into this call's staging buffers (before a kernel reads them)."""
         if self._staging:
             for i, buffer in self._staging.items():
                 buffer.copy_(grads[i])
 
     def stage_out(self, grads: list[Tensor]) -> None:
-        """Copy staging buffers back into non-dense grads (after a kernel wrote them)."""
+        """Copy this call's staging buffers back into non-dense grads (after a kernel wrote them)."""
         if self._staging:
             for i, buffer in self._staging.items():
                 grads[i].copy_(buffer)
 
+    def retained_bytes(self) -> int:
+        """Bytes of tensor memory this plan keeps alive: its tables (on the CPU, the device, and a
+        pinned upload copy) and the backends' workspaces. Never a copy of a grad."""
+        seen: dict[int, int] = {}
+        for tables in self._tables.values():
+            _note_storage(tables.packed, seen)
+        if self._upload_source is not None:
+            _note_storage(self._upload_source, seen)
+        for value in self.scratch.values():
+            _note_tensors(value, seen)
+        if self._staging:
+            for buffer in self._staging.values():
+                _note_storage(buffer, seen)
+        return sum(seen.values())
+
+    def table_bytes_bound(self) -> int:
+        """What :meth:`retained_bytes` may reach for the tables: ``8 * (4T + 1 + 2C)`` bytes per copy
+        (T grads, C chunks, ``C <= T + elements / chunk_elements``), three copies on CUDA (CPU,
+        pinned, device), two on other accelerators, one on the CPU."""
+        chunks = sum(-(-n // self.chunk_elements) for n in self.numels)
+        copies = {"cpu": 1, "cuda": 3}.get(self.device.type, 2)
+        return 8 * (4 * self.num_tensors + 1 + 2 * chunks) * copies
 
 @dataclass
 class Plan:
@@ -304,18 +432,9 @@ class PlainTensors(list):
     __slots__ = ("key_parts", "null_address")
 
 
-def _byte_spans(
-    addresses: tuple[int, ...], numels: tuple[int, ...], dtype_groups: dict[torch.dtype, tuple[int, ...]]
-) -> tuple[Tensor, Tensor]:
-    """(start address, size in bytes) of every grad, as int64 tensors."""
-    starts = torch.tensor(addresses, dtype=torch.int64)
-    sizes = torch.tensor(numels, dtype=torch.int64)
-    if len(dtype_groups) == 1:
-        return starts, sizes * next(iter(dtype_groups)).itemsize
-    itemsizes = torch.empty_like(sizes)
-    for dtype, indices in dtype_groups.items():
-        itemsizes[torch.tensor(indices, dtype=torch.int64)] = dtype.itemsize
-    return starts, sizes * itemsizes
+def _byte_spans(addresses: tuple[int, ...], spans: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """(start address, extent in bytes) of every grad, as int64 tensors on the CPU."""
+    return torch.tensor(addresses, dtype=torch.int64, device=_CPU), torch.tensor(spans, dtype=torch.int64, device=_CPU)
 
 
 def _spans_overlap(starts: Tensor, sizes: Tensor) -> bool:
@@ -327,6 +446,35 @@ def _spans_overlap(starts: Tensor, sizes: Tensor) -> bool:
     ends = starts + sizes[order]
     # sorted by start, some pair overlaps exactly when some span starts before the previous one ends
     return bool((starts[1:] < ends[:-1]).any())
+
+
+#: key in DevicePlan.scratch of the per-call plans bound while a CUDA graph was being captured
+_CAPTURED_BINDINGS = "fusedclip.plan: bound during capture"
+
+
+def _note_storage(tensor: Tensor, seen: dict[int, int]) -> None:
+    storage = tensor.untyped_storage()
+    seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+
+
+def _note_tensors(value: Any, seen: dict[int, int], depth: int = 0) -> None:
+    """Note the storages of the tensors in ``value`` (a tensor, a container, or an object whose
+    attributes hold tensors: the backends' workspaces), a few levels deep."""
+    if isinstance(value, Tensor):
+        _note_storage(value, seen)
+    elif depth < 3:
+        if isinstance(value, dict):
+            items: Iterable[Any] = value.values()
+        elif isinstance(value, (list, tuple)):
+            items = value
+        elif isinstance(value, DevicePlan):
+            seen[id(value)] = value.retained_bytes()
+            return
+        else:
+            items = list(getattr(value, "__dict__", {}).values())
+            items += [getattr(value, name, None) for name in getattr(type(value), "__slots__", ())]
+        for item in items:
+            _note_tensors(item, seen, depth + 1)
 
 
 def all_plain(tensors: list[Tensor]) -> bool:
@@ -354,6 +502,39 @@ def _check_grad(index: int, grad: Tensor) -> None:
         )
 
 
+def _no_storage_reason(grads: list[Tensor]) -> str:
+    """Why the kernel backends cannot take grads whose memory fusedclip cannot see."""
+    for grad in grads:
+        kind = type(grad)
+        if kind not in PLAIN_TENSOR_TYPES:
+            return (
+                f"the gradients include a {kind.__module__}.{kind.__qualname__}, a torch.Tensor subclass; the"
+                " kernel backends read raw memory and take only plain torch.Tensor gradients (use backend='torch',"
+                " or leave backend unset to have it chosen)"
+            )
+    return (
+        "the gradients have no memory fusedclip can address (data_ptr() fails: fake, functional or"
+        " otherwise storage-less tensors); use backend='torch', or leave backend unset to have it chosen"
+    )
+
+
+def _write_reason(position: int, grad: Tensor) -> str | None:
+    """Why ``grad`` cannot be scaled or clamped in place (its elements share memory), or None."""
+    if grad.is_contiguous():
+        return None
+    try:
+        shape, stride = tuple(grad.shape), grad.stride()
+    except (RuntimeError, NotImplementedError):  # a subclass without strides: torch will say
+        return None
+    if not self_overlapping(shape, stride):
+        return None
+    return (
+        f"gradient {position} (shape {shape}, strides {stride}) has elements that share memory (an expand()-ed"
+        " or overlapping view), so it cannot be modified in place; torch refuses to write it too. No gradient"
+        " was modified. Give the parameter a gradient of its own, e.g. p.grad = p.grad.clone()"
+    )
+
+
 def build_plan(grads: list[Tensor], has_storage: bool, chunk_elements: int = CHUNK_ELEMENTS) -> Plan:
     """Group grads by device and describe each group (no caching here)."""
     by_device: dict[torch.device, list[int]] = {}
@@ -362,6 +543,7 @@ def build_plan(grads: list[Tensor], has_storage: bool, chunk_elements: int = CHU
         by_device.setdefault(grad.device, []).append(index)
     all_dtypes = {grad.dtype for grad in grads}
     result_dtype = functools.reduce(torch.promote_types, sorted({real_dtype(d) for d in all_dtypes}, key=str))
+    no_storage = None if has_storage else _no_storage_reason(grads)
     devices = []
     for device, positions in by_device.items():
         local = [grads[i] for i in positions]
@@ -369,6 +551,7 @@ def build_plan(grads: list[Tensor], has_storage: bool, chunk_elements: int = CHU
         groups: dict[torch.dtype, list[int]] = {}
         for i, dtype in enumerate(dtypes):
             groups.setdefault(dtype, []).append(i)
+        write_reason = next(filter(None, (_write_reason(p, g) for p, g in zip(positions, local))), None)
         devices.append(
             DevicePlan(
                 device=device,
@@ -380,15 +563,62 @@ def build_plan(grads: list[Tensor], has_storage: bool, chunk_elements: int = CHU
                 addresses=tuple(grad.data_ptr() for grad in local) if has_storage else (0,) * len(local),
                 has_storage=has_storage,
                 whole_call=len(by_device) == 1,
-                kernel_reason=_kernel_reason(set(dtypes)) if has_storage else "these tensors have no storage",
+                kernel_reason=_kernel_reason(set(dtypes)) if has_storage else no_storage,
                 chunk_elements=chunk_elements,
+                # span_bytes looked up at call time: the tests swap in a broken one to prove they catch it
+                spans=tuple(span_bytes(grad) for grad in local) if has_storage else (0,) * len(local),
+                write_reason=write_reason,
             )
         )
     return Plan(devices=devices, result_dtype=result_dtype)
 
 
+def check_writable(works: Iterable[Any]) -> None:
+    """Raise ``RuntimeError`` unless every grad of ``works`` (objects with ``.plan``, a
+    :class:`DevicePlan`, and ``.grads``, its grads) can be written in place; called before the first
+    write of a call, so a refusal leaves every grad untouched (torch would have scaled some first).
+
+    Refused, as torch refuses them: a grad whose elements share memory (``expand``), known from its
+    plan; an inference tensor outside ``torch.inference_mode()`` (checked on every call: a new grad
+    at a cached address may be one).
+    """
+    works = list(works)
+    for work in works:
+        if work.plan.write_reason is not None:
+            raise RuntimeError(work.plan.write_reason)
+    if torch.is_inference_mode_enabled():
+        return  # inside inference mode torch writes inference tensors in place too
+    for work in works:
+        if any(map(_is_inference, work.grads)):
+            local = next(i for i, grad in enumerate(work.grads) if grad.is_inference())
+            raise RuntimeError(
+                f"gradient {work.plan.positions[local]} is an inference tensor (made under torch.inference_mode())"
+                " and cannot be modified in place outside inference mode; torch raises here too. No gradient was"
+                " modified. Clip inside torch.inference_mode(), or give the parameter a normal gradient"
+                " (p.grad = p.grad.clone() outside inference mode)"
+            )
+
+
+_is_inference = Tensor.is_inference
+
+
 class PlanCache:
-    """A small thread-safe LRU of plans, keyed by the memory layout of the grads."""
+    """A small thread-safe LRU of plans, keyed by the memory layout of the grads.
+
+    What the cache can keep alive is bounded, and never proportional to the grads' bytes:
+
+    * at most ``size`` plans, plus at most ``size`` layout plans (the templates of rebased plans),
+      plus the plans used while a CUDA graph was captured (kept until :meth:`clear`);
+    * each plan holds only its tables (``8 * (4T + 1 + 2C)`` bytes for T grads in C chunks,
+      ``C <= T + elements / chunk_elements``, so about 1/8192 of the bytes of bf16 grads at the
+      default chunk size; once on the CPU, again on the plan's device, and a pinned upload copy
+      for CUDA: :meth:`DevicePlan.table_bytes_bound`) and the backends' workspaces, which are sized
+      by the number of kernel programs, not by the grads;
+    * no grad and no staging copy of a grad: staging buffers live for one primitive of one call
+      (:meth:`DevicePlan.bind`), except the ones of a CUDA graph capture, which the graph needs.
+
+    :meth:`retained_bytes` measures it.
+    """
 
     def __init__(self, size: int = CACHE_SIZE, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.size = size
@@ -413,6 +643,22 @@ class PlanCache:
 
     def __len__(self) -> int:
         return len(self._plans)
+
+    def _device_plans(self) -> list[DevicePlan]:
+        with self._lock:
+            plans = [plan for _, plan in self._plans.values()] + list(self._layouts.values())
+            plans += list(self._pinned.values())
+        unique = {id(device_plan): device_plan for plan in plans for device_plan in plan.devices}
+        return list(unique.values())
+
+    def retained_bytes(self) -> int:
+        """Bytes of tensor memory the cached plans keep alive (tables and workspaces)."""
+        return sum(device_plan.retained_bytes() for device_plan in self._device_plans())
+
+    def table_bytes_bound(self) -> int:
+        """The most the cached plans' tables may take (:meth:`DevicePlan.table_bytes_bound`); the
+        workspaces of the ``triton`` and ``cuda`` backends come on top, sized by their programs."""
+        return sum(device_plan.table_bytes_bound() for device_plan in self._device_plans())
 
     def plan_for(self, grads: list[Tensor]) -> Plan:
         """The plan for these grads; built (and cached) when their layout has not been seen."""

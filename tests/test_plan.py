@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import itertools
+import math
 import weakref
 
 import pytest
@@ -99,22 +101,40 @@ def test_cache_is_bounded():
     assert len(cache) == 3 and len(cache._layouts) == 3
 
 
-def test_strided_grads_are_staged_and_dense_ones_are_not():
+def test_strided_grads_are_staged_in_buffers_of_one_call_and_dense_ones_are_not():
     base = torch.randn(6, 8)
     grads = [base.t(), base[:, ::2], torch.randn(5)]
     device_plan = PlanCache().plan_for(grads).devices[0]
     assert device_plan.strided == (1,)
-    tables = device_plan.kernel_tables(grads)
+    with pytest.raises(RuntimeError, match="bound"):
+        device_plan.kernel_tables(grads)  # the cached plan has no staging buffers of its own
+    bound = device_plan.bind(grads)
+    assert bound is not device_plan and device_plan.bind(grads) is not bound  # one per call
+    tables = bound.kernel_tables(grads)
     addresses = tables.addresses.tolist()
     assert addresses[0] == base.data_ptr() and addresses[2] == grads[2].data_ptr()
-    assert addresses[1] != grads[1].data_ptr()  # the staging buffer
-    device_plan.stage_in(grads)
-    staged = device_plan._staging[1]
+    staged = bound._staging[1]
+    assert addresses[1] == staged.data_ptr() != grads[1].data_ptr()
+    bound.stage_in(grads)
     assert torch.equal(staged, grads[1])
     staged.mul_(2)
     expected = grads[1] * 2
-    device_plan.stage_out(grads)
+    bound.stage_out(grads)
     assert torch.equal(grads[1], expected)
+    assert device_plan._staging is None and device_plan.retained_bytes() <= device_plan.table_bytes_bound()
+    dense = PlanCache().plan_for([grads[0], grads[2]]).devices[0]
+    assert dense.bind([grads[0], grads[2]]) is dense
+
+
+def test_the_cache_keeps_no_staging_buffer_alive():
+    cache = PlanCache()
+    grad = torch.randn(64, 64)[:, ::2]
+    device_plan = cache.plan_for([grad]).devices[0]
+    bound = device_plan.bind([grad])
+    ref = weakref.ref(bound._staging[0])
+    del bound
+    gc.collect()
+    assert ref() is None and cache.retained_bytes() <= device_plan.table_bytes_bound()
 
 
 def test_aliasing_is_detected():
@@ -123,33 +143,57 @@ def test_aliasing_is_detected():
     assert PlanCache().plan_for([buffer[:50], buffer[40:60]]).devices[0].aliased
     same = torch.randn(10)
     assert PlanCache().plan_for([same, same]).devices[0].aliased
+    # strided views reach beyond numel * itemsize from their address
+    assert PlanCache().plan_for([buffer[:8:2], buffer[4:8]]).devices[0].aliased
+    assert PlanCache().plan_for([buffer[:8].view(2, 4).t()[:2], buffer[4:5]]).devices[0].aliased
+    assert PlanCache().plan_for([buffer[0:10:2], buffer[1:10:2]]).devices[0].aliased  # interleaved: conservative
+    assert not PlanCache().plan_for([buffer[:9:2], buffer[9:20]]).devices[0].aliased
+
+
+def test_span_bytes_is_the_true_extent():
+    buffer = torch.randn(64, dtype=torch.float64)
+    assert plan.span_bytes(buffer[::2]) == 63 * 8
+    assert plan.span_bytes(buffer[:60].view(6, 10)[:, 1:3]) == (5 * 10 + 2) * 8
+    assert plan.span_bytes(buffer[:12].view(3, 4).t()) == 12 * 8
+    assert plan.span_bytes(buffer[:0]) == plan.span_bytes(buffer.view(8, 8)[:, :0]) == 0
+    assert plan.span_bytes(torch.randn(1).expand(7)) == 4
+    assert plan.span_bytes(buffer[3:5]) == 16
+
+
+@pytest.mark.parametrize(
+    "shape,stride,expected",
+    [
+        ((3, 4), (4, 1), False),
+        ((3, 4), (1, 3), False),
+        ((5,), (0,), True),
+        ((1, 5), (0, 1), False),
+        ((3, 3), (1, 1), True),
+        ((3, 2), (2, 3), False),  # interleaved strides, no shared element (decided exactly)
+        ((3, 2), (2, 4), True),
+        ((0, 4), (0, 0), False),
+        ((2, 2, 2), (4, 1, 2), False),
+    ],
+)
+def test_self_overlap_is_decided_exactly(shape, stride, expected):
+    assert plan.self_overlapping(shape, stride) is expected
+    if math.prod(shape):
+        offsets = [sum(i * s for i, s in zip(index, stride)) for index in itertools.product(*map(range, shape))]
+        assert (len(set(offsets)) != len(offsets)) is expected
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.lists(
-        st.tuples(
-            st.integers(1, 64), st.integers(0, 12), st.sampled_from([torch.float32, torch.bfloat16, torch.float64])
-        ),
-        max_size=10,
-    )
-)
+@given(st.lists(st.tuples(st.integers(1, 64), st.integers(0, 12), st.sampled_from([1, 2, 4, 8])), max_size=10))
 def test_the_overlap_check_agrees_with_comparing_every_pair(spans):
     addresses = tuple(address for address, _, _ in spans)
-    numels = tuple(numel for _, numel, _ in spans)
-    groups = {}
-    for i, (_, _, dtype) in enumerate(spans):
-        groups.setdefault(dtype, []).append(i)
-    ends = [address + numel * dtype.itemsize for address, numel, dtype in spans]
+    sizes = tuple(numel * itemsize for _, numel, itemsize in spans)
+    ends = [address + size for address, size in zip(addresses, sizes)]
     expected = any(
-        numels[i] and numels[j] and addresses[i] < ends[j] and addresses[j] < ends[i]
+        sizes[i] and sizes[j] and addresses[i] < ends[j] and addresses[j] < ends[i]
         for i in range(len(spans))
         for j in range(i + 1, len(spans))
     )
-    starts, sizes = plan._byte_spans(addresses, numels, {d: tuple(ix) for d, ix in groups.items()})
-    assert plan._spans_overlap(starts, sizes) == expected
-    codes = torch.tensor([DTYPE_CODES[dtype] for _, _, dtype in spans], dtype=torch.int64)
-    assert torch.equal(sizes, torch.tensor(numels, dtype=torch.int64) * plan._ITEMSIZE_OF_CODE[codes])
+    starts, extents = plan._byte_spans(addresses, sizes)
+    assert plan._spans_overlap(starts, extents) == expected
 
 
 # ---- grads reallocated between calls (zero_grad(set_to_none=True)): the layout's plan is rebased ----

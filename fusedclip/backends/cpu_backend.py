@@ -63,9 +63,9 @@ class CpuBackend(KernelBackend):
         grad_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         packed, num_tensors, num_chunks, chunk_elements, total_elements = _plan_args(work, tables)
-        total = torch.empty((), dtype=out_dtype)
-        acc = torch.empty((), dtype=ACC_DTYPE)
-        coef = None if max_norm is None else torch.empty((), dtype=ACC_DTYPE)
+        total = torch.empty((), dtype=out_dtype, device="cpu")  # never the default device: the kernel writes here
+        acc = torch.empty((), dtype=ACC_DTYPE, device="cpu")
+        coef = None if max_norm is None else torch.empty((), dtype=ACC_DTYPE, device="cpu")
         if isinstance(max_norm, Tensor):
             max_norm = float(max_norm)  # only a tensor on another device gets here (check_max_norm)
 
@@ -73,7 +73,7 @@ class CpuBackend(KernelBackend):
         if per_tensor is not None and not (
             per_tensor.dtype == ACC_DTYPE and per_tensor.device.type == "cpu" and per_tensor.is_contiguous()
         ):
-            per_tensor_out = torch.empty(num_tensors, dtype=ACC_DTYPE)
+            per_tensor_out = torch.empty(num_tensors, dtype=ACC_DTYPE, device="cpu")
         scale = None if grad_scale is None else _host_scalar(grad_scale)
 
         _ext.C.cpu_norm(

@@ -3,10 +3,11 @@
 A kernel backend reads the plan's tables and writes through raw addresses, so this layer makes
 that safe and torch-consistent:
 
-* grads that are not dense in memory are staged into plan-owned buffers before a launch and
-  copied back after a launch that writes;
-* grads that share memory (one grad listed twice, overlapping views) are scaled by the torch
-  backend, one tensor after another, so the result is torch's and no two programs race on a byte;
+* grads that are not dense in memory are staged into buffers of this call only (``DevicePlan.bind``)
+  before a launch and copied back after a launch that writes;
+* grads whose memory extents overlap (one grad listed twice, views sharing elements, interleaved
+  strided views) are scaled by the torch backend, one tensor after another, so the result is
+  torch's (a shared element is scaled once per grad holding it) and no two programs race on a byte;
 * autograd's version counter of every grad is bumped after a write, as torch's in-place ops do.
 
 The kernel contract every subclass implements (see ``csrc/fusedclip.h`` for the same in C++):
@@ -61,10 +62,16 @@ class KernelBackend(Backend):
     def plan_reason(self, plan: DevicePlan) -> str | None:
         return plan.kernel_reason
 
-    def _tables(self, work: DeviceWork) -> KernelTables:
-        tables = work.plan.kernel_tables(work.grads)
-        work.plan.stage_in(work.grads)
-        return tables
+    @staticmethod
+    def _bind(work: DeviceWork) -> tuple[DeviceWork, KernelTables]:
+        """The work with its plan bound to this call (staging buffers for strided grads, filled),
+        and the tables to launch with. The bound plan dies with the primitive."""
+        plan = work.plan.bind(work.grads)
+        if plan is not work.plan:
+            work = DeviceWork(plan, work.grads, work.foreach)
+        tables = plan.kernel_tables(work.grads)
+        plan.stage_in(work.grads)
+        return work, tables
 
     # -- what subclasses implement ------------------------------------------------------------
     @abc.abstractmethod
@@ -93,7 +100,8 @@ class KernelBackend(Backend):
 
     # -- the Backend primitives ---------------------------------------------------------------
     def accumulate(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None) -> Tensor:
-        _, _, acc = self.launch_norm(work, self._tables(work), norm, None, torch.float64, per_tensor)
+        work, tables = self._bind(work)
+        _, _, acc = self.launch_norm(work, tables, norm, None, torch.float64, per_tensor)
         return acc
 
     def norm(
@@ -106,14 +114,15 @@ class KernelBackend(Backend):
         per_tensor: Tensor | None = None,
         grad_scale: Tensor | None = None,
     ) -> NormResult:
-        tables = self._tables(work)
+        work, tables = self._bind(work)
         return NormResult(*self.launch_norm(work, tables, norm, max_norm, out_dtype, per_tensor, grad_scale))
 
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:
         if work.plan.aliased:
             _TORCH.scale_(_one_at_a_time(work), coef)
             return
-        self.launch_scale(work, self._tables(work), coef)
+        work, tables = self._bind(work)
+        self.launch_scale(work, tables, coef)
         work.plan.stage_out(work.grads)
         bump_versions(work.grads)
 
@@ -121,6 +130,7 @@ class KernelBackend(Backend):
         if work.plan.aliased:
             _TORCH.clamp_(_one_at_a_time(work), clip_value)
             return
-        self.launch_clamp(work, self._tables(work), clip_value)
+        work, tables = self._bind(work)
+        self.launch_clamp(work, tables, clip_value)
         work.plan.stage_out(work.grads)
         bump_versions(work.grads)

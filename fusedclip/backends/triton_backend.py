@@ -130,7 +130,7 @@ def _exponents(norm: NormSpec) -> tuple[int, int, int, int, int]:
 def _clip_limits(clip_value: float) -> tuple[int, int, int, int]:
     """``clip_value`` rounded to float32, float16, bfloat16 and float64 as torch rounds a scalar bound."""
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    return tuple(_bits(float(torch.scalar_tensor(clip_value, dtype=dtype))) for dtype in dtypes)  # type: ignore[return-value]
+    return tuple(_bits(float(torch.scalar_tensor(clip_value, dtype=dtype, device="cpu"))) for dtype in dtypes)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
