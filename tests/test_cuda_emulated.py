@@ -37,7 +37,8 @@ def selftest(cuda_shim_library):
 
     path = builder.build((SHIM / "selftest.cu").read_text(), units=("runtime.cpp",), label="selftest")
     lib = ctypes.CDLL(str(path))
-    lib.cuda_shim_selftest.argtypes = [ctypes.c_char_p, ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_char_p, ctypes.c_int]
+    int64s = [ctypes.c_int64] * 5
+    lib.cuda_shim_selftest.argtypes = [ctypes.c_char_p, ctypes.c_int, *int64s, ctypes.c_char_p, ctypes.c_int]
     lib.cuda_shim_selftest.restype = ctypes.c_int
     lib.cuda_shim_configure_device.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cuda_shim_set_seed.argtypes = [ctypes.c_uint64]
@@ -143,22 +144,24 @@ def test_16_bit_conversions_are_bit_exact(cuda_shim_library):
     mid16 = (finite16[1:] + finite16[:-1]) / 2  # ties, exact in float and double
     mid_bf = (finite_bf[1:] + finite_bf[:-1]) / 2
     random_floats = torch.randint(-(2**31), 2**31, (1 << 18,), generator=gen, dtype=torch.int64).to(torch.int32)
-    floats = torch.cat([random_floats.view(torch.float32), mid16.float(), mid_bf.float(),
-                        torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 65504, 65519.99, 65520, 3.4e38])])  # fmt: skip
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 65504, 65519.99, 65520, 3.4e38])
+    floats = torch.cat([random_floats.view(torch.float32), mid16.float(), mid_bf.float(), special])
 
     def nudged(ties: torch.Tensor) -> list[torch.Tensor]:  # just above and below each tie: no double rounding
         nudge = torch.exp2(torch.randint(-45, -20, ties.shape, generator=gen).double())
         return [ties * (1 + nudge), ties * (1 - nudge)]
 
-    doubles = torch.cat([floats.double(), *nudged(mid16), *nudged(mid_bf),
-                         torch.tensor([1e-300, 1e300, 5e-324, 65519.999999, 65520.0, 1e-8, 2.0**-25, 2.0**-24 * 1.5])])  # fmt: skip
+    special = torch.tensor([1e-300, 1e300, 5e-324, 65519.999999, 65520.0, 1e-8, 2.0**-25, 2.0**-24 * 1.5])
+    doubles = torch.cat([floats.double(), *nudged(mid16), *nudged(mid_bf), special])
 
     def check(kind: int, values: torch.Tensor, expected_bits: np.ndarray, what: str) -> None:
         ours = lib.convert(kind, values).numpy().view(np.uint16)
         nan = np.isnan(values.numpy())
         assert (ours[nan] == 0x7FFF).all(), f"{what}: NaN must become the canonical 0x7fff"
         wrong = (ours != expected_bits) & ~nan
-        assert not wrong.any(), f"{what} differs for {values.numpy()[wrong][:5]}: {ours[wrong][:5]} vs {expected_bits[wrong][:5]}"
+        assert not wrong.any(), (
+            f"{what} differs for {values.numpy()[wrong][:5]}: {ours[wrong][:5]} vs {expected_bits[wrong][:5]}"
+        )
 
     with np.errstate(over="ignore", invalid="ignore"):
         to_half = floats.numpy().astype(np.float16).view(np.uint16), doubles.numpy().astype(np.float16).view(np.uint16)

@@ -130,7 +130,8 @@ class ShimLibrary:
     def cuda_norm_units(self, device: int, num_chunks: int, chunk_elements: int) -> int:
         error = ctypes.create_string_buffer(_ERROR_SIZE)
         units = _I64(0)
-        self._check(self.lib.cuda_shim_norm_units(device, num_chunks, chunk_elements, ctypes.byref(units), error, _ERROR_SIZE), error)
+        code = self.lib.cuda_shim_norm_units(device, num_chunks, chunk_elements, ctypes.byref(units), error, len(error))
+        self._check(code, error)
         return units.value
 
     def cuda_norm(self, packed, num_tensors, num_chunks, chunk_elements, device, stream, kind, p, total_out,

@@ -522,7 +522,8 @@ void on_fault(int signal_number, siginfo_t* info, void*) {
   char hex[19] = "0x0000000000000000";
   uintptr_t address = reinterpret_cast<uintptr_t>(info->si_addr);
   for (int i = 17; i >= 2; --i, address >>= 4) hex[i] = "0123456789abcdef"[address & 15];
-  write_text(signal_number == SIGBUS ? "cuda_shim: memory fault (SIGBUS) at " : "cuda_shim: memory fault (SIGSEGV) at ");
+  write_text(signal_number == SIGBUS ? "cuda_shim: memory fault (SIGBUS) at "
+                                      : "cuda_shim: memory fault (SIGSEGV) at ");
   write_text(hex);
   if (t_kernel_name != nullptr) {
     write_text(" in kernel ");
@@ -592,7 +593,8 @@ uint64_t warp_op(WarpKind kind, unsigned int mask, uint64_t value, int64_t param
   ++block.stats[kWarpOps];
   const int lane = fiber->lane;
   if (!(mask >> lane & 1u)) {
-    fail_here(format("calls %s (line %u) with mask 0x%08x, which does not name its own lane", kind_name(kind), line, mask));
+    fail_here(format("calls %s (line %u) with mask 0x%08x, which does not name its own lane", kind_name(kind), line,
+                     mask));
   }
   if (mask & ~block.existing_lanes(fiber->warp)) {
     fail_here(format("calls %s (line %u) with mask 0x%08x, which names lanes this block does not have",
@@ -633,7 +635,9 @@ uint64_t warp_op(WarpKind kind, unsigned int mask, uint64_t value, int64_t param
     group = &g;
   }
   if (group == nullptr) {
-    if (free_group == nullptr) fail_here(format("more than %d groups of one warp wait at warp intrinsics", kGroupsPerWarp));
+    if (free_group == nullptr) {
+      fail_here(format("more than %d groups of one warp wait at warp intrinsics", kGroupsPerWarp));
+    }
     group = free_group;
     group->kind = kind;
     group->mask = mask;
@@ -738,7 +742,8 @@ void launch(void (*body)(void*), void* context, dim3 grid, dim3 block_dim, size_
     std::swap(launch.order[i - 1], launch.order[r % i]);
   }
   g_stats[kLaunches].fetch_add(1);
-  const int workers = static_cast<int>(std::min<uint64_t>(static_cast<uint64_t>(std::max(1, g_workers.load())), blocks));
+  const uint64_t wanted_workers = static_cast<uint64_t>(std::max(1, g_workers.load()));
+  const int workers = static_cast<int>(std::min<uint64_t>(wanted_workers, blocks));
   auto work = [&launch, threads, blocks]() {
     install_alternate_stack();
     Block block;
@@ -847,7 +852,9 @@ SHIM_EXPORT void cuda_shim_set_seed(uint64_t seed) {
   g_launch_serial.store(0);
 }
 // How often an atomic or fence hands the block's OS thread to another fiber (0-100).
-SHIM_EXPORT void cuda_shim_set_yield_percent(int percent) { g_yield_percent.store(percent < 0 ? 0 : percent > 100 ? 100 : percent); }
+SHIM_EXPORT void cuda_shim_set_yield_percent(int percent) {
+  g_yield_percent.store(percent < 0 ? 0 : percent > 100 ? 100 : percent);
+}
 SHIM_EXPORT int cuda_shim_stats(uint64_t* out, int count) {
   for (int i = 0; i < count && i < kStatCount; ++i) out[i] = g_stats[i].load();
   return kStatCount;
@@ -855,6 +862,9 @@ SHIM_EXPORT int cuda_shim_stats(uint64_t* out, int count) {
 // A SIGSEGV/SIGBUS in the process prints where it happened and exits with status 86 (for child
 // processes that run kernels over guard pages).
 SHIM_EXPORT void cuda_shim_install_fault_reporter() {
+#if SHIM_ASAN
+  return;  // AddressSanitizer reports faults itself (and owns the threads' alternate signal stacks)
+#endif
   g_fault_reporter.store(true);
   install_alternate_stack();
   struct sigaction action {};

@@ -24,7 +24,8 @@ __global__ void warp_intrinsics(int64_t* out, int width) {
   o[4] = __ballot_sync(0xffffffffu, lane % 3 == 0);
   o[5] = __any_sync(0xffffffffu, t == 37);
   o[6] = __all_sync(0xffffffffu, lane < 31);
-  o[7] = __shfl_sync(0x0000ffffu << (lane & 16), static_cast<double>(v) / 2, lane / 16 * 16 + 1) * 2;  // half-warp masks
+  // two half-warp groups, each with its own mask
+  o[7] = __shfl_sync(0x0000ffffu << (lane & 16), static_cast<double>(v) / 2, lane / 16 * 16 + 1) * 2;
 }
 
 // Every block writes its index into shared memory, meets other blocks' atomics, and reads it back.
@@ -37,7 +38,8 @@ __global__ void shared_per_block(unsigned int* counter, unsigned int* mismatches
   for (int i = 0; i < 4; ++i) atomicAdd(counter, 1u);  // scheduling points while other blocks run
   __threadfence();
   __syncthreads();
-  if (mine != blockIdx.x || values[(threadIdx.x + 1) % blockDim.x] != blockIdx.x * 1000u + (threadIdx.x + 1) % blockDim.x) {
+  const unsigned int next = (threadIdx.x + 1) % blockDim.x;
+  if (mine != blockIdx.x || values[next] != blockIdx.x * 1000u + next) {
     atomicAdd(mismatches, 1u);
   }
 }

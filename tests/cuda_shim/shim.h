@@ -207,12 +207,16 @@ inline unsigned int __activemask() { return 0xffffffffu; }  // the shim has no p
 // misaligned vector load faults on a GPU).
 template <class T>
 inline T __ldg(const T* address, unsigned int line = __builtin_LINE()) {
-  if (reinterpret_cast<uintptr_t>(address) % alignof(T) != 0) ::cuda_shim::misaligned(address, alignof(T), "__ldg", line);
+  if (reinterpret_cast<uintptr_t>(address) % alignof(T) != 0) {
+    ::cuda_shim::misaligned(address, alignof(T), "__ldg", line);
+  }
   return *address;
 }
 template <class T>
 inline T __ldcg(const T* address, unsigned int line = __builtin_LINE()) {
-  if (reinterpret_cast<uintptr_t>(address) % alignof(T) != 0) ::cuda_shim::misaligned(address, alignof(T), "__ldcg", line);
+  if (reinterpret_cast<uintptr_t>(address) % alignof(T) != 0) {
+    ::cuda_shim::misaligned(address, alignof(T), "__ldcg", line);
+  }
   T value;
   __atomic_load(address, &value, __ATOMIC_RELAXED);  // written by other blocks (threads) before a fence
   return value;
@@ -276,7 +280,9 @@ inline float __uint_as_float(unsigned int bits) { return ::cuda_shim::from_bits<
 inline float __int_as_float(int bits) { return ::cuda_shim::from_bits<float>(static_cast<unsigned int>(bits)); }
 inline unsigned int __float_as_uint(float x) { return static_cast<unsigned int>(::cuda_shim::to_bits(x)); }
 inline int __float_as_int(float x) { return static_cast<int>(::cuda_shim::to_bits(x)); }
-inline double __longlong_as_double(long long bits) { return ::cuda_shim::from_bits<double>(static_cast<uint64_t>(bits)); }
+inline double __longlong_as_double(long long bits) {
+  return ::cuda_shim::from_bits<double>(static_cast<uint64_t>(bits));
+}
 inline long long __double_as_longlong(double x) { return static_cast<long long>(::cuda_shim::to_bits(x)); }
 inline double __hiloint2double(int hi, int lo) {
   return ::cuda_shim::from_bits<double>((static_cast<uint64_t>(static_cast<uint32_t>(hi)) << 32) |
