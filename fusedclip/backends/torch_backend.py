@@ -87,23 +87,100 @@ def _opmath(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: the flat CPU path reduces at most this many elements per torch op (its float32 buffer: 4 MB)
+CPU_CHUNK_ELEMENTS = 1 << 20
+#: float32 CPU tensors at least this large are reduced where they lie; smaller ones are packed
+#: into the chunk buffer first (one ``cat`` instead of one reduction per tensor)
+CPU_DIRECT_ELEMENTS = 1 << 16
+_CPU_FLAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _flat_cpu_norms(group: list[Tensor], p: float) -> Tensor:
+    """float64 vector of p-norms of float32 chunks of ``group`` (float32/bf16/fp16 CPU tensors, no
+    zero-size ones) whose p-norm, max or min is that of all their elements together.
+
+    The total of a sum, max or min does not need each tensor's own norm, so the elements are
+    reduced in chunks of at most CPU_CHUNK_ELEMENTS: large float32 tensors where they lie (split
+    into views), everything else converted or packed into one float32 buffer with a single copy
+    (``cat``/``copy_`` with a float32 destination) and reduced there. Every element is read from
+    the grads once, 16-bit values are accumulated in float32 (never rounded to bf16/fp16 on the
+    way, unlike torch's per-tensor norms), and each reduction covers at most CPU_CHUNK_ELEMENTS
+    elements; the chunk norms are combined in float64 by the caller. The buffer is reused for
+    every chunk, so the float32 copy of a large set never exists at once.
+    """
+    direct: list[Tensor] = []  # float32 views reduced in place
+    packed: list[list[Tensor]] = []  # batches copied into the buffer, each <= CPU_CHUNK_ELEMENTS
+    batch: list[Tensor] = []
+    batch_numel = 0
+    for tensor in group:
+        flat = tensor.reshape(-1)
+        numel = flat.numel()
+        if tensor.dtype == torch.float32 and numel >= CPU_DIRECT_ELEMENTS:
+            direct.extend(flat.split(CPU_CHUNK_ELEMENTS) if numel > CPU_CHUNK_ELEMENTS else (flat,))
+            continue
+        for piece in flat.split(CPU_CHUNK_ELEMENTS) if numel > CPU_CHUNK_ELEMENTS else (flat,):
+            if batch_numel + piece.numel() > CPU_CHUNK_ELEMENTS:
+                packed.append(batch)
+                batch, batch_numel = [], 0
+            batch.append(piece)
+            batch_numel += piece.numel()
+    if batch:
+        packed.append(batch)
+    norms: list[Tensor] = list(torch._foreach_norm(direct, p)) if direct else []
+    if packed:
+        buffer = torch.empty(max(sum(t.numel() for t in b) for b in packed), dtype=torch.float32, device="cpu")
+        for pieces in packed:
+            numel = sum(t.numel() for t in pieces)
+            view = buffer[:numel]
+            if len(pieces) == 1:
+                view.copy_(pieces[0])
+            elif pieces[0].dtype == torch.float32:
+                torch.cat(pieces, out=view)
+            else:  # a same-dtype cat is one memcpy per piece; a converting cat is one copy_ op per piece
+                view.copy_(torch.cat(pieces))
+            norms.append(torch.linalg.vector_norm(view, p))
+    return torch.stack(norms).to(ACC_DTYPE)
+
+
+def _skip_scale(coef: Tensor, device: torch.device) -> bool:
+    """True when ``coef`` is exactly 1 and reading it costs nothing: CPU grads and a CPU coefficient
+    (the CPU has no queue to wait for; the kernel backends skip a coefficient of 1 the same way).
+    Never on other devices (that would be a host synchronisation) nor while tracing."""
+    if device.type != "cpu" or coef.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(coef == 1)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
-    def _per_tensor_norms(self, work: DeviceWork, norm: NormSpec) -> list[Tensor]:
-        """Per-tensor norms, one float64 vector per dtype group."""
+    def _per_tensor_norms(self, work: DeviceWork, norm: NormSpec, *, flat: bool = False) -> list[Tensor]:
+        """Per-tensor norms, one float64 vector per dtype group.
+
+        ``flat``: only the total is wanted (no per-tensor norms, not p = 0), so a CPU group of
+        float32/bf16/fp16 grads may return norms of chunks instead (see ``_flat_cpu_norms``).
+        """
         plan, grads = work.plan, work.grads
         # Zero-size tensors contribute the identity (0) to sums, max and counts; torch's foreach
         # would raise for them with p = inf, so leave them out.
         keep_empty = norm.needs_nonempty_tensors
+        # max |x| and min |x| are exact in the grads' own dtype: no wider copy needed
+        extreme = norm.kind in (NormKind.MAX, NormKind.MIN)
         norms: list[Tensor] = []
         for dtype, indices in plan.dtype_groups.items():
             group = [grads[i] for i in indices if keep_empty or plan.numels[i]]
             if not group:
                 continue
             opmath = _opmath(dtype)
+            if extreme and opmath is not None:
+                opmath = None
+            elif flat and plan.device.type == "cpu" and dtype in _CPU_FLAT_DTYPES:
+                nonempty = [g for g in group if g.numel()]
+                if nonempty:
+                    norms.append(_flat_cpu_norms(nonempty, norm.p))
+                continue
             counts = None
-            if plan.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            if plan.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not extreme:
                 group, counts = _pieces(group)  # see the module docstring
             if _use_foreach(group, plan.device, work.foreach):
                 group_norms = torch._foreach_norm(group, norm.p, dtype=opmath)
@@ -115,10 +192,15 @@ class TorchBackend(Backend):
         return norms
 
     def _per_tensor_vector(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None) -> Tensor | None:
-        """Per-tensor norms as one float64 vector (None without non-empty tensors)."""
-        norms = self._per_tensor_norms(work, norm)
+        """A float64 vector whose norm is the total (None without non-empty tensors): per-tensor
+        norms, or on the CPU (p != 0) norms of chunks (see ``_flat_cpu_norms``). ``per_tensor``
+        then takes its per-tensor norms from a second pass, so the total is the same bits with or
+        without it."""
+        flat = norm.kind is not NormKind.COUNT and work.plan.device.type == "cpu"
+        norms = self._per_tensor_norms(work, norm, flat=flat)
         if per_tensor is not None:
-            self._write_per_tensor(work, norm, norms, per_tensor)
+            own = self._per_tensor_norms(work, norm) if flat else norms
+            self._write_per_tensor(work, norm, own, per_tensor)
         if not norms:
             return None
         return norms[0] if len(norms) == 1 else torch.cat(norms)
@@ -174,6 +256,8 @@ class TorchBackend(Backend):
 
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:
         plan, grads = work.plan, work.grads
+        if _skip_scale(coef, plan.device):
+            return  # x * 1 == x in every dtype: an unclipped step costs only the norm pass
         coef_by_dtype: dict[torch.dtype, Tensor] = {}
         for dtype, indices in plan.dtype_groups.items():
             # Multiply in float32 (float64 for float64 grads), rounding each element once.
