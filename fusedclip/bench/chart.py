@@ -91,7 +91,8 @@ def write_chart(results: Results, path: Path) -> None:
             if not any(row.ok and row.speedup for (c, p), row in cell.items() if c == case and p in providers):
                 reasons = {row.reason or row.status for (c, _), row in cell.items() if c == case and not row.ok}
                 why = "not measured: time budget spent" if any("time budget" in r for r in reasons) else "not measured"
-                ax.text(0.02 * largest, group, why, va="center", fontsize=8, color="#888888")
+                ax.text(0.02 * largest, group, why, va="center", fontsize=8, color="#777777", zorder=5,
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # fmt: skip
         ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
         ax.text(1.0, -0.75, " torch = 1×", fontsize=8, va="bottom", ha="left")
         ax.set_xlim(0, largest * 1.2)

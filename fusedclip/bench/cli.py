@@ -447,7 +447,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     meta = build_meta(args, argv, info, known, options, copy_start, copy_end)
     meta["started"] = datetime.datetime.fromtimestamp(started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    meta["duration_s"] = time.time() - started
+    age = process_age_s()  # the whole command, start-up included, as the user waited for it
+    meta["duration_s"] = age if age is not None else time.time() - started
     load = meter.read()
     meta["load"] = load.to_dict()
     meta["compile_spent_s"] = run.compile_spent_s
