@@ -71,7 +71,8 @@ fusedclip::cpu::PlanArgs cpu_plan(int64_t packed, int64_t num_tensors, int64_t n
 
 void cpu_norm(int64_t packed, int64_t num_tensors, int64_t num_chunks, int64_t chunk_elements, int64_t total_elements,
               int64_t threads, int64_t kind, double p, int64_t total_out, int64_t total_dtype, int64_t acc_out,
-              int64_t coef_out, double max_norm, int64_t per_tensor_out, int64_t scale_ptr, int64_t scale_dtype) {
+              int64_t coef_out, double max_norm, int64_t per_tensor_out, int64_t scale_ptr, int64_t scale_dtype,
+              int64_t norm_scale_ptr) {
   const fusedclip::cpu::PlanArgs plan = cpu_plan(packed, num_tensors, num_chunks, chunk_elements, total_elements, threads);
   check_kind(kind);
   check_dtype(total_dtype, "total_dtype");
@@ -90,6 +91,11 @@ void cpu_norm(int64_t packed, int64_t num_tensors, int64_t num_chunks, int64_t c
   if (args.has_scale) {
     check_dtype(scale_dtype, "scale_dtype");
     args.scale = fusedclip::read_scalar(as_pointer<const void>(scale_ptr), static_cast<int>(scale_dtype));
+  }
+  // general p: the float64 norm scale M (see fusedclip.h); other kinds ignore it
+  args.norm_scale = 1.0;
+  if (norm_scale_ptr != 0 && kind == fusedclip::kSumPow && p != 1.0 && p != 2.0) {
+    args.norm_scale = fusedclip::usable_norm_scale(*as_pointer<const double>(norm_scale_ptr));
   }
   py::gil_scoped_release release;
   fusedclip::cpu::norm(plan, args);
@@ -147,7 +153,8 @@ int64_t cuda_norm_units(int64_t device, int64_t num_chunks, int64_t chunk_elemen
 void cuda_norm(int64_t packed, int64_t num_tensors, int64_t num_chunks, int64_t chunk_elements, int64_t device,
                int64_t stream, int64_t kind, double p, int64_t total_out, int64_t total_dtype, int64_t acc_out,
                int64_t coef_out, double max_norm, int64_t max_norm_ptr, int64_t max_norm_dtype, int64_t scale_ptr,
-               int64_t scale_dtype, int64_t per_tensor_out, int64_t partials, int64_t counters) {
+               int64_t scale_dtype, int64_t per_tensor_out, int64_t partials, int64_t counters,
+               int64_t norm_scale_ptr) {
   const fusedclip::cuda::PlanArgs plan = cuda_plan(packed, num_tensors, num_chunks, chunk_elements, device, stream);
   check_kind(kind);
   check_dtype(total_dtype, "total_dtype");
@@ -168,6 +175,8 @@ void cuda_norm(int64_t packed, int64_t num_tensors, int64_t num_chunks, int64_t 
   args.max_norm_dtype = static_cast<int>(max_norm_dtype);
   args.scale_ptr = as_pointer<const void>(scale_ptr);
   args.scale_dtype = static_cast<int>(scale_dtype);
+  // general p: a 0-d float64 device tensor M (see fusedclip.h), read by the kernel; 0 for none
+  args.norm_scale_ptr = as_pointer<const double>(norm_scale_ptr);
   args.per_tensor_out = as_pointer<double>(per_tensor_out);
   args.partials = as_pointer<double>(partials);
   args.ticket = as_pointer<unsigned int>(counters);
@@ -240,7 +249,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("packed"), py::arg("num_tensors"), py::arg("num_chunks"), py::arg("chunk_elements"),
         py::arg("total_elements"), py::arg("threads"), py::arg("kind"), py::arg("p"), py::arg("total_out"),
         py::arg("total_dtype"), py::arg("acc_out"), py::arg("coef_out"), py::arg("max_norm"),
-        py::arg("per_tensor_out"), py::arg("scale_ptr"), py::arg("scale_dtype"));
+        py::arg("per_tensor_out"), py::arg("scale_ptr"), py::arg("scale_dtype"), py::arg("norm_scale_ptr") = 0);
   m.def("cpu_scale", &cpu_scale, "Multiply a plan's CPU tensors by the coefficient at coef_ptr (nothing when it is 1)",
         py::arg("packed"), py::arg("num_tensors"), py::arg("num_chunks"), py::arg("chunk_elements"),
         py::arg("total_elements"), py::arg("threads"), py::arg("coef_ptr"), py::arg("coef_dtype"));
@@ -315,7 +324,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"), py::arg("kind"), py::arg("p"), py::arg("total_out"), py::arg("total_dtype"),
         py::arg("acc_out"), py::arg("coef_out"), py::arg("max_norm"), py::arg("max_norm_ptr"),
         py::arg("max_norm_dtype"), py::arg("scale_ptr"), py::arg("scale_dtype"), py::arg("per_tensor_out"),
-        py::arg("partials"), py::arg("counters"));
+        py::arg("partials"), py::arg("counters"), py::arg("norm_scale_ptr") = 0);
   m.def("cuda_scale", &cuda_scale, "One launch: multiply by the coefficient at coef_ptr unless it is 1",
         py::arg("packed"), py::arg("num_tensors"), py::arg("num_chunks"), py::arg("chunk_elements"), py::arg("device"),
         py::arg("stream"), py::arg("coef_ptr"), py::arg("coef_dtype"));

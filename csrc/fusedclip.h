@@ -11,11 +11,19 @@
 //    sum p = 1, 2 over float/half/bfloat16 data in float blocks of 256 elements added into the
 //    double sum, with blocks float cannot sum exactly enough redone in double
 //    (cpu/chunk_kernels_impl.h): at least float accumulation, as the API promises, at memory speed.
-//  * total: accumulator (p = 1, inf, -inf, 0), its square root (p = 2) or its 1/p power; times |s|
-//    when a grad scale s is given (not for p = 0).
+//  * general p (p not 0, 1, 2, +-inf) with a norm scale M (a float64 the kernels read; the engine
+//    passes max |x| over all grads, or min |x| for p < 0, so nothing overflows or underflows):
+//    the accumulator is sum of (|x| / M')^p with M' = usable_norm_scale(M) (M itself when
+//    0 < M < inf, else 1, which leaves zero, inf and NaN cases exactly as unscaled); every
+//    norm formed from it (total, per-tensor) is M' times its 1/p power. Without a norm scale M' = 1.
+//  * total: accumulator (p = 1, inf, -inf, 0), its square root (p = 2) or M' times its 1/p power;
+//    times |s| when a grad scale s is given (not for p = 0).
 //  * coefficient: r = max_norm / (total + 1e-6); c = r > 1 ? 1 : r (NaN propagates); times s.
-//  * scale: nothing to do when c == 1; otherwise x = round(float(x) * float(c)) (double for fp64).
-//    (A clip coefficient is never above 1, but with a grad scale folded in it can be.)
+//  * scale: nothing to do when c == 1; float64 grads: x = round(x * c). Other grads: when c is 0,
+//    inf, NaN or a normal float (2^-126 <= |c| <= FLT_MAX): x = round(float(x) * float(c)) (torch's
+//    result); otherwise (c below float's normal range, or above it) float(c) would lose bits or
+//    overflow, and x = round_once(x * c): see product_round_odd. (A clip coefficient is never above
+//    1, but with a grad scale folded in it can be.)
 //  * clamp: x > v ? v : (x < -v ? -v : x), computed in float (double for fp64), NaN stays NaN.
 #pragma once
 
@@ -147,10 +155,14 @@ struct Finished {
   double coef;   // clip coefficient (times grad_scale)
 };
 
+// The scale general-p accumulators are taken relative to (see the top of this file).
+FC_HD double usable_norm_scale(double m) { return (m > 0.0 && m < FC_INF) ? m : 1.0; }
+
+// `norm_scale` is M' (usable_norm_scale of the norm scale; 1.0 without one).
 FC_HD Finished finish(int kind, double p, double acc, bool has_max_norm, double max_norm, bool has_scale,
-                      double scale) {
+                      double scale, double norm_scale) {
   Finished out;
-  out.total = norm_from_acc(kind, p, acc);
+  out.total = norm_from_acc(kind, p, acc) * norm_scale;
   if (has_scale && kind != kCount) out.total *= (scale < 0 ? -scale : scale);
   out.coef = 1.0;
   if (has_max_norm) {
@@ -159,6 +171,106 @@ FC_HD Finished finish(int kind, double p, double acc, bool has_max_norm, double 
     if (has_scale) out.coef *= scale;
   }
   return out;
+}
+
+// ---- applying a coefficient that is not a normal float ------------------------------------------------
+//
+// A float, half or bfloat16 grad is scaled in float: x * float(c), rounded to the grad's dtype. That is
+// torch's result, and within an ulp of the exact x * c, as long as c is a normal float. Below float's
+// normal range (2^-126, e.g. a small max_norm against grads near 3e38) float(c) keeps only the bits
+// above 2^-149: up to 16% wrong at 1e-44, and 0 below 1.4e-45 (above FLT_MAX it becomes inf). For
+// such c (one scalar: the whole pass takes one branch) the product is formed in double instead.
+// A plain double product rounds twice (to 53 bits, then to the grad's precision), which can miss the
+// correctly rounded result when the first rounding lands on a midpoint of the second. So the product
+// is formed exactly and rounded to odd (product_round_odd): rounding that once more to float, half
+// or bfloat16 (<= 24 bits, at least 2 bits fewer) gives exactly round(x * c), the exact product of
+// x and the double c rounded once, for every result, subnormal or overflowing included.
+
+constexpr double kFloatMinNormal = 1.1754943508222875e-38;  // 2^-126
+constexpr double kFloatMax = 3.4028234663852886e+38;
+
+// True when c cannot be applied as float(c): finite, non-zero and outside float's normal range.
+FC_HD bool coef_needs_wide(double c) {
+  const double a = c < 0.0 ? -c : c;
+  return a > 0.0 && (a < kFloatMinNormal || (a > kFloatMax && a < FC_INF));
+}
+
+FC_HD int64_t double_to_bits(double x) {
+#if defined(__CUDA_ARCH__)
+  return __double_as_longlong(x);
+#else
+  int64_t u;
+  memcpy(&u, &x, 8);
+  return u;
+#endif
+}
+FC_HD double bits_to_double(int64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(u);
+#else
+  double x;
+  memcpy(&x, &u, 8);
+  return x;
+#endif
+}
+FC_HD uint32_t f32_to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  return u;
+#endif
+}
+FC_HD float bits_to_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  memcpy(&x, &u, 4);
+  return x;
+#endif
+}
+
+// c split as hi + lo (exactly): hi keeps c's top 24 significant bits, lo (< 2^-23 |c|) the other 29.
+struct WideCoef {
+  double c, hi, lo;
+};
+FC_HD WideCoef split_coef(double c) {
+  WideCoef k;
+  k.c = c;
+  k.hi = bits_to_double(double_to_bits(c) & ~((static_cast<int64_t>(1) << 29) - 1));
+  k.lo = c - k.hi;  // exact
+  return k;
+}
+
+// x * c rounded to odd at double precision, for x with at most 24 significant bits (a float, half or
+// bfloat16 value). What is exact: a = x * hi (24 + 24 bits) and b = x * lo (24 + 29 bits) are exact
+// products, so x * c = a + b exactly; s = a + b rounded, and t = b - (s - a) is its exact error
+// (Fast2Sum: |a| >= |b|). When t != 0 the result is s truncated toward zero with its last bit set:
+// the round-to-odd of x * c. All of this holds unless a or b fall below double's normal range, which
+// needs |x * c| < 2^-900: far below half of float's smallest subnormal (2^-150), so every such
+// product still rounds to the correctly signed zero. inf/NaN inputs and overflow take x * c as is.
+FC_HD double product_round_odd(double x, const WideCoef& k) {
+  const double a = x * k.hi, b = x * k.lo, s = a + b;
+  if (!(s - s == 0.0) || s == 0.0) return x * k.c;  // inf, NaN, overflow, or zero (keeps its sign)
+  const double t = b - (s - a);
+  if (t == 0.0) return s;
+  int64_t u = double_to_bits(s);
+  if ((t < 0.0) != (s < 0.0)) u -= 1;  // s is beyond x * c: one step toward zero truncates
+  return bits_to_double(u | 1);
+}
+
+// A double rounded to odd at float precision (truncated, last bit set when inexact): rounding the
+// result to half or bfloat16 (at least 2 bits fewer) equals rounding the double once. Overflow
+// truncates to FLT_MAX, which rounds on to inf.
+FC_HD float round_odd_to_float(double d) {
+  const float f = static_cast<float>(d);
+  const double back = static_cast<double>(f);
+  if (d != d || back == d) return f;
+  uint32_t u = f32_to_bits(f);
+  if ((back < 0 ? -back : back) > (d < 0 ? -d : d)) u -= 1;  // f rounded away from zero: step back
+  return bits_to_f32(u | 1u);
 }
 
 // ---- scalar conversions (host side; the CUDA kernels use cuda_fp16.h / cuda_bf16.h) --------------
@@ -214,15 +326,7 @@ FC_HOST uint16_t float_to_half(float f) {
 
 // double -> float rounded to odd: a float with enough extra bits that a second rounding to
 // bf16/fp16 gives the correctly rounded (rounded-once) result.
-FC_HOST float double_to_float_round_odd(double d) {
-  float f = static_cast<float>(d);
-  if (d != d || static_cast<double>(f) == d) return f;
-  // truncate toward zero, then set the sticky (lowest) bit
-  uint32_t u = float_bits(f);
-  const double back = static_cast<double>(f);
-  if ((back < 0 ? -back : back) > (d < 0 ? -d : d)) u -= 1;  // f rounded away from zero: step back
-  return bits_float(u | 1u);
-}
+FC_HOST float double_to_float_round_odd(double d) { return round_odd_to_float(d); }
 
 FC_HOST uint16_t double_to_bf16(double d) { return float_to_bf16(double_to_float_round_odd(d)); }
 FC_HOST uint16_t double_to_half(double d) { return float_to_half(double_to_float_round_odd(d)); }

@@ -200,7 +200,7 @@ class Clipper:
         per_tensor = torch.empty(len(grads), dtype=ACC_DTYPE, device=self.device)
         fixed = self.max_norm if self.mode == "norm" else None
         result, calls = clip.norm_pass(grads, self.norm, fixed, backend=self.backend, per_tensor=per_tensor)
-        total = total_from_accumulator(result.acc, self.norm)
+        total = total_from_accumulator(result.acc, self.norm, result.scale)
         if self.mode == "norm":
             coef = result.coef
             self.state["threshold"].fill_(self.max_norm)

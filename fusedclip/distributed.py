@@ -5,6 +5,10 @@ min or tensor count), the accumulators are all-reduced (SUM; MAX/MIN for +-inf),
 forms the same total and coefficient from the reduced value. Nothing else crosses the network and
 no full gradient is ever materialised.
 
+General p (not 0, 1, 2, +-inf) sums ``(|x| / M)^p`` relative to one norm scale ``M`` for all ranks
+(see :mod:`fusedclip.backends.base`): a MAX (MIN for p < 0) pass and all-reduce come first, so
+every rank's sum uses the same ``M`` and the sums add up as before: two small collectives.
+
 For DTensor grads the reduction runs over the mesh dimensions along which a grad is sharded, and
 only those: replicated dimensions already hold identical values.
 """
@@ -20,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import engine
-from .backends.base import NormResult, combine_accumulators, finish
+from .backends.base import NormResult, combine_accumulators, finish, is_general_p, scale_norm
 from .norm_type import NormKind, NormSpec
 
 
@@ -44,9 +48,25 @@ def _all_reduce_(acc: Tensor, norm: NormSpec, groups: list[Any]) -> Tensor:
     return acc
 
 
+class GroupReducer:
+    """The ``reduce`` callback of :func:`fusedclip.engine.norm_pass` for process groups: all-reduces
+    a norm's accumulator over each group (out of place). ``for_norm`` gives the same reduction for
+    another norm's accumulator (the engine reduces the norm scale of a general p with it)."""
+
+    def __init__(self, norm: NormSpec, groups: list[Any]) -> None:
+        self.norm = norm
+        self.groups = groups
+
+    def __call__(self, acc: Tensor) -> Tensor:
+        return _all_reduce_(acc.clone(), self.norm, self.groups) if self.groups else acc
+
+    def for_norm(self, norm: NormSpec) -> GroupReducer:
+        return GroupReducer(norm, self.groups)
+
+
 def group_reducer(norm: NormSpec, group: Any) -> Callable[[Tensor], Tensor]:
     """The ``reduce`` callback of :func:`fusedclip.engine.norm_pass` for a process group."""
-    return lambda acc: _all_reduce_(acc.clone(), norm, [group])
+    return GroupReducer(norm, [group])
 
 
 def _is_dtensor(tensor: Tensor) -> bool:
@@ -118,20 +138,30 @@ def dtensor_norm_pass(
     ``group`` (optional) is reduced over as well, e.g. the pipeline-parallel stages.
     """
     shard_groups, mesh = _shard_groups(grads)
-    calls, accs = [], []
+    calls, reducers = [], []
     for shard_group in shard_groups:
-        call = engine.prepare(shard_group.locals, backend, foreach)
-        reduce_groups = [shard_group.mesh.get_group(dim) for dim in shard_group.sharded_dims]
-        reduce = (lambda acc, g=reduce_groups: _all_reduce_(acc.clone(), norm, g)) if reduce_groups else (lambda acc: acc)
-        accs.append(engine.norm_pass(call, norm, None, reduce=reduce).acc)
-        calls.append(call)
+        calls.append(engine.prepare(shard_group.locals, backend, foreach))
+        reducers.append(GroupReducer(norm, [shard_group.mesh.get_group(dim) for dim in shard_group.sharded_dims]))
     first = calls[0].first_device
-    acc = accs[0] if len(accs) == 1 else combine_accumulators([a.to(first) for a in accs], norm)
-    if group is not None:
-        acc = _all_reduce_(acc.clone(), norm, [group])
+
+    def combined(values: list[Tensor], spec: NormSpec) -> Tensor:
+        value = values[0] if len(values) == 1 else combine_accumulators([v.to(first) for v in values], spec)
+        return value if group is None else _all_reduce_(value.clone(), spec, [group])
+
+    # general p: one norm scale for every shard group and rank (max |x|, or min for p < 0)
+    scale = None
+    if is_general_p(norm):
+        spec = scale_norm(norm)
+        scales = [engine.norm_scale(call, norm, reducer) for call, reducer in zip(calls, reducers)]
+        scale = combined(scales, spec)  # type: ignore[arg-type]
+    accs = [
+        engine.norm_pass(call, norm, None, reduce=reducer, scale=None if scale is None else scale.to(call.first_device)).acc
+        for call, reducer in zip(calls, reducers)
+    ]
+    acc = combined(accs, norm)
     result_dtype = calls[0].result_dtype
     for call in calls[1:]:
         result_dtype = torch.promote_types(result_dtype, call.result_dtype)
-    result = finish(acc, norm, max_norm, result_dtype, grad_scale)
+    result = finish(acc, norm, max_norm, result_dtype, grad_scale, scale)
     total = _wrap_like_torch(result.total, mesh, norm) if mesh is not None else result.total
-    return NormResult(total, result.coef, result.acc), calls
+    return NormResult(total, result.coef, result.acc, result.scale), calls

@@ -13,7 +13,15 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, DeviceWork, requested_backend, resolve_backend
-from .backends.base import ACC_DTYPE, NormResult, combine_accumulators, finish
+from .backends.base import (
+    ACC_DTYPE,
+    NormResult,
+    combine_accumulators,
+    finish,
+    is_general_p,
+    per_tensor_norms_exact,
+    scale_norm,
+)
 from .norm_type import NormSpec
 from .plan import PLANS, Plan, check_writable
 
@@ -61,6 +69,45 @@ def _check_norm_is_defined(call: PreparedCall, norm: NormSpec) -> None:
             )
 
 
+#: ``norm_pass(scale=AUTO)``: compute the norm scale of a general p (the default)
+AUTO = "auto"
+
+
+def reducer_for(reduce: Callable[[Tensor], Tensor] | None, norm: NormSpec) -> Callable[[Tensor], Tensor] | None:
+    """The same cross-process reduction for another norm's accumulator (``reduce.for_norm``), or
+    None when ``reduce`` cannot provide one."""
+    for_norm = getattr(reduce, "for_norm", None)
+    return None if for_norm is None else for_norm(norm)
+
+
+def norm_scale(call: PreparedCall, norm: NormSpec, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+    """The norm scale ``M`` of general-p ``norm`` over the call's grads (0-d float64, first device):
+    max ``|x|`` (min for p < 0) over every device and, with ``reduce``, every process; one extra
+    pass, no host synchronisation. None when ``reduce`` cannot reduce a max/min (the general-p pass
+    then runs unscaled, as before)."""
+    spec = scale_norm(norm)
+    reduce_scale = None
+    if reduce is not None:
+        reduce_scale = reducer_for(reduce, spec)
+        if reduce_scale is None:
+            return None
+    first = call.first_device
+    scales = [backend.accumulate(work, spec).to(first) for backend, work in call.works]
+    scale = scales[0] if len(scales) == 1 else combine_accumulators(scales, spec)
+    return scale if reduce_scale is None else reduce_scale(scale)
+
+
+def _per_tensor_exact(call: PreparedCall, norm: NormSpec, per_tensor: Tensor) -> None:
+    """General-p per-tensor norms by the slower exact path (see ``per_tensor_norms_exact``)."""
+    for _, work in call.works:
+        values = per_tensor_norms_exact(work.grads, norm).to(per_tensor.device)
+        if work.plan.whole_call:
+            per_tensor.copy_(values)
+        else:
+            positions = torch.tensor(work.plan.positions, dtype=torch.int64, device=per_tensor.device)
+            per_tensor.index_copy_(0, positions, values)
+
+
 def norm_pass(
     call: PreparedCall,
     norm: NormSpec,
@@ -69,6 +116,7 @@ def norm_pass(
     per_tensor: Tensor | None = None,
     grad_scale: Tensor | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    scale: Tensor | None | str = AUTO,
 ) -> NormResult:
     """One norm pass over the call's grads, without a host synchronisation.
 
@@ -77,25 +125,46 @@ def norm_pass(
     per grad, on the first device) receives each grad's norm; ``grad_scale`` is the factor the
     stored grads are read with (see :mod:`fusedclip.backends.base`); ``reduce`` combines the
     accumulator across processes (see :mod:`fusedclip.distributed`) before the total is formed.
+
+    General p (not 0, 1, 2, +-inf) runs two passes: :func:`norm_scale` first (``scale=AUTO``; or
+    the caller's ``M``, which must be the same for every accumulator that is later combined),
+    then the sum of ``(|x| / M')^p``, which cannot overflow or underflow. Its per-tensor norms come
+    from ``per_tensor_norms_exact`` (a scaled per-tensor sum can underflow).
     """
     _check_norm_is_defined(call, norm)
+    if scale is AUTO:
+        scale = norm_scale(call, norm, reduce) if is_general_p(norm) else None
+    elif not is_general_p(norm):
+        scale = None
+    exact_per_tensor = None
+    if scale is not None and per_tensor is not None:
+        exact_per_tensor, per_tensor = per_tensor, None
     if len(call.works) == 1 and reduce is None:
         backend, work = call.works[0]
-        return backend.norm(work, norm, max_norm, call.result_dtype, per_tensor=per_tensor, grad_scale=grad_scale)
+        local_scale = None if scale is None else scale.to(work.device)
+        result = backend.norm(
+            work, norm, max_norm, call.result_dtype, per_tensor=per_tensor, grad_scale=grad_scale, scale=local_scale
+        )
+        if exact_per_tensor is not None:
+            _per_tensor_exact(call, norm, exact_per_tensor)
+        return result
     first = call.first_device
     accs = []
     for backend, work in call.works:
         local = per_tensor
         if per_tensor is not None and not work.plan.whole_call:
             local = torch.empty(work.plan.num_tensors, dtype=ACC_DTYPE, device=work.device)
-        accs.append(backend.accumulate(work, norm, local).to(first))
+        local_scale = None if scale is None else scale.to(work.device)
+        accs.append(backend.accumulate(work, norm, local, scale=local_scale).to(first))
         if local is not None and local is not per_tensor:
             positions = torch.tensor(work.plan.positions, dtype=torch.int64, device=first)
             per_tensor.index_copy_(0, positions, local.to(first))
     acc = accs[0] if len(accs) == 1 else combine_accumulators(accs, norm)
     if reduce is not None:
         acc = reduce(acc)
-    return finish(acc, norm, max_norm, call.result_dtype, grad_scale)
+    if exact_per_tensor is not None:
+        _per_tensor_exact(call, norm, exact_per_tensor)
+    return finish(acc, norm, max_norm, call.result_dtype, grad_scale, None if scale is None else scale.to(first))
 
 
 def norm_and_coef(

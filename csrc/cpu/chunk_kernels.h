@@ -15,9 +15,11 @@ namespace cpu {
 
 struct ChunkKernels {
   const char* isa;  // name of the instruction set the loops were compiled for
-  // partials[c] = the accumulator of chunk c, for c in [begin, end)
-  void (*norm)(const Tables& tables, int64_t begin, int64_t end, int kind, double p, double* partials);
-  // x = round(x * coef) over chunks [begin, end)
+  // partials[c] = the accumulator of chunk c, for c in [begin, end); general p sums (|x| / norm_scale)^p
+  // (norm_scale: M' of fusedclip.h, 1.0 without a norm scale)
+  void (*norm)(const Tables& tables, int64_t begin, int64_t end, int kind, double p, double norm_scale,
+               double* partials);
+  // x = round(x * coef) over chunks [begin, end) (see fusedclip.h for coefficients outside float's range)
   void (*scale)(const Tables& tables, int64_t begin, int64_t end, double coef);
   // x = clamp(x, -clip_value, clip_value) over chunks [begin, end)
   void (*clamp)(const Tables& tables, int64_t begin, int64_t end, double clip_value);

@@ -667,16 +667,22 @@ double count_chunk(const char* data, int64_t n) {
   return result;
 }
 
-// sum of |x|^p for any other p, in order
+// sum of (|x| / m)^p for any other p, in order (m: the norm scale M', 1.0 without one). The quotient is
+// rounded once (relative error 2^-53), so each term is within |p| 2^-53 + pow's error of the exact
+// (|x| / m)^p, and the 1/p power taken of the sum divides that by |p| again.
 template <int D>
-double pow_chunk(const char* data, int64_t n, double p) {
+double pow_chunk(const char* data, int64_t n, double p, double m) {
   double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += __builtin_pow(abs_d(load1d<D>(data, i)), p);
+  if (m == 1.0) {
+    for (int64_t i = 0; i < n; ++i) sum += __builtin_pow(abs_d(load1d<D>(data, i)), p);
+  } else {
+    for (int64_t i = 0; i < n; ++i) sum += __builtin_pow(abs_d(load1d<D>(data, i)) / m, p);
+  }
   return sum;
 }
 
 template <int D>
-double norm_chunk(const char* data, int64_t n, int kind, double p) {
+double norm_chunk(const char* data, int64_t n, int kind, double p, double m) {
   switch (kind) {
     case kMax:
       return extreme_chunk<D, true>(data, n);
@@ -687,26 +693,26 @@ double norm_chunk(const char* data, int64_t n, int kind, double p) {
     default:
       if (p == 2.0) return sum_chunk<D, true>(data, n);
       if (p == 1.0) return sum_chunk<D, false>(data, n);
-      return pow_chunk<D>(data, n, p);
+      return pow_chunk<D>(data, n, p, m);
   }
 }
 
-void norm_chunks(const Tables& tables, int64_t begin, int64_t end, int kind, double p, double* partials) {
+void norm_chunks(const Tables& tables, int64_t begin, int64_t end, int kind, double p, double m, double* partials) {
   for (int64_t c = begin; c < end; ++c) {
     const Chunk chunk = resolve_chunk(tables, c);
     double partial;
     switch (chunk.dtype) {
       case kFloat32:
-        partial = norm_chunk<kFloat32>(chunk.data, chunk.length, kind, p);
+        partial = norm_chunk<kFloat32>(chunk.data, chunk.length, kind, p, m);
         break;
       case kFloat16:
-        partial = norm_chunk<kFloat16>(chunk.data, chunk.length, kind, p);
+        partial = norm_chunk<kFloat16>(chunk.data, chunk.length, kind, p, m);
         break;
       case kBFloat16:
-        partial = norm_chunk<kBFloat16>(chunk.data, chunk.length, kind, p);
+        partial = norm_chunk<kBFloat16>(chunk.data, chunk.length, kind, p, m);
         break;
       default:
-        partial = norm_chunk<kFloat64>(chunk.data, chunk.length, kind, p);
+        partial = norm_chunk<kFloat64>(chunk.data, chunk.length, kind, p, m);
         break;
     }
     partials[c] = partial;
@@ -715,10 +721,33 @@ void norm_chunks(const Tables& tables, int64_t begin, int64_t end, int kind, dou
 
 // ---- scale and clamp ------------------------------------------------------------------------------
 
+// x = round(x * coef) for a float, half or bfloat16 chunk when coef is outside float's normal range
+// (rare: one scalar loop; see product_round_odd in fusedclip.h for why this is exact).
+template <int D>
+void scale_chunk_wide(char* data, int64_t n, double coef) {
+  const WideCoef k = split_coef(coef);
+  for (int64_t i = 0; i < n; ++i) {
+    const double y = product_round_odd(static_cast<double>(load1f<D>(data, i)), k);
+    if constexpr (D == kFloat32) {
+      const float f = static_cast<float>(y);  // the one rounding to float
+      std::memcpy(data + 4 * i, &f, 4);
+    } else {
+      const uint16_t h = D == kBFloat16 ? double_to_bf16(y) : double_to_half(y);  // odd float, then once more
+      std::memcpy(data + 2 * i, &h, 2);
+    }
+  }
+}
+
 template <int D>
 void scale_chunk(char* data, int64_t n, double coef) {
   constexpr int64_t es = elem_size<D>();
   int64_t i = 0;
+  if constexpr (D != kFloat64) {
+    if (__builtin_expect(coef_needs_wide(coef), 0)) {
+      scale_chunk_wide<D>(data, n, coef);
+      return;
+    }
+  }
   if constexpr (D == kFloat64) {
     const VD c = Simd::set1_d(coef);
     for (; i + kD <= n; i += kD) {

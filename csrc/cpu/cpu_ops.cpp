@@ -84,6 +84,7 @@ struct NormJob {
   const ChunkKernels* kernels;
   int kind;
   double p;
+  double norm_scale;
   double* partials;
   WorkRanges* ranges;
   std::atomic<int> participants{0};
@@ -93,7 +94,7 @@ void norm_worker(void* ctx, int worker) {
   NormJob& job = *static_cast<NormJob*>(ctx);
   const DefaultFloatEnvironment environment;
   const bool worked = work_through(*job.ranges, worker, [&job](int64_t begin, int64_t end) {
-    job.kernels->norm(job.tables, begin, end, job.kind, job.p, job.partials);
+    job.kernels->norm(job.tables, begin, end, job.kind, job.p, job.norm_scale, job.partials);
   });
   if (worked) job.participants.fetch_add(1, std::memory_order_relaxed);
 }
@@ -144,6 +145,7 @@ void norm(const PlanArgs& plan, const NormArgs& args) {
   job.kernels = &active_kernels();
   job.kind = args.kind;
   job.p = args.p;
+  job.norm_scale = args.norm_scale;
   job.partials = partials.data();
   const int threads = threads_for(plan);
   WorkRanges ranges(plan.num_chunks, threads, claim_grain(plan, threads), /*backwards=*/false);
@@ -162,13 +164,14 @@ void norm(const PlanArgs& plan, const NormArgs& args) {
     }
     const bool empty = tables.numels[t] == 0;
     if (args.per_tensor_out != nullptr) {
-      args.per_tensor_out[t] = empty ? 0.0 : norm_from_acc(args.kind, args.p, tensor_acc);
+      args.per_tensor_out[t] = empty ? 0.0 : norm_from_acc(args.kind, args.p, tensor_acc) * args.norm_scale;
     }
     if (!empty) total_acc = acc_combine(args.kind, total_acc, tensor_contribution(args.kind, tensor_acc));
   }
 
   const Finished done =
-      finish(args.kind, args.p, total_acc, args.coef_out != nullptr, args.max_norm, args.has_scale, args.scale);
+      finish(args.kind, args.p, total_acc, args.coef_out != nullptr, args.max_norm, args.has_scale, args.scale,
+             args.norm_scale);
   *args.acc_out = total_acc;
   write_scalar(args.total_out, args.total_dtype, done.total);
   if (args.coef_out != nullptr) *args.coef_out = done.coef;

@@ -27,6 +27,7 @@ struct NormArgs {
   double* per_tensor_out;   // [T] float64 per-tensor norms, or null
   bool has_scale;           // grads are read as scale * grad
   double scale;
+  double norm_scale;        // general p: M' (usable_norm_scale of the norm scale, see fusedclip.h); else 1
 };
 
 // Norm of every tensor of the plan: one parallel pass computes a partial per chunk, then the
@@ -34,8 +35,9 @@ struct NormArgs {
 // thread count).
 void norm(const PlanArgs& plan, const NormArgs& args);
 
-// x = round(float(x) * float(coef)) (double for float64); nothing at all when coef == 1 (a clip
-// coefficient is never above 1, but with a grad scale folded in it can be, and is then applied).
+// x = round(float(x) * float(coef)) (double for float64; the exact product rounded once when coef is
+// outside float's normal range, see fusedclip.h); nothing at all when coef == 1 (a clip coefficient is
+// never above 1, but with a grad scale folded in it can be, and is then applied).
 void scale(const PlanArgs& plan, double coef);
 
 // x = x > v ? v : (x < -v ? -v : x).

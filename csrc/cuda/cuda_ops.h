@@ -32,6 +32,7 @@ struct NormArgs {
   int max_norm_dtype;          // its dtype code
   const void* scale_ptr;       // 0-d device tensor s (grads are read as s * grad), or null
   int scale_dtype;             // its dtype code
+  const double* norm_scale_ptr;  // general p: 0-d float64 device tensor M (see fusedclip.h), or null
   double* per_tensor_out;      // [T] float64 per-tensor norms, or null
   double* partials;            // [norm_units(...)] float64 workspace
   unsigned int* ticket;        // two counters, zero before the first launch (each launch resets them)
@@ -46,7 +47,8 @@ int64_t norm_units(int device, int64_t num_chunks, int64_t chunk_elements, const
 const char* norm(const PlanArgs& plan, const NormArgs& args);
 
 // One launch: every block reads the coefficient and returns at once when it is exactly 1; otherwise
-// x = round(float(x) * float(coef)) (double for float64).
+// x = round(float(x) * float(coef)) (double for float64; the exact product rounded once when coef is
+// outside float's normal range, see fusedclip.h).
 const char* scale(const PlanArgs& plan, const void* coef_ptr, int coef_dtype);
 
 // One launch: x = x > v ? v : (x < -v ? -v : x).

@@ -48,10 +48,11 @@ template <int M>
 struct Fold {
   static constexpr int kind = M == kModeMax ? kMax : (M == kModeMin ? kMin : (M == kModeCount ? kCount : kSumPow));
   __device__ __forceinline__ static double identity() { return acc_identity(kind); }
-  __device__ __forceinline__ static double element(double acc, double x, double p) {
+  // m: the norm scale M' of general p (fusedclip.h), 1.0 without one; other modes ignore it
+  __device__ __forceinline__ static double element(double acc, double x, double p, double m) {
     if (M == kModeSumSq) return acc + x * x;
     if (M == kModeSumAbs) return acc + fabs(x);
-    if (M == kModeSumPow) return acc + pow(fabs(x), p);
+    if (M == kModeSumPow) return acc + pow(fabs(x) / m, p);
     if (M == kModeCount) return acc + (x != 0.0 ? 1.0 : 0.0);
     const double a = fabs(x);
     // NaN sticks: once acc is NaN neither comparison replaces it
@@ -173,19 +174,19 @@ __device__ double block_reduce(double v, double* shared) {
 }
 
 template <int M, int D>
-__device__ double fold_unit(const char* data, int64_t n, double p) {
+__device__ double fold_unit(const char* data, int64_t n, double p, double m) {
   double acc = Fold<M>::identity();
   const Split split = split_unit<D>(data, n);
-  for (int64_t i = threadIdx.x; i < split.head; i += kThreads) acc = Fold<M>::element(acc, load_double<D>(data, i), p);
+  for (int64_t i = threadIdx.x; i < split.head; i += kThreads) acc = Fold<M>::element(acc, load_double<D>(data, i), p, m);
   const uint4* vectors = reinterpret_cast<const uint4*>(data + split.head * Elem<D>::size);
 #pragma unroll 4
   for (int64_t v = threadIdx.x; v < split.vectors; v += kThreads) {
     const uint4 raw = __ldg(vectors + v);
 #pragma unroll
-    for (int k = 0; k < Elem<D>::per_vector; ++k) acc = Fold<M>::element(acc, vector_element<D>(raw, k), p);
+    for (int k = 0; k < Elem<D>::per_vector; ++k) acc = Fold<M>::element(acc, vector_element<D>(raw, k), p, m);
   }
   for (int64_t i = split.head + split.vectors * Elem<D>::per_vector + threadIdx.x; i < n; i += kThreads) {
-    acc = Fold<M>::element(acc, load_double<D>(data, i), p);
+    acc = Fold<M>::element(acc, load_double<D>(data, i), p, m);
   }
   return acc;
 }
@@ -207,10 +208,18 @@ struct NormParams {
   int max_norm_dtype;
   const void* scale_ptr;
   int scale_dtype;
+  const double* norm_scale_ptr;  // general p: the float64 norm scale M on the device, or null
   double* per_tensor_out;
   double* partials;
   unsigned int* counters;  // [0]: units claimed, [1]: blocks finished
 };
+
+// M' of fusedclip.h: the norm scale general p is taken relative to (1.0 without one, or for other modes).
+template <int M>
+__device__ __forceinline__ double norm_scale_of(const NormParams& params) {
+  if (M != kModeSumPow || params.norm_scale_ptr == nullptr) return 1.0;
+  return usable_norm_scale(*params.norm_scale_ptr);
+}
 
 __device__ double read_device_scalar(const void* address, int dtype) {
   switch (dtype) {
@@ -252,6 +261,7 @@ __device__ void finish_norm(const Tables& tables, const NormParams& params, doub
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t parts = params.parts;
   const double* partials = params.partials;
+  const double m = norm_scale_of<M>(params);
   // For p = 0 the total counts tensors, so its own identity and combine are the sum's.
   constexpr int total_mode = M == kModeCount ? kModeSumSq : M;
   double thread_total = Fold<total_mode>::identity();
@@ -284,7 +294,7 @@ __device__ void finish_norm(const Tables& tables, const NormParams& params, doub
     if (valid) {
       const bool empty = tables.numels[t] == 0;
       if (params.per_tensor_out != nullptr) {
-        params.per_tensor_out[t] = empty ? 0.0 : norm_from_acc(kind, params.p, acc);
+        params.per_tensor_out[t] = empty ? 0.0 : norm_from_acc(kind, params.p, acc) * m;
       }
       if (!empty) thread_total = Fold<total_mode>::combine(thread_total, tensor_contribution(kind, acc));
     }
@@ -296,7 +306,7 @@ __device__ void finish_norm(const Tables& tables, const NormParams& params, doub
         params.max_norm_ptr != nullptr ? read_device_scalar(params.max_norm_ptr, params.max_norm_dtype) : params.max_norm;
     const bool has_scale = params.scale_ptr != nullptr;
     const double scale = has_scale ? read_device_scalar(params.scale_ptr, params.scale_dtype) : 1.0;
-    const Finished done = finish(kind, params.p, total_acc, has_max_norm, max_norm, has_scale, scale);
+    const Finished done = finish(kind, params.p, total_acc, has_max_norm, max_norm, has_scale, scale, m);
     *params.acc_out = total_acc;
     write_device_scalar(params.total_out, params.total_dtype, done.total);
     if (has_max_norm) *params.coef_out = done.coef;
@@ -313,6 +323,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(NormParams params) {
   __shared__ bool is_last;
   const Tables tables = tables_from_packed(params.packed, params.num_tensors, params.num_chunks, params.chunk_elements);
   const int64_t units = params.num_chunks * params.parts;
+  const double m = norm_scale_of<M>(params);
   for (;;) {
     if (threadIdx.x == 0) claimed = atomicAdd(params.counters, 1u);
     __syncthreads();
@@ -322,16 +333,16 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(NormParams params) {
     double acc;
     switch (unit.dtype) {
       case kFloat32:
-        acc = fold_unit<M, kFloat32>(unit.data, unit.length, params.p);
+        acc = fold_unit<M, kFloat32>(unit.data, unit.length, params.p, m);
         break;
       case kFloat16:
-        acc = fold_unit<M, kFloat16>(unit.data, unit.length, params.p);
+        acc = fold_unit<M, kFloat16>(unit.data, unit.length, params.p, m);
         break;
       case kBFloat16:
-        acc = fold_unit<M, kBFloat16>(unit.data, unit.length, params.p);
+        acc = fold_unit<M, kBFloat16>(unit.data, unit.length, params.p, m);
         break;
       default:
-        acc = fold_unit<M, kFloat64>(unit.data, unit.length, params.p);
+        acc = fold_unit<M, kFloat64>(unit.data, unit.length, params.p, m);
         break;
     }
     acc = block_reduce<M>(acc, shared);  // ends with __syncthreads: safe to claim again
@@ -360,22 +371,43 @@ struct ElementwiseParams {
   double clip_value;     // clamp
 };
 
-template <bool kIsScale, int D>
-__device__ __forceinline__ double apply(double x, double value, float value_f) {
+// What the elementwise kernel does to each element: clamp, scale by float(c), or scale by a c outside
+// float's normal range (the exact product rounded once, see product_round_odd in fusedclip.h).
+enum ElementwiseOp { kOpClamp, kOpScale, kOpScaleWide };
+
+template <int kOp, int D>
+__device__ __forceinline__ double apply(double x, double value, float value_f, const WideCoef& wide) {
   if (D == kFloat64) {
-    if (kIsScale) return x * value;
+    if (kOp != kOpClamp) return x * value;
     return x > value ? value : (x < -value ? -value : x);
   }
+  if (kOp == kOpScaleWide) return product_round_odd(x, wide);  // rounded to odd: see narrow()
   const float xf = static_cast<float>(x);  // exact: x came from a float, half or bfloat16
-  if (kIsScale) return xf * value_f;
+  if (kOp == kOpScale) return xf * value_f;
   return xf > value_f ? value_f : (xf < -value_f ? -value_f : xf);
 }
 
-template <bool kIsScale, int D>
-__device__ void elementwise_unit(char* data, int64_t n, double value, float value_f) {
+// A result of apply() as the float a 16-bit element is rounded from: the wide product is rounded to odd
+// at float precision, so that the one rounding to half or bfloat16 after it is the only one that counts.
+template <int kOp>
+__device__ __forceinline__ float narrow(double y) {
+  return kOp == kOpScaleWide ? round_odd_to_float(y) : static_cast<float>(y);
+}
+
+template <int kOp, int D>
+__device__ __forceinline__ void store_result(char* base, int64_t i, double y) {
+  if (D == kFloat16 || D == kBFloat16) {
+    reinterpret_cast<unsigned short*>(base)[i] = static_cast<unsigned short>(to_bits16<D>(narrow<kOp>(y)));
+  } else {
+    store_element<D>(base, i, y);
+  }
+}
+
+template <int kOp, int D>
+__device__ void elementwise_unit(char* data, int64_t n, double value, float value_f, const WideCoef& wide) {
   const Split split = split_unit<D>(data, n);
   for (int64_t i = threadIdx.x; i < split.head; i += kThreads) {
-    store_element<D>(data, i, apply<kIsScale, D>(load_double<D>(data, i), value, value_f));
+    store_result<kOp, D>(data, i, apply<kOp, D>(load_double<D>(data, i), value, value_f, wide));
   }
   uint4* vectors = reinterpret_cast<uint4*>(data + split.head * Elem<D>::size);
 #pragma unroll 2
@@ -384,26 +416,49 @@ __device__ void elementwise_unit(char* data, int64_t n, double value, float valu
     uint32_t w[4];
     if (D == kFloat32) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) w[k] = __float_as_uint(static_cast<float>(apply<kIsScale, D>(vector_element<D>(raw, k), value, value_f)));
+      for (int k = 0; k < 4; ++k) w[k] = __float_as_uint(static_cast<float>(apply<kOp, D>(vector_element<D>(raw, k), value, value_f, wide)));
     } else if (D == kFloat64) {
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        const double y = apply<kIsScale, D>(vector_element<D>(raw, k), value, value_f);
+        const double y = apply<kOp, D>(vector_element<D>(raw, k), value, value_f, wide);
         w[2 * k] = static_cast<uint32_t>(__double2loint(y));
         w[2 * k + 1] = static_cast<uint32_t>(__double2hiint(y));
       }
     } else {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const uint32_t lo = to_bits16<D>(static_cast<float>(apply<kIsScale, D>(vector_element<D>(raw, 2 * k), value, value_f)));
-        const uint32_t hi = to_bits16<D>(static_cast<float>(apply<kIsScale, D>(vector_element<D>(raw, 2 * k + 1), value, value_f)));
+        const uint32_t lo = to_bits16<D>(narrow<kOp>(apply<kOp, D>(vector_element<D>(raw, 2 * k), value, value_f, wide)));
+        const uint32_t hi = to_bits16<D>(narrow<kOp>(apply<kOp, D>(vector_element<D>(raw, 2 * k + 1), value, value_f, wide)));
         w[k] = lo | (hi << 16);
       }
     }
     vectors[v] = make_uint4(w[0], w[1], w[2], w[3]);
   }
   for (int64_t i = split.head + split.vectors * Elem<D>::per_vector + threadIdx.x; i < n; i += kThreads) {
-    store_element<D>(data, i, apply<kIsScale, D>(load_double<D>(data, i), value, value_f));
+    store_result<kOp, D>(data, i, apply<kOp, D>(load_double<D>(data, i), value, value_f, wide));
+  }
+}
+
+template <int kOp>
+__device__ void elementwise_units(const ElementwiseParams& params, double value, float value_f, const WideCoef& wide) {
+  const Tables tables = tables_from_packed(params.packed, params.num_tensors, params.num_chunks, params.chunk_elements);
+  const int64_t units = params.num_chunks * params.parts;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const Unit unit = resolve_unit(tables, u, params.parts, params.step);
+    switch (unit.dtype) {
+      case kFloat32:
+        elementwise_unit<kOp, kFloat32>(unit.data, unit.length, value, value_f, wide);
+        break;
+      case kFloat16:
+        elementwise_unit<kOp, kFloat16>(unit.data, unit.length, value, value_f, wide);
+        break;
+      case kBFloat16:
+        elementwise_unit<kOp, kBFloat16>(unit.data, unit.length, value, value_f, wide);
+        break;
+      default:
+        elementwise_unit<kOp, kFloat64>(unit.data, unit.length, value, value_f, wide);
+        break;
+    }
   }
 }
 
@@ -415,24 +470,13 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(ElementwiseParams
     if (value == 1.0) return;  // unclipped: nothing to write (NaN is not 1 and is applied)
   }
   const float value_f = static_cast<float>(value);
-  const Tables tables = tables_from_packed(params.packed, params.num_tensors, params.num_chunks, params.chunk_elements);
-  const int64_t units = params.num_chunks * params.parts;
-  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
-    const Unit unit = resolve_unit(tables, u, params.parts, params.step);
-    switch (unit.dtype) {
-      case kFloat32:
-        elementwise_unit<kIsScale, kFloat32>(unit.data, unit.length, value, value_f);
-        break;
-      case kFloat16:
-        elementwise_unit<kIsScale, kFloat16>(unit.data, unit.length, value, value_f);
-        break;
-      case kBFloat16:
-        elementwise_unit<kIsScale, kBFloat16>(unit.data, unit.length, value, value_f);
-        break;
-      default:
-        elementwise_unit<kIsScale, kFloat64>(unit.data, unit.length, value, value_f);
-        break;
-    }
+  const WideCoef wide = split_coef(value);
+  if (!kIsScale) {
+    elementwise_units<kOpClamp>(params, value, value_f, wide);
+  } else if (coef_needs_wide(value)) {  // one scalar: the whole launch takes the same branch
+    elementwise_units<kOpScaleWide>(params, value, value_f, wide);
+  } else {
+    elementwise_units<kOpScale>(params, value, value_f, wide);
   }
 }
 
@@ -559,6 +603,7 @@ const char* norm(const PlanArgs& plan, const NormArgs& args) {
   params.max_norm_dtype = args.max_norm_dtype;
   params.scale_ptr = args.scale_ptr;
   params.scale_dtype = args.scale_dtype;
+  params.norm_scale_ptr = args.norm_scale_ptr;
   params.per_tensor_out = args.per_tensor_out;
   params.partials = args.partials;
   params.counters = args.ticket;

@@ -12,11 +12,23 @@
 
 ``accumulate`` exposes the raw reduction (sum of ``|x|^p``, max, min or tensor count) so that grads
 on several devices can be combined; ``finish`` turns an accumulator into total and coefficient.
+
+General p (any p but 0, 1, 2 and +-inf) is computed relative to a norm scale ``M`` so that nothing
+overflows or underflows float64 (``|x|^p`` does for p = 1e4, or p = 10 with values near 1e38 or
+1e-40): ``accumulate``/``norm`` take ``scale`` (0-d float64 on the device, normally max ``|x|`` over
+every grad of the call, or min ``|x|`` for p < 0, see :func:`fusedclip.engine.norm_scale`) and the
+accumulator is then the sum of ``(|x| / M')^p`` with ``M' = usable_norm_scale(M)`` (``M`` when
+``0 < M < inf``, else 1: zero, inf and NaN cases stay exactly as unscaled, which is torch's result).
+Such accumulators add up across devices and processes like any sum, provided every one of them
+used the same ``M``; the total is ``M' * acc^(1/p)``. Without ``scale`` the accumulator is the plain
+sum of ``|x|^p``. A per-tensor norm computed with a scale can underflow (a tensor far below ``M``),
+so the engine takes general-p per-tensor norms from :func:`per_tensor_norms_exact` instead.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -50,7 +62,8 @@ class NormResult(NamedTuple):
 
     total: Tensor  # the total norm, rounded once to the result dtype (scaled by grad_scale)
     coef: Tensor | None  # float64 factor to multiply the stored grads by (None without max_norm)
-    acc: Tensor  # float64 raw accumulator of the stored grads (unscaled, unrounded)
+    acc: Tensor  # float64 raw accumulator of the stored grads (not times grad_scale, unrounded)
+    scale: Tensor | None = None  # general p: the norm scale M the accumulator is relative to
 
 
 class Backend(abc.ABC):
@@ -71,10 +84,13 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def accumulate(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None) -> Tensor:
-        """0-d float64 tensor on the device: sum of |x|^p, max |x|, min |x| or count of non-zero
-        tensors. When ``per_tensor`` (float64, one slot per grad, on the device) is given, every
-        grad's own norm is written there too (for p = 0: its count of non-zero elements)."""
+    def accumulate(
+        self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None, *, scale: Tensor | None = None
+    ) -> Tensor:
+        """0-d float64 tensor on the device: sum of |x|^p (of (|x| / M')^p for general p with a norm
+        ``scale``, see the module docstring), max |x|, min |x| or count of non-zero tensors. When
+        ``per_tensor`` (float64, one slot per grad, on the device) is given, every grad's own norm
+        is written there too (for p = 0: its count of non-zero elements)."""
 
     def norm(
         self,
@@ -85,14 +101,19 @@ class Backend(abc.ABC):
         *,
         per_tensor: Tensor | None = None,
         grad_scale: Tensor | None = None,
+        scale: Tensor | None = None,
     ) -> NormResult:
         """Total norm (in ``out_dtype``), clip coefficient (float64; None when ``max_norm`` is
-        None) and raw accumulator, all 0-d on the device."""
-        return finish(self.accumulate(work, norm, per_tensor), norm, max_norm, out_dtype, grad_scale)
+        None) and raw accumulator, all 0-d on the device (``scale``: see the module docstring)."""
+        acc = self.accumulate(work, norm, per_tensor, scale=scale)
+        return finish(acc, norm, max_norm, out_dtype, grad_scale, scale)
 
     @abc.abstractmethod
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:
-        """Multiply every grad by ``coef`` (a 0-d tensor on the device); skip when coef >= 1."""
+        """Multiply every grad by ``coef`` (a 0-d tensor on the device); skip when coef == 1.
+
+        The kernel backends round each product once: in float (torch's result) when ``coef`` is a
+        normal float32, else the exact ``x * coef`` rounded once to the grad's dtype."""
 
     @abc.abstractmethod
     def clamp_(self, work: DeviceWork, clip_value: float) -> None:
@@ -102,13 +123,49 @@ class Backend(abc.ABC):
         return f"<fusedclip backend {self.name!r}>"
 
 
-def total_from_accumulator(acc: Tensor, norm: NormSpec) -> Tensor:
-    """The norm from its accumulator, in the accumulator's dtype."""
+def is_general_p(norm: NormSpec) -> bool:
+    """True for the norm orders computed relative to a norm scale (all but 0, 1, 2 and +-inf)."""
+    return norm.kind is NormKind.SUM_POW and norm.p not in (1.0, 2.0)
+
+
+def scale_norm(norm: NormSpec) -> NormSpec:
+    """The norm whose accumulator is the norm scale of general-p ``norm``: inf (max |x|) for p > 0,
+    -inf (min |x|) for p < 0."""
+    return NormSpec(math.inf, NormKind.MAX) if norm.p > 0 else NormSpec(-math.inf, NormKind.MIN)
+
+
+def usable_norm_scale(scale: Tensor) -> Tensor:
+    """``M'``: the norm scale when ``0 < M < inf``, else 1 (zero, inf, NaN: computed unscaled)."""
+    return torch.where((scale > 0) & (scale < math.inf), scale, torch.ones_like(scale))
+
+
+def total_from_accumulator(acc: Tensor, norm: NormSpec, scale: Tensor | None = None) -> Tensor:
+    """The norm from its accumulator, in the accumulator's dtype (``scale``: the norm scale the
+    accumulator of a general p is relative to, see the module docstring)."""
     if norm.kind is not NormKind.SUM_POW or norm.p == 1.0:
         return acc
     if norm.p == 2.0:
         return acc.sqrt()
-    return acc.pow(1.0 / norm.p)
+    root = acc.pow(1.0 / norm.p)
+    return root if scale is None else usable_norm_scale(scale.to(root)) * root
+
+
+def per_tensor_norms_exact(grads: list[Tensor], norm: NormSpec) -> Tensor:
+    """Every grad's own general-p norm, float64, one slot per grad, on the grads' device.
+
+    Each tensor is taken relative to its own max ``|x|`` (min for p < 0), in float64, so no norm
+    underflows or overflows unless its value does. A slower path than the fused pass (a float64 copy
+    of each grad and a few torch ops per tensor): it serves per-tensor norms of general p only.
+    """
+    values = []
+    for grad in grads:
+        if grad.numel() == 0:
+            values.append(torch.zeros((), dtype=ACC_DTYPE, device=grad.device))
+            continue
+        magnitude = grad.detach().abs().to(ACC_DTYPE)
+        scale = usable_norm_scale(magnitude.amax() if norm.p > 0 else magnitude.amin())
+        values.append(scale * torch.linalg.vector_norm(magnitude / scale, norm.p))
+    return torch.stack(values)
 
 
 def clip_coefficient(total: Tensor, max_norm: float | Tensor) -> Tensor:
@@ -124,13 +181,16 @@ def finish(
     max_norm: float | Tensor | None,
     out_dtype: torch.dtype,
     grad_scale: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> NormResult:
     """Total norm rounded once to ``out_dtype`` and the coefficient from the unrounded total.
 
     With ``grad_scale`` ``s`` the grads count as ``s * grad``: the total is scaled by ``s`` (counts
-    are not) and the coefficient returned is ``s * min(max_norm / (total + 1e-6), 1)``.
+    are not) and the coefficient returned is ``s * min(max_norm / (total + 1e-6), 1)``. ``scale`` is
+    the norm scale a general-p accumulator is relative to (see the module docstring).
     """
-    return finish_total(total_from_accumulator(acc, norm), acc, norm, max_norm, out_dtype, grad_scale)
+    total = total_from_accumulator(acc, norm, scale if is_general_p(norm) else None)
+    return finish_total(total, acc, norm, max_norm, out_dtype, grad_scale, scale)
 
 
 def finish_total(
@@ -140,8 +200,10 @@ def finish_total(
     max_norm: float | Tensor | None,
     out_dtype: torch.dtype,
     grad_scale: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> NormResult:
-    """:func:`finish` for a backend that forms the unscaled total itself."""
+    """:func:`finish` for a backend that forms the total itself (``scale`` is only recorded in the
+    result: ``total`` must already include it)."""
     scale = None if grad_scale is None else grad_scale.to(device=total.device, dtype=total.dtype)
     if scale is not None and norm.kind is not NormKind.COUNT:
         total = total * scale.abs()
@@ -150,7 +212,7 @@ def finish_total(
         coef = clip_coefficient(total, max_norm)
         if scale is not None:
             coef = coef * scale
-    return NormResult(total.to(out_dtype), coef, acc)
+    return NormResult(total.to(out_dtype), coef, acc, scale if is_general_p(norm) else None)
 
 
 def combine_accumulators(accs: list[Tensor], norm: NormSpec) -> Tensor:

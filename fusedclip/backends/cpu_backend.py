@@ -61,6 +61,7 @@ class CpuBackend(KernelBackend):
         out_dtype: torch.dtype,
         per_tensor: Tensor | None = None,
         grad_scale: Tensor | None = None,
+        norm_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         packed, num_tensors, num_chunks, chunk_elements, total_elements = _plan_args(work, tables)
         total = torch.empty((), dtype=out_dtype, device="cpu")  # never the default device: the kernel writes here
@@ -75,6 +76,8 @@ class CpuBackend(KernelBackend):
         ):
             per_tensor_out = torch.empty(num_tensors, dtype=ACC_DTYPE, device="cpu")
         scale = None if grad_scale is None else _host_scalar(grad_scale)
+        # general p: the float64 norm scale M, read by the kernel (a CPU tensor: no sync)
+        relative_to = None if norm_scale is None else _host_scalar(norm_scale).to(ACC_DTYPE)
 
         _ext.C.cpu_norm(
             packed,
@@ -93,6 +96,7 @@ class CpuBackend(KernelBackend):
             0 if per_tensor_out is None else per_tensor_out.data_ptr(),
             0 if scale is None else scale.data_ptr(),
             0 if scale is None else DTYPE_CODES[scale.dtype],
+            0 if relative_to is None else relative_to.data_ptr(),
         )
         if per_tensor_out is not per_tensor:
             per_tensor.copy_(per_tensor_out)  # type: ignore[union-attr]

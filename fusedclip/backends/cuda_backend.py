@@ -100,6 +100,7 @@ class CudaBackend(KernelBackend):
         out_dtype: torch.dtype,
         per_tensor: Tensor | None = None,
         grad_scale: Tensor | None = None,
+        norm_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         device = work.device
         index, stream = self._launch_target(work)
@@ -118,6 +119,8 @@ class CudaBackend(KernelBackend):
         ):
             per_tensor_out = torch.empty(tables.num_tensors, dtype=ACC_DTYPE, device=device)
         scale = None if grad_scale is None else _device_scalar(grad_scale, device)
+        # general p: the float64 norm scale M on the device, read by the kernel (no sync)
+        relative_to = None if norm_scale is None else _device_scalar(norm_scale, device).to(ACC_DTYPE)
 
         with torch.cuda.device(index):
             _ext.C.cuda_norm(
@@ -138,6 +141,7 @@ class CudaBackend(KernelBackend):
                 0 if per_tensor_out is None else per_tensor_out.data_ptr(),
                 workspace.partials,
                 workspace.counters,
+                0 if relative_to is None else relative_to.data_ptr(),
             )
         if per_tensor_out is not per_tensor:
             per_tensor.copy_(per_tensor_out)  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..norm_type import NormKind, NormSpec
-from .base import ACC_DTYPE, Backend, DeviceWork, NormResult, finish_total
+from .base import ACC_DTYPE, Backend, DeviceWork, NormResult, finish_total, is_general_p, usable_norm_scale
 
 try:  # private helpers torch's own clip_grad uses; degrade to "foreach where torch supports it"
     from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
@@ -154,7 +154,9 @@ def _skip_scale(coef: Tensor, device: torch.device) -> bool:
 class TorchBackend(Backend):
     name = "torch"
 
-    def _per_tensor_norms(self, work: DeviceWork, norm: NormSpec, *, flat: bool = False) -> list[Tensor]:
+    def _per_tensor_norms(
+        self, work: DeviceWork, norm: NormSpec, scale: Tensor | None = None, *, flat: bool = False
+    ) -> list[Tensor]:
         """Per-tensor norms, one float64 vector per dtype group.
 
         ``flat``: only the total is wanted (no per-tensor norms, not p = 0), so a CPU group of
@@ -174,11 +176,13 @@ class TorchBackend(Backend):
             opmath = _opmath(dtype)
             if extreme and opmath is not None:
                 opmath = None
-            elif flat and plan.device.type == "cpu" and dtype in _CPU_FLAT_DTYPES:
+            elif flat and scale is None and plan.device.type == "cpu" and dtype in _CPU_FLAT_DTYPES:
                 nonempty = [g for g in group if g.numel()]
                 if nonempty:
                     norms.append(_flat_cpu_norms(nonempty, norm.p))
                 continue
+            if scale is not None:  # general p: the grads over the norm scale M', in float64 (see backends.base)
+                group, opmath = [g.to(torch.complex128 if g.is_complex() else ACC_DTYPE) / scale for g in group], None
             counts = None
             if plan.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not extreme:
                 group, counts = _pieces(group)  # see the module docstring
@@ -191,15 +195,17 @@ class TorchBackend(Backend):
             norms.append(torch.stack(group_norms).to(ACC_DTYPE))
         return norms
 
-    def _per_tensor_vector(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None) -> Tensor | None:
+    def _per_tensor_vector(
+        self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None, scale: Tensor | None = None
+    ) -> Tensor | None:
         """A float64 vector whose norm is the total (None without non-empty tensors): per-tensor
         norms, or on the CPU (p != 0) norms of chunks (see ``_flat_cpu_norms``). ``per_tensor``
         then takes its per-tensor norms from a second pass, so the total is the same bits with or
         without it."""
         flat = norm.kind is not NormKind.COUNT and work.plan.device.type == "cpu"
-        norms = self._per_tensor_norms(work, norm, flat=flat)
+        norms = self._per_tensor_norms(work, norm, scale, flat=flat)
         if per_tensor is not None:
-            own = self._per_tensor_norms(work, norm) if flat else norms
+            own = self._per_tensor_norms(work, norm, scale) if flat else norms
             self._write_per_tensor(work, norm, own, per_tensor)
         if not norms:
             return None
@@ -219,8 +225,11 @@ class TorchBackend(Backend):
             return (per_tensor * per_tensor).sum()
         return per_tensor.pow(norm.p).sum()
 
-    def accumulate(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None) -> Tensor:
-        vector = self._per_tensor_vector(work, norm, per_tensor)
+    def accumulate(
+        self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None, *, scale: Tensor | None = None
+    ) -> Tensor:
+        scale = usable_norm_scale(scale) if scale is not None and is_general_p(norm) else None
+        vector = self._per_tensor_vector(work, norm, per_tensor, scale)
         if vector is None:
             return torch.zeros((), dtype=ACC_DTYPE, device=work.device)
         return self._accumulator(vector, norm)
@@ -234,14 +243,19 @@ class TorchBackend(Backend):
         *,
         per_tensor: Tensor | None = None,
         grad_scale: Tensor | None = None,
+        scale: Tensor | None = None,
     ) -> NormResult:
         """torch's second stage (the norm of the per-tensor norms) in float64: one root, not two."""
-        vector = self._per_tensor_vector(work, norm, per_tensor)
+        raw_scale = scale if is_general_p(norm) else None
+        scale = None if raw_scale is None else usable_norm_scale(raw_scale)
+        vector = self._per_tensor_vector(work, norm, per_tensor, scale)
         if vector is None:
             zero = torch.zeros((), dtype=ACC_DTYPE, device=work.device)
             return finish_total(zero, zero, norm, max_norm, out_dtype, grad_scale)
         total = torch.linalg.vector_norm(vector, norm.p)
-        return finish_total(total, self._accumulator(vector, norm), norm, max_norm, out_dtype, grad_scale)
+        if scale is not None:
+            total = scale * total
+        return finish_total(total, self._accumulator(vector, norm), norm, max_norm, out_dtype, grad_scale, raw_scale)
 
     @staticmethod
     def _write_per_tensor(work: DeviceWork, norm: NormSpec, norms: list[Tensor], out: Tensor) -> None:

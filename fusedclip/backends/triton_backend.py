@@ -258,6 +258,7 @@ class TritonBackend(KernelBackend):
         out_dtype: torch.dtype,
         per_tensor: Tensor | None = None,
         grad_scale: Tensor | None = None,
+        norm_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         device = work.device
         config = launch_config(device)
@@ -285,6 +286,8 @@ class TritonBackend(KernelBackend):
         segmented = per_tensor is not None or norm.kind is NormKind.COUNT
         tensor_values = per_tensor if per_tensor is not None else space.tensor_values
         scale_ptr = acc if grad_scale is None else _on_device(grad_scale.reshape(()), device)
+        # general p: the float64 norm scale M on the device, read by the kernel (no sync)
+        norm_scale_ptr = acc if norm_scale is None else _on_device(norm_scale.reshape(()), device).to(ACC_DTYPE)
         p_mode, p_hi, p_lo, inv_hi, inv_lo = _exponents(norm)
 
         with _launch_context(device):
@@ -294,10 +297,11 @@ class TritonBackend(KernelBackend):
                 tables.num_chunks, tables.num_tensors, tables.chunk_elements,
                 space.partials, space.chunk_values, tensor_values, space.tensor_tickets, space.grid_ticket,
                 total, coef, acc,
-                max_norm_ptr, max_norm_bits, scale_ptr,
+                max_norm_ptr, max_norm_bits, scale_ptr, norm_scale_ptr,
                 p_hi, p_lo, inv_hi, inv_lo,
                 KIND=int(norm.kind), P_MODE=p_mode,
                 HAS_COEF=max_norm is not None, MAX_NORM_FROM_PTR=from_ptr, HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_NORM_SCALE=norm_scale is not None,
                 SEGMENTED=segmented, ZERO_EMPTY_TENSORS=per_tensor is not None,
                 BLOCK=config.norm_block, FINISH_BLOCK=config.finish_block, STAGES=config.stages,
                 num_warps=config.norm_warps,

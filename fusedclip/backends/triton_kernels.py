@@ -52,6 +52,8 @@ P_TWO = tl.constexpr(2)
 _INF = tl.constexpr(float("inf"))
 _EPS = tl.constexpr(1e-6)  # torch's epsilon in max_norm / (total + 1e-6)
 _SMALLEST_NORMAL = tl.constexpr(2.2250738585072014e-308)
+_FLOAT_MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2^-126
+_FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 _TWO_POW_64 = tl.constexpr(18446744073709551616.0)
 
 
@@ -103,7 +105,10 @@ def _pow(x, y_hi, y_lo):
     Written with exp2/log2 so that the interpreter (which has no libdevice) runs the same algorithm
     as the GPU. With ``x = m * 2**e`` (``1 <= m < 2``): ``x**y = 2**(e*y) * m**y``; ``e*y`` is split
     exactly into an integer and a fraction (``y_hi`` has at most 41 significant bits, so ``e*y_hi``
-    is exact), which keeps the error at a few ulps for any magnitude of ``x``.
+    is exact), which keeps the error at a few ulps for any magnitude of ``x``. For large ``|y|``
+    (norm orders like 1e4 .. 1e308) ``y*log2(m)`` is itself large: its integer part moves to the
+    exponent too, so ``exp2`` only ever sees a fraction; ``e*y_hi`` beyond float64's range (only for
+    ``|y| > 1e305`` or so) means a result of 0 or inf, by the sign of ``e*y``.
     """
     tiny = x < _SMALLEST_NORMAL
     xs = tl.where(tiny, x * _TWO_POW_64, x)  # subnormals become normal
@@ -111,10 +116,15 @@ def _pow(x, y_hi, y_lo):
     e = ((bits >> 52) & 0x7FF) - 1023 - tl.where(tiny, 64, 0)
     m = ((bits & 0xFFFFFFFFFFFFF) | 0x3FF0000000000000).to(tl.float64, bitcast=True)
     ef = e.to(tl.float64)
-    whole = ef * y_hi  # exact
+    whole = ef * y_hi  # exact (or +-inf, see above)
+    overflowed = tl.abs(whole) == _INF
+    whole = tl.where(overflowed, 0.0, whole)
     n = tl.floor(whole)
-    frac = (whole - n) + ef * y_lo + (y_hi + y_lo) * tl.log2(m)
-    n = tl.minimum(tl.maximum(n, -2200.0), 2200.0)
+    rest = ef * y_lo + (y_hi + y_lo) * tl.log2(m)
+    rest_whole = tl.floor(rest)
+    frac = (whole - n) + (rest - rest_whole)
+    n = tl.minimum(tl.maximum(n + rest_whole, -2200.0), 2200.0)
+    n = tl.where(overflowed, tl.where(ef * y_hi > 0, 2200.0, -2200.0), n)
     n1 = tl.floor(n * 0.5)
     result = tl.exp2(frac) * tl.exp2(n1) * tl.exp2(n - n1)
     positive = (y_hi + y_lo) > 0
@@ -183,8 +193,9 @@ def _widen(x):
 
 
 @triton.jit
-def _term(x, KIND: tl.constexpr, P_MODE: tl.constexpr, p_hi, p_lo):
-    """Each element's contribution to the accumulator."""
+def _term(x, KIND: tl.constexpr, P_MODE: tl.constexpr, p_hi, p_lo, m):
+    """Each element's contribution to the accumulator (general p: ``(|x| / m)^p``, ``m`` the norm
+    scale M' of the call, 1.0 without one)."""
     w = _widen(x)
     if KIND == COUNT:
         return (w != 0).to(tl.int32)  # NaN != 0: counted, as in torch
@@ -195,7 +206,7 @@ def _term(x, KIND: tl.constexpr, P_MODE: tl.constexpr, p_hi, p_lo):
             elif P_MODE == P_ONE:
                 return tl.abs(w)
             else:
-                return _pow(tl.abs(w), p_hi, p_lo)
+                return _pow(tl.abs(w) / m, p_hi, p_lo)
         else:
             return tl.abs(w)
 
@@ -213,7 +224,7 @@ def _block_identity(KIND: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo,
+def _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo, m,
                      KIND: tl.constexpr, P_MODE: tl.constexpr, ALIGNED: tl.constexpr, PER_CHUNK: tl.constexpr,
                      BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """The ``n`` elements at ``ptr + start`` folded, lane by lane, into ``acc`` (the program's
@@ -225,12 +236,12 @@ def _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo,
     offs = tl.arange(0, BLOCK)
     n_full = (n // BLOCK) * BLOCK
     for i in tl.range(0, n_full, BLOCK, num_stages=STAGES):  # full blocks: no mask, so loads vectorise
-        term = _term(tl.load(base + i + offs), KIND, P_MODE, p_hi, p_lo)
+        term = _term(tl.load(base + i + offs), KIND, P_MODE, p_hi, p_lo, m)
         acc = _combine(acc, term, KIND)
         if PER_CHUNK:
             chunk_acc = _combine(chunk_acc, term, KIND)
     in_tail = n_full + offs < n
-    term = _term(tl.load(base + n_full + offs, mask=in_tail, other=0.0), KIND, P_MODE, p_hi, p_lo)
+    term = _term(tl.load(base + n_full + offs, mask=in_tail, other=0.0), KIND, P_MODE, p_hi, p_lo, m)
     term = tl.where(in_tail, term, _identity_like(tl.zeros_like(term), KIND))
     acc = _combine(acc, term, KIND)
     if PER_CHUNK:
@@ -239,33 +250,33 @@ def _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo,
 
 
 @triton.jit
-def _accumulate_typed(ptr, start, n, aligned, acc, chunk_acc, p_hi, p_lo, KIND: tl.constexpr,
+def _accumulate_typed(ptr, start, n, aligned, acc, chunk_acc, p_hi, p_lo, m, KIND: tl.constexpr,
                       P_MODE: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     if aligned:
-        acc, chunk_acc = _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo,
+        acc, chunk_acc = _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo, m,
                                           KIND, P_MODE, True, PER_CHUNK, BLOCK, STAGES)
     else:
-        acc, chunk_acc = _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo,
+        acc, chunk_acc = _accumulate_span(ptr, start, n, acc, chunk_acc, p_hi, p_lo, m,
                                           KIND, P_MODE, False, PER_CHUNK, BLOCK, STAGES)
     return acc, chunk_acc
 
 
 @triton.jit
-def _accumulate_chunk(address, code, start, n, aligned, acc, chunk_acc, p_hi, p_lo, KIND: tl.constexpr,
+def _accumulate_chunk(address, code, start, n, aligned, acc, chunk_acc, p_hi, p_lo, m, KIND: tl.constexpr,
                       P_MODE: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """One chunk folded in: its int64 address becomes a pointer of the chunk's dtype."""
     if code == 0:
         acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.float32)), start, n, aligned, acc,
-                                           chunk_acc, p_hi, p_lo, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
+                                           chunk_acc, p_hi, p_lo, m, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
     elif code == 1:
         acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.float16)), start, n, aligned, acc,
-                                           chunk_acc, p_hi, p_lo, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
+                                           chunk_acc, p_hi, p_lo, m, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
     elif code == 2:
         acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, acc,
-                                           chunk_acc, p_hi, p_lo, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
+                                           chunk_acc, p_hi, p_lo, m, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
     else:
         acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.float64)), start, n, aligned, acc,
-                                           chunk_acc, p_hi, p_lo, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
+                                           chunk_acc, p_hi, p_lo, m, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
     return acc, chunk_acc
 
 
@@ -316,9 +327,11 @@ def norm_kernel(
     max_norm_ptr,  # 0-d tensor read when MAX_NORM_FROM_PTR
     max_norm_bits: tl.int64,
     grad_scale_ptr,  # 0-d tensor read when HAS_GRAD_SCALE
+    norm_scale_ptr,  # 0-d float64 norm scale M of a general p, read when HAS_NORM_SCALE
     p_hi_bits: tl.int64, p_lo_bits: tl.int64, inv_p_hi_bits: tl.int64, inv_p_lo_bits: tl.int64,
     KIND: tl.constexpr, P_MODE: tl.constexpr,
     HAS_COEF: tl.constexpr, MAX_NORM_FROM_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_NORM_SCALE: tl.constexpr,
     SEGMENTED: tl.constexpr, ZERO_EMPTY_TENSORS: tl.constexpr,
     BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -328,6 +341,12 @@ def norm_kernel(
     p_lo = _f64(p_lo_bits)
     inv_p_hi = _f64(inv_p_hi_bits)
     inv_p_lo = _f64(inv_p_lo_bits)
+    # general p: sums of (|x| / M')^p with M' = M when 0 < M < inf, else 1 (see backends.base); every
+    # norm formed from such a sum is M' times its 1/p power
+    m = tl.sum(tl.full([1], 1.0, dtype=tl.float64), axis=0)
+    if HAS_NORM_SCALE:
+        loaded = tl.load(norm_scale_ptr).to(tl.float64)
+        m = tl.where((loaded > 0.0) & (loaded < _INF), loaded, m)
 
     # One block of lane accumulators across all the program's chunks, reduced once at the end.
     acc = _block_identity(KIND, BLOCK)
@@ -336,12 +355,12 @@ def norm_kernel(
             c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, chunk_elements)
         if SEGMENTED:  # each chunk's own value too, for its tensor's result
             acc, chunk_acc = _accumulate_chunk(address, code, start, n, aligned, acc, _block_identity(KIND, BLOCK),
-                                               p_hi, p_lo, KIND, P_MODE, True, BLOCK, STAGES)
+                                               p_hi, p_lo, m, KIND, P_MODE, True, BLOCK, STAGES)
             value = _reduce_block(chunk_acc, KIND)
             first = tl.load(first_chunk_ptr + t)
             count = tl.load(first_chunk_ptr + t + 1) - first
             if count == 1:
-                tl.store(tensor_values_ptr + t, _root(value, KIND, P_MODE, inv_p_hi, inv_p_lo))
+                tl.store(tensor_values_ptr + t, _root(value, KIND, P_MODE, inv_p_hi, inv_p_lo) * m)
             else:
                 tl.store(chunk_values_ptr + c, value)
                 tl.debug_barrier()  # every thread's store happens before the release below
@@ -349,11 +368,11 @@ def norm_kernel(
                 tl.debug_barrier()
                 if done == count - 1:  # the tensor's last chunk: reduce its chunks in order
                     tensor_acc = _reduce_values(chunk_values_ptr + first, count, KIND, FINISH_BLOCK)
-                    tl.store(tensor_values_ptr + t, _root(tensor_acc, KIND, P_MODE, inv_p_hi, inv_p_lo))
+                    tl.store(tensor_values_ptr + t, _root(tensor_acc, KIND, P_MODE, inv_p_hi, inv_p_lo) * m)
                     tl.store(tensor_tickets_ptr + t, 0)
         else:
             acc, _ = _accumulate_chunk(address, code, start, n, aligned, acc, acc,
-                                       p_hi, p_lo, KIND, P_MODE, False, BLOCK, STAGES)
+                                       p_hi, p_lo, m, KIND, P_MODE, False, BLOCK, STAGES)
     part = _reduce_block(acc, KIND)
 
     tl.store(partials_ptr + pid, part)
@@ -362,7 +381,7 @@ def norm_kernel(
     tl.debug_barrier()
     if finished == programs - 1:
         _finish(partials_ptr, programs, numels_ptr, tensor_values_ptr, num_tensors,
-                total_ptr, coef_ptr, acc_ptr, max_norm_ptr, max_norm_bits, grad_scale_ptr, inv_p_hi, inv_p_lo,
+                total_ptr, coef_ptr, acc_ptr, max_norm_ptr, max_norm_bits, grad_scale_ptr, inv_p_hi, inv_p_lo, m,
                 KIND, P_MODE, HAS_COEF, MAX_NORM_FROM_PTR, HAS_GRAD_SCALE, SEGMENTED, ZERO_EMPTY_TENSORS,
                 FINISH_BLOCK)
         tl.store(ticket_ptr, 0)
@@ -387,7 +406,7 @@ def _store_rounded(ptr, x):
 
 @triton.jit
 def _finish(partials_ptr, programs, numels_ptr, tensor_values_ptr, num_tensors,
-            total_ptr, coef_ptr, acc_ptr, max_norm_ptr, max_norm_bits, grad_scale_ptr, inv_p_hi, inv_p_lo,
+            total_ptr, coef_ptr, acc_ptr, max_norm_ptr, max_norm_bits, grad_scale_ptr, inv_p_hi, inv_p_lo, m,
             KIND: tl.constexpr, P_MODE: tl.constexpr, HAS_COEF: tl.constexpr, MAX_NORM_FROM_PTR: tl.constexpr,
             HAS_GRAD_SCALE: tl.constexpr, SEGMENTED: tl.constexpr, ZERO_EMPTY_TENSORS: tl.constexpr,
             FINISH_BLOCK: tl.constexpr):
@@ -408,7 +427,7 @@ def _finish(partials_ptr, programs, numels_ptr, tensor_values_ptr, num_tensors,
                 nonzero_tensors += (norm != 0).to(tl.int32)
         if KIND == COUNT:
             acc = tl.sum(nonzero_tensors, axis=0).to(tl.float64)
-    total = _root(acc, KIND, P_MODE, inv_p_hi, inv_p_lo)
+    total = _root(acc, KIND, P_MODE, inv_p_hi, inv_p_lo) * m
     if HAS_GRAD_SCALE:
         scale = tl.load(grad_scale_ptr).to(tl.float64)
         if KIND != COUNT:
@@ -441,6 +460,45 @@ def _scaled(x, factor):
 
 
 @triton.jit
+def _round_odd_f32(d):
+    """float64 -> float32 rounded to odd (truncated, last bit set when inexact): rounding the result
+    once more to bfloat16 or float16 (at least 2 bits fewer) equals rounding ``d`` once."""
+    narrow = d.to(tl.float32)
+    back = narrow.to(tl.float64)
+    inexact = back != d
+    bits = narrow.to(tl.int32, bitcast=True)
+    bits = tl.where(inexact & (tl.abs(back) > tl.abs(d)), bits - 1, bits)  # toward zero
+    bits = tl.where(inexact, bits | 1, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scaled_wide(x, c, c_hi, c_lo):
+    """``round(x * c)`` for a float32/float16/bfloat16 ``x`` and a float64 ``c`` outside float32's
+    normal range (``float32(c)`` would lose bits or overflow), rounded once to ``x``'s dtype.
+
+    As ``product_round_odd`` in ``csrc/fusedclip.h``: ``c = c_hi + c_lo`` (24 + 29 significant
+    bits), so ``a = x * c_hi`` and ``b = x * c_lo`` are exact and ``x * c = a + b``; ``s = a + b``
+    rounded and its exact error ``t = b - (s - a)`` (Fast2Sum) give the product rounded to odd at
+    float64 precision, which then rounds once more, correctly, to the grad's dtype (exact unless
+    ``|x * c| < 2^-900``, where every result is a zero anyway).
+    """
+    w = _widen(x)
+    a = w * c_hi
+    b = w * c_lo
+    s = a + b
+    t = b - (s - a)
+    bits = s.to(tl.int64, bitcast=True)
+    bits = tl.where((t < 0.0) != (s < 0.0), bits - 1, bits) | 1  # truncate toward zero, set the sticky bit
+    odd = tl.where(t == 0.0, s, bits.to(tl.float64, bitcast=True))
+    odd = tl.where((s == 0.0) | (s - s != 0.0), w * c, odd)  # zero (keeps its sign), inf, NaN, overflow
+    if x.dtype == tl.float32:
+        return odd.to(tl.float32)
+    else:
+        return _from_f32(_round_odd_f32(odd), x.dtype)
+
+
+@triton.jit
 def _clamped(x, limit):
     """``x > v ? v : (x < -v ? -v : x)``, compared in ``limit``'s dtype (float32, or float64 for float64)."""
     if x.dtype == tl.float64:
@@ -451,11 +509,22 @@ def _clamped(x, limit):
 
 
 @triton.jit
+def _transformed(x, value, c_hi, c_lo, CLAMP: tl.constexpr, WIDE: tl.constexpr):
+    if CLAMP:
+        return _clamped(x, value)
+    elif WIDE:
+        return _scaled_wide(x, value, c_hi, c_lo)
+    else:
+        return _scaled(x, value)
+
+
+@triton.jit
 def _elementwise_span(
-    ptr, start, n, value, CLAMP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr
+    ptr, start, n, value, c_hi, c_lo, CLAMP: tl.constexpr, WIDE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, STAGES: tl.constexpr
 ):
     """One in-place pass over ``n`` elements from ``start``: ``_clamped(x, value)`` when CLAMP, else
-    ``_scaled(x, value)`` (whole blocks, then a masked tail)."""
+    ``_scaled(x, value)`` (``_scaled_wide`` when WIDE) (whole blocks, then a masked tail)."""
     base = ptr + start
     if ALIGNED:
         base = tl.multiple_of(base, 16)
@@ -463,24 +532,58 @@ def _elementwise_span(
     n_full = (n // BLOCK) * BLOCK
     for i in tl.range(0, n_full, BLOCK, num_stages=STAGES):
         x = tl.load(base + i + offs)
-        if CLAMP:
-            tl.store(base + i + offs, _clamped(x, value))
-        else:
-            tl.store(base + i + offs, _scaled(x, value))
+        tl.store(base + i + offs, _transformed(x, value, c_hi, c_lo, CLAMP, WIDE))
     in_tail = n_full + offs < n
     x = tl.load(base + n_full + offs, mask=in_tail, other=0.0)
-    if CLAMP:
-        tl.store(base + n_full + offs, _clamped(x, value), mask=in_tail)
-    else:
-        tl.store(base + n_full + offs, _scaled(x, value), mask=in_tail)
+    tl.store(base + n_full + offs, _transformed(x, value, c_hi, c_lo, CLAMP, WIDE), mask=in_tail)
 
 
 @triton.jit
-def _scale_chunk(ptr, start, n, aligned, factor, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+def _scale_chunk(ptr, start, n, aligned, factor, c_hi, c_lo, WIDE: tl.constexpr, BLOCK: tl.constexpr,
+                 STAGES: tl.constexpr):
     if aligned:
-        _elementwise_span(ptr, start, n, factor, False, True, BLOCK, STAGES)
+        _elementwise_span(ptr, start, n, factor, c_hi, c_lo, False, WIDE, True, BLOCK, STAGES)
     else:
-        _elementwise_span(ptr, start, n, factor, False, False, BLOCK, STAGES)
+        _elementwise_span(ptr, start, n, factor, c_hi, c_lo, False, WIDE, False, BLOCK, STAGES)
+
+
+@triton.jit
+def _scale_chunks(addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, num_chunks,
+                  chunk_elements, coef, WIDE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """The program's chunks scaled by ``coef``: as float32 (float64 for float64 grads), or, when WIDE,
+    by the exact product rounded once (``_scaled_wide``)."""
+    coef32 = coef.to(tl.float32)
+    c_hi = (coef.to(tl.int64, bitcast=True) & -536870912).to(tl.float64, bitcast=True)  # low 29 bits cleared
+    c_lo = coef - c_hi  # exact
+    for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
+        t, address, start, n, code, aligned = _load_chunk(
+            c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, chunk_elements)
+        if WIDE:
+            if code == 0:
+                _scale_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, coef, c_hi, c_lo, True,
+                             BLOCK, STAGES)
+            elif code == 1:
+                _scale_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, coef, c_hi, c_lo, True,
+                             BLOCK, STAGES)
+            elif code == 2:
+                _scale_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, coef, c_hi, c_lo, True,
+                             BLOCK, STAGES)
+            else:
+                _scale_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, coef, c_hi, c_lo, False,
+                             BLOCK, STAGES)
+        else:
+            if code == 0:
+                _scale_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, coef32, c_hi, c_lo, False,
+                             BLOCK, STAGES)
+            elif code == 1:
+                _scale_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, coef32, c_hi, c_lo, False,
+                             BLOCK, STAGES)
+            elif code == 2:
+                _scale_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, coef32, c_hi, c_lo, False,
+                             BLOCK, STAGES)
+            else:
+                _scale_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, coef, c_hi, c_lo, False,
+                             BLOCK, STAGES)
 
 
 @triton.jit(do_not_specialize=["num_chunks", "chunk_elements"])
@@ -491,22 +594,20 @@ def scale_kernel(
 ):
     """``x = round(x * coef)`` in float32 (float64 for float64 grads); no grad byte moves when coef == 1.
 
-    A coefficient above 1 is applied: with a grad scale folded in (AMP's inverse scale) it can be.
+    A coefficient above 1 is applied: with a grad scale folded in (AMP's inverse scale) it can be. A
+    finite non-zero coefficient outside float32's normal range (below 2^-126 or above FLT_MAX, where
+    ``float32(coef)`` would lose bits or overflow) is applied as the exact product rounded once
+    (``_scaled_wide``); the coefficient is one scalar, so every program takes the same branch.
     """
     coef = tl.load(coef_ptr).to(tl.float64)
     if coef != 1.0:  # NaN too: it must reach the grads, as in torch
-        coef32 = coef.to(tl.float32)
-        for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
-            t, address, start, n, code, aligned = _load_chunk(
-                c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, chunk_elements)
-            if code == 0:
-                _scale_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, coef32, BLOCK, STAGES)
-            elif code == 1:
-                _scale_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, coef32, BLOCK, STAGES)
-            elif code == 2:
-                _scale_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, coef32, BLOCK, STAGES)
-            else:
-                _scale_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, coef, BLOCK, STAGES)
+        magnitude = tl.abs(coef)
+        if (magnitude > 0.0) & ((magnitude < _FLOAT_MIN_NORMAL) | ((magnitude > _FLOAT_MAX) & (magnitude < _INF))):
+            _scale_chunks(addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, num_chunks,
+                          chunk_elements, coef, True, BLOCK, STAGES)
+        else:
+            _scale_chunks(addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, num_chunks,
+                          chunk_elements, coef, False, BLOCK, STAGES)
 
 
 @triton.jit
@@ -516,9 +617,9 @@ def _clamp_chunk(ptr, start, n, aligned, limit_bits, BLOCK: tl.constexpr, STAGES
     if ptr.dtype.element_ty != tl.float64:
         limit = limit.to(tl.float32)
     if aligned:
-        _elementwise_span(ptr, start, n, limit, True, True, BLOCK, STAGES)
+        _elementwise_span(ptr, start, n, limit, limit, limit, True, False, True, BLOCK, STAGES)
     else:
-        _elementwise_span(ptr, start, n, limit, True, False, BLOCK, STAGES)
+        _elementwise_span(ptr, start, n, limit, limit, limit, True, False, False, BLOCK, STAGES)
 
 
 @triton.jit(do_not_specialize=["num_chunks", "chunk_elements", "limit_fp32_bits", "limit_fp16_bits",

@@ -1,0 +1,175 @@
+"""The torch backend's accuracy bound, checked against a 200-bit mpmath oracle.
+
+The stated bound (README, deviation table): for a result dtype with unit roundoff ``u_out`` the
+returned total ``R`` of the exact norm ``T`` satisfies
+
+    |R - T| <= 1/2 ulp_out(T') + m * u * max(1, 1/|p|) * |T|,   T' = |T| (1 + m u max(1, 1/|p|))
+
+* ``u = 2^-24`` where the backend accumulates in float32 (p = 1 and 2 for float32, bf16 and fp16
+  grads), ``u = 2^-53`` where it accumulates in float64 (float64 grads; every other finite p, which
+  is summed in float64 relative to the norm scale);
+* ``m = n + k + 4``: ``n`` the most elements one reduction covers (a chunk of at most
+  ``CPU_CHUNK_ELEMENTS`` on CPUs, here the largest grad), ``k`` the number of grads;
+* p = 0, inf, -inf are exact before the one rounding (m = 0): the result is correctly rounded.
+
+That is: the exact norm rounded once to the return dtype, up to the rounding error of a float32
+(float64) sum of ``n`` terms. torch's own bf16/fp16 result carries a second error on top (every
+per-tensor norm rounded to bf16/fp16), and the test shows that such an implementation fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusedclip
+
+ORDERS = [0.5, 1.0, 2.0, 3.0, -1.0, math.inf, -math.inf, 0.0]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11, torch.float64: 53}
+MP_PREC = 200
+
+
+def exact_norm(grads: list[torch.Tensor], p: float) -> mpmath.mpf:
+    """torch's definition (the p-norm of the per-tensor p-norms) in 200-bit arithmetic."""
+    with mpmath.workprec(MP_PREC):
+        values = [[abs(mpmath.mpf(float(v))) for v in g.reshape(-1).tolist()] for g in grads]
+        if p == 0:
+            return mpmath.mpf(sum(1 for vs in values if any(v != 0 for v in vs)))
+        if p == math.inf:
+            return max((max(vs) for vs in values if vs), default=mpmath.mpf(0))
+        if p == -math.inf:
+            return min(min(vs) for vs in values)
+        flat = [v for vs in values for v in vs]
+        if p < 0 and any(v == 0 for v in flat):
+            return mpmath.mpf(0)  # a zero makes sum |x|^p infinite and the norm 0, as in torch
+        return mpmath.fsum(v**p for v in flat) ** (1 / mpmath.mpf(p))
+
+
+def ulp(value: mpmath.mpf, dtype: torch.dtype) -> mpmath.mpf:
+    """The spacing of ``dtype`` at ``value`` (normal range)."""
+    with mpmath.workprec(MP_PREC):
+        if value == 0:
+            return mpmath.mpf(0)
+        exponent = int(mpmath.floor(mpmath.log(abs(value), 2)))
+        return mpmath.ldexp(1, exponent - MANTISSA[dtype] + 1)
+
+
+def stated_bound(grads: list[torch.Tensor], p: float, out_dtype: torch.dtype, exact: mpmath.mpf) -> mpmath.mpf:
+    """The README's bound for the torch backend (see the module docstring)."""
+    with mpmath.workprec(MP_PREC):
+        if p in (0.0, math.inf, -math.inf):
+            relative = mpmath.mpf(0)
+        else:
+            float64_acc = all(g.dtype == torch.float64 for g in grads) or p not in (1.0, 2.0)
+            u = mpmath.ldexp(1, -53 if float64_acc else -24)
+            m = max(g.numel() for g in grads) + len(grads) + 4
+            relative = m * u * max(1, 1 / abs(mpmath.mpf(p)))
+        return ulp(abs(exact) * (1 + relative), out_dtype) / 2 + relative * abs(exact)
+
+
+def violation(result: torch.Tensor, grads: list[torch.Tensor], p: float) -> str | None:
+    """None when ``result`` is within the stated bound, else a description."""
+    exact = exact_norm(grads, p)
+    bound = stated_bound(grads, p, result.dtype, exact)
+    with mpmath.workprec(MP_PREC):
+        error = abs(mpmath.mpf(float(result)) - exact)
+        if error <= bound:
+            return None
+        return f"p={p}: |{float(result)!r} - {mpmath.nstr(exact, 20)}| = {mpmath.nstr(error, 5)} > {mpmath.nstr(bound, 5)}"
+
+
+@st.composite
+def grad_sets(draw, dtype_name: str):
+    """1-5 non-empty grads of 1-64 elements, magnitudes over 8 binades, some zeros and signs."""
+    count = draw(st.integers(1, 5))
+    grads = []
+    for index in range(count):
+        if dtype_name == "mix":
+            dtype = torch.bfloat16 if index % 2 == 0 else torch.float32
+        else:
+            dtype = DTYPES[dtype_name]
+        n = draw(st.integers(1, 64))
+        mantissas = draw(st.lists(st.floats(-2.0, 2.0, allow_nan=False, allow_subnormal=False), min_size=n, max_size=n))
+        exponents = draw(st.lists(st.integers(-4, 4), min_size=n, max_size=n))
+        values = [m * 2.0**e for m, e in zip(mantissas, exponents)]
+        grads.append(torch.tensor(values, dtype=torch.float64).to(dtype))
+    return grads
+
+
+def torch_backend_total(grads: list[torch.Tensor], p: float) -> torch.Tensor:
+    return fusedclip.get_total_norm([g.clone() for g in grads], p, backend="torch")
+
+
+@pytest.mark.parametrize("p", ORDERS, ids=lambda p: f"p{p:g}")
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "fp16", "fp64", "mix"])
+def test_torch_backend_meets_the_stated_bound(dtype_name, p):
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(grads=grad_sets(dtype_name))
+    def check(grads):
+        result = torch_backend_total(grads, p)
+        expected_dtype = grads[0].dtype
+        for g in grads[1:]:
+            expected_dtype = torch.promote_types(expected_dtype, g.dtype)
+        assert result.dtype == expected_dtype
+        problem = violation(result, grads, p)
+        assert problem is None, problem
+
+    check()
+
+
+def test_clip_coefficient_comes_from_the_unrounded_total():
+    """bf16 grads: the scaled grads equal x * (max_norm / (T + 1e-6)) computed from the float64
+    total, rounded once per element (not from the bf16-rounded total as torch does)."""
+    torch.manual_seed(0)
+    grads = [torch.randn(300).bfloat16() * 3 for _ in range(4)]
+    params = []
+    for g in grads:
+        param = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
+        param.grad = g.clone()
+        params.append(param)
+    max_norm = 1.0
+    total = fusedclip.clip_grad_norm_(params, max_norm, backend="torch")
+    exact = float(exact_norm(grads, 2.0))
+    assert violation(total, grads, 2.0) is None
+    coef = max_norm / (exact + 1e-6)
+    for param, g in zip(params, grads):
+        expected = (g.float() * torch.tensor(coef, dtype=torch.float32)).bfloat16()
+        # the coefficient differs from the exact one by the float32 accumulation error only:
+        # every element within one bf16 rounding of the exactly scaled value
+        assert torch.allclose(param.grad.float(), expected.float(), rtol=2**-8, atol=0)
+
+
+def rounded_per_tensor_total(grads: list[torch.Tensor], p: float) -> torch.Tensor:
+    """A deliberately worse implementation: torch's per-tensor norms, each rounded to the grad's
+    dtype (what torch.nn.utils.clip_grad_norm_ does for bf16/fp16), then combined exactly."""
+    norms = torch.stack([torch.linalg.vector_norm(g, p).double() for g in grads])
+    out = grads[0].dtype
+    for g in grads[1:]:
+        out = torch.promote_types(out, g.dtype)
+    return torch.linalg.vector_norm(norms, p).to(out)
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 0.5], ids=lambda p: f"p{p:g}")
+def test_the_bound_catches_per_tensor_rounding(dtype_name, p):
+    """The check has teeth: rounding each per-tensor norm to bf16/fp16 breaks the bound on some of
+    a few hundred random sets, while the torch backend meets it on all of them."""
+    generator = torch.Generator().manual_seed(1234)
+    dtype = DTYPES[dtype_name]
+    caught = 0
+    magnitude = 3.0 if p >= 1 else 3.0 / 64  # p = 0.5 norms of ~400 elements: keep them inside fp16's range
+    for _ in range(200):
+        grads = [
+            (torch.randn(int(n), generator=generator, dtype=torch.float64) * magnitude).to(dtype)
+            for n in torch.randint(20, 200, (4,), generator=generator)
+        ]
+        assert violation(torch_backend_total(grads, p), grads, p) is None
+        if violation(rounded_per_tensor_total(grads, p), grads, p) is not None:
+            caught += 1
+    assert caught >= 10, f"the per-tensor-rounding implementation broke the bound only {caught} times in 200"
