@@ -72,7 +72,7 @@ def write_chart(results: Results, path: Path) -> None:
         labels.append(f"{set_name}{mark} {dtype}\n{tensors_label(row)} tensors")
 
     bar = 0.8 / max(1, len(providers))
-    height = max(3.6, 1.9 + len(cells) * (0.24 * max(1, len(providers)) + 0.22))
+    height = max(3.8, 2.3 + len(cells) * (0.24 * max(1, len(providers)) + 0.22))
     fig, axes = plt.subplots(1, 2, figsize=(12.5, height), sharey=True, squeeze=False)
     largest = max(
         [r.speedup for r in results.rows if r.ok and r.speedup and r.provider in providers] + [1.0],
@@ -106,25 +106,29 @@ def write_chart(results: Results, path: Path) -> None:
     axes[0][0].set_ylim(len(labels) - 0.5, -0.9)  # first set on top, room for the 1x label
 
     date = str(meta.get("started", ""))[:10]
+    # Positions from the top in inches, whatever the figure's height: title, warning, panels.
     fig.suptitle(
         f"fusedclip vs torch: speedup per gradient set\n{meta['device_name']}, {date}, torch {meta['torch']}",
         fontsize=12,
         x=0.01,
+        y=1 - 0.1 / height,
         ha="left",
+        va="top",
     )
     load = reading_from_dict(meta.get("load"))
-    top = 1 - 0.95 / height
+    header = 0.75
     if load is not None and load.busy:
         fig.text(
             0.01,
-            1 - 0.78 / height,
+            1 - 0.72 / height,
             "⚠ " + load.describe.replace("**", "").replace(" rerun", "\n   rerun"),
             color="#c00000",
             fontsize=9,
             va="top",
             ha="left",
         )
-        top -= 0.38 / height
+        header += 0.4
+    top = 1 - (header + 0.3) / height
     handles = [Patch(color=provider_color(p), label=p) for p in providers]
     fig.legend(handles=handles, loc="lower left", ncol=max(1, len(handles)), fontsize=9, frameon=False,
                bbox_to_anchor=(0.01, 0.0))  # fmt: skip
@@ -138,7 +142,7 @@ def write_chart(results: Results, path: Path) -> None:
             va="bottom",
             color="#555555",
         )
-    fig.subplots_adjust(left=0.15, right=0.98, top=top - 0.25 / height, bottom=0.95 / height, wspace=0.08)
+    fig.subplots_adjust(left=0.15, right=0.98, top=top, bottom=0.95 / height, wspace=0.08)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -201,7 +201,7 @@ def _both_cases(cell: dict[tuple[str, str], Row], provider: str, value: Callable
 def tensors_label(row: Row) -> str:
     """The tensors measured, with the full set's count when the set was scaled down ("24 of 148")."""
     suite = SUITES.get(row.set)
-    if row.scale == "full" or suite is None:
+    if row.scale == "full" or suite is None or row.tensors == suite.full().tensors:
         return str(row.tensors)
     return f"{row.tensors} of {suite.full().tensors}"
 
