@@ -4,7 +4,8 @@
     fusedclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
 
 The global norm of all gradients is computed in one kernel launch per device and the gradients are
-scaled in one more, without a host synchronisation. See :func:`available_backends` for what runs here.
+scaled in one more, without a host synchronisation. ``available_backends(device)`` says which
+backends run on that device's tensors here, and why the others do not.
 """
 
 from __future__ import annotations
