@@ -138,3 +138,43 @@ def test_no_copies_of_the_grads_are_made(backend):
     assert result.returncode == 0, result.stderr
     growth_mib = int(result.stdout.strip().splitlines()[-1])
     assert growth_mib < 64, f"peak memory grew by {growth_mib} MiB over 512 MiB of grads: a copy was made"
+
+
+def test_concurrent_calls_on_strided_grads_stage_into_buffers_of_their_own(device_backend):
+    """Threads clipping non-dense grads of one layout at the same time: each call binds the cached
+    plan to staging buffers of its own (plan.DevicePlan.bind), so no call sees another's data."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(11)
+    starts = [torch.randn(40, 30, generator=gen).to(device) for _ in range(4)]
+    expected = []
+    for start in starts:
+        twin = torch.nn.Parameter(torch.empty(40, 10, device=device))
+        twin.grad = start.clone()[:, ::3]
+        expected.append(torch.nn.utils.clip_grad_norm_([twin], 0.5))
+        expected[-1] = (expected[-1], twin.grad.clone())
+    failures: list[str] = []
+    barrier = threading.Barrier(len(starts))
+
+    def work(k: int) -> None:
+        try:
+            param = torch.nn.Parameter(torch.empty(40, 10, device=device))
+            barrier.wait()
+            for _ in range(2 if backend == "triton" else 15):
+                base = starts[k].clone()  # a new base every call: the key changes, the layout does not
+                param.grad = base[:, ::3]
+                total = fusedclip.clip_grad_norm_([param], 0.5, backend=backend)
+                torch.testing.assert_close(total, expected[k][0], rtol=1e-5, atol=0)
+                torch.testing.assert_close(param.grad, expected[k][1], rtol=1e-5, atol=1e-7)
+                untouched = torch.ones(30, dtype=torch.bool)
+                untouched[::3] = False
+                assert torch.equal(base[:, untouched.to(device)], starts[k][:, untouched.to(device)])
+        except BaseException as error:  # reported below: a thread's failure must fail the test
+            failures.append(f"thread {k}: {error!r}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(starts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert plan.PLANS.retained_bytes() <= plan.PLANS.table_bytes_bound(), "a cached plan kept staging memory"
