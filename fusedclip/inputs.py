@@ -148,26 +148,22 @@ def check_total_norm(total_norm: Any) -> Tensor:
 
 
 def _flag(value: Any, name: str) -> bool:
-    """A yes/no flag read as torch reads it (``if flag:``), from what torch accepts without misreading
-    it: a bool, a numpy bool, the numbers 0 and 1 (Python, numpy), a one-element real tensor holding
-    0 or 1. Refused: strings (``"False"`` is truthy, so torch would read it as True), other numbers
-    (``2`` is most likely an argument in the wrong place), containers and other objects."""
+    """A yes/no flag read as torch reads it (``if flag:``), from what torch reads without misreading
+    it: a bool, a numpy bool, any real number (Python, numpy), a one-element real tensor. Refused:
+    strings (``"False"`` is truthy, so torch would read it as True), containers and other objects."""
     if isinstance(value, bool):
         return value
     original = value
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex() or value.device.type == "meta":
-            raise TypeError(f"{name} must be True or False (or a one-element tensor holding 0 or 1); got {value!r}")
+            raise TypeError(f"{name} must be True or False (or a one-element real tensor); got {value!r}")
         value = value.item()  # as torch's ``if flag:`` reads it (a device tensor syncs there too)
     if isinstance(value, (str, bytes)) or not _is_real_scalar(value):
         raise TypeError(
-            f"{name} must be True or False (or 0/1); got {original!r}"
+            f"{name} must be True or False (or a number); got {original!r}"
             + (" (a string is always true, so torch would read it as True)" if isinstance(value, (str, bytes)) else "")
         )
-    number = float(value)
-    if number not in (0.0, 1.0):
-        raise ValueError(f"{name} must be True or False (or 0/1); got {original!r}")
-    return number == 1.0
+    return bool(value)
 
 
 def check_foreach(foreach: Any) -> bool | None:

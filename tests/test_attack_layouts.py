@@ -560,8 +560,13 @@ def test_a_tensor_subclass_grad_with_a_kernel_backend_says_why() -> None:
 
 # -- truthy flags ---------------------------------------------------------------------------------
 
-ACCEPTED_FLAGS = [False, True, 0, 1, np.bool_(True), np.bool_(False), np.int64(1), torch.tensor(True), torch.tensor(0), 1.0]
-REFUSED_FLAGS = ["False", "yes", b"1", 2, -1, 0.5, math.nan, [True], torch.tensor([True, False]), torch.tensor(True, device="meta")]
+# torch reads these with ``if flag:``, correctly: so does fusedclip
+ACCEPTED_FLAGS = [
+    False, True, 0, 1, 2, -1, 0.5, np.bool_(True), np.bool_(False), np.int64(1), np.float32(0.0),
+    torch.tensor(True), torch.tensor(0), torch.tensor([3]), 1.0,
+]  # fmt: skip
+# torch misreads a string ("False" is true) and fails on a several-element tensor
+REFUSED_FLAGS = ["False", "yes", b"1", [True], torch.tensor([True, False]), torch.tensor(True, device="meta")]
 
 
 @pytest.mark.parametrize("flag", ACCEPTED_FLAGS, ids=repr)
