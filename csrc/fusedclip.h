@@ -37,6 +37,8 @@
 #define FC_HD static __host__ __device__ __forceinline__
 #define FC_SQRT(x) sqrt(x)
 #define FC_POW(x, y) pow(x, y)
+#define FC_LOG(x) log(x)
+#define FC_EXP(x) exp(x)
 #if defined(__CUDA_ARCH__)
 #define FC_INF (__longlong_as_double(0x7ff0000000000000LL))
 #else
@@ -46,6 +48,8 @@
 #define FC_HD static inline
 #define FC_SQRT(x) __builtin_sqrt(x)
 #define FC_POW(x, y) __builtin_pow(x, y)
+#define FC_LOG(x) __builtin_log(x)
+#define FC_EXP(x) __builtin_exp(x)
 #define FC_INF (__builtin_inf())
 #endif
 #define FC_HOST static inline
@@ -144,6 +148,17 @@ FC_HD double norm_from_acc(int kind, double p, double acc) {
   return root * (1.0 + (ratio - 1.0) / p);
 }
 
+// A norm from an accumulator taken relative to the norm scale M' (1.0 without one): M' times
+// norm_from_acc. For tiny |p| the root alone can leave float64's range (3^1000) while the norm does
+// not: there it is taken through logarithms (a relative error of about |ln(norm)| ulps, where the
+// product would be inf or 0).
+FC_HD double scaled_norm_from_acc(int kind, double p, double acc, double norm_scale) {
+  const double root = norm_from_acc(kind, p, acc);
+  const bool lost = (root == 0.0 || root == FC_INF) && acc > 0.0 && acc < FC_INF;
+  if (kind == kSumPow && lost) return FC_EXP(FC_LOG(acc) / p + FC_LOG(norm_scale));
+  return root * norm_scale;
+}
+
 // What one tensor adds to the total accumulator (for p = 0: 1 when it holds a non-zero element).
 FC_HD double tensor_contribution(int kind, double tensor_acc) {
   return kind == kCount ? (tensor_acc != 0.0 ? 1.0 : 0.0) : tensor_acc;
@@ -162,7 +177,7 @@ FC_HD double usable_norm_scale(double m) { return (m > 0.0 && m < FC_INF) ? m : 
 FC_HD Finished finish(int kind, double p, double acc, bool has_max_norm, double max_norm, bool has_scale,
                       double scale, double norm_scale) {
   Finished out;
-  out.total = norm_from_acc(kind, p, acc) * norm_scale;
+  out.total = scaled_norm_from_acc(kind, p, acc, norm_scale);
   if (has_scale && kind != kCount) out.total *= (scale < 0 ? -scale : scale);
   out.coef = 1.0;
   if (has_max_norm) {

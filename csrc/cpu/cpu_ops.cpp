@@ -164,7 +164,7 @@ void norm(const PlanArgs& plan, const NormArgs& args) {
     }
     const bool empty = tables.numels[t] == 0;
     if (args.per_tensor_out != nullptr) {
-      args.per_tensor_out[t] = empty ? 0.0 : norm_from_acc(args.kind, args.p, tensor_acc) * args.norm_scale;
+      args.per_tensor_out[t] = empty ? 0.0 : scaled_norm_from_acc(args.kind, args.p, tensor_acc, args.norm_scale);
     }
     if (!empty) total_acc = acc_combine(args.kind, total_acc, tensor_contribution(args.kind, tensor_acc));
   }

@@ -146,8 +146,22 @@ def total_from_accumulator(acc: Tensor, norm: NormSpec, scale: Tensor | None = N
         return acc
     if norm.p == 2.0:
         return acc.sqrt()
-    root = acc.pow(1.0 / norm.p)
-    return root if scale is None else usable_norm_scale(scale.to(root)) * root
+    if scale is None:
+        return acc.pow(1.0 / norm.p)
+    return scaled_root(acc, norm.p, usable_norm_scale(scale.to(acc)))
+
+
+def scaled_root(acc: Tensor, p: float, scale: Tensor) -> Tensor:
+    """``scale * acc ** (1/p)`` for a general-p accumulator taken relative to ``scale`` (finite, > 0).
+
+    For tiny ``|p|`` the root alone can leave float64's range (``3 ** 1000``) while the norm does
+    not: there it is taken through logarithms (a relative error of ``|ln(norm)|`` ulps, where the
+    direct product would be inf or 0).
+    """
+    root = acc.pow(1.0 / p)
+    lost = ((root == 0) | torch.isinf(root)) & torch.isfinite(acc) & (acc > 0)
+    via_logs = torch.exp(torch.log(acc) / p + torch.log(scale))
+    return torch.where(lost, via_logs, scale * root)
 
 
 def per_tensor_norms_exact(grads: list[Tensor], norm: NormSpec) -> Tensor:
@@ -164,7 +178,7 @@ def per_tensor_norms_exact(grads: list[Tensor], norm: NormSpec) -> Tensor:
             continue
         magnitude = grad.detach().abs().to(ACC_DTYPE)
         scale = usable_norm_scale(magnitude.amax() if norm.p > 0 else magnitude.amin())
-        values.append(scale * torch.linalg.vector_norm(magnitude / scale, norm.p))
+        values.append(scaled_root((magnitude / scale).pow(norm.p).sum(), norm.p, scale))
     return torch.stack(values)
 
 

@@ -134,6 +134,20 @@ def _pow(x, y_hi, y_lo):
 
 
 @triton.jit
+def _scaled_root(acc, KIND: tl.constexpr, P_MODE: tl.constexpr, inv_p_hi, inv_p_lo, m):
+    """``m`` times :func:`_root`; for tiny ``|p|`` the root alone can leave float64's range (3**1000)
+    while the norm does not: there it is taken through logarithms (an error of ``|ln(norm)|`` ulps)."""
+    root = _root(acc, KIND, P_MODE, inv_p_hi, inv_p_lo)
+    if KIND == SUM_POW:
+        lost = ((root == 0.0) | (root == _INF)) & (acc > 0.0) & (acc < _INF)
+        safe_acc = tl.where(lost, acc, 1.0)
+        via_logs = tl.exp2(tl.log2(safe_acc) * (inv_p_hi + inv_p_lo) + tl.log2(m))
+        return tl.where(lost, via_logs, root * m)
+    else:
+        return root * m
+
+
+@triton.jit
 def _root(acc, KIND: tl.constexpr, P_MODE: tl.constexpr, inv_p_hi, inv_p_lo):
     """The norm from its accumulator (sum of |x|^p -> its 1/p power; others unchanged)."""
     if KIND == SUM_POW:
@@ -360,7 +374,7 @@ def norm_kernel(
             first = tl.load(first_chunk_ptr + t)
             count = tl.load(first_chunk_ptr + t + 1) - first
             if count == 1:
-                tl.store(tensor_values_ptr + t, _root(value, KIND, P_MODE, inv_p_hi, inv_p_lo) * m)
+                tl.store(tensor_values_ptr + t, _scaled_root(value, KIND, P_MODE, inv_p_hi, inv_p_lo, m))
             else:
                 tl.store(chunk_values_ptr + c, value)
                 tl.debug_barrier()  # every thread's store happens before the release below
@@ -368,7 +382,7 @@ def norm_kernel(
                 tl.debug_barrier()
                 if done == count - 1:  # the tensor's last chunk: reduce its chunks in order
                     tensor_acc = _reduce_values(chunk_values_ptr + first, count, KIND, FINISH_BLOCK)
-                    tl.store(tensor_values_ptr + t, _root(tensor_acc, KIND, P_MODE, inv_p_hi, inv_p_lo) * m)
+                    tl.store(tensor_values_ptr + t, _scaled_root(tensor_acc, KIND, P_MODE, inv_p_hi, inv_p_lo, m))
                     tl.store(tensor_tickets_ptr + t, 0)
         else:
             acc, _ = _accumulate_chunk(address, code, start, n, aligned, acc, acc,
@@ -427,7 +441,7 @@ def _finish(partials_ptr, programs, numels_ptr, tensor_values_ptr, num_tensors,
                 nonzero_tensors += (norm != 0).to(tl.int32)
         if KIND == COUNT:
             acc = tl.sum(nonzero_tensors, axis=0).to(tl.float64)
-    total = _root(acc, KIND, P_MODE, inv_p_hi, inv_p_lo) * m
+    total = _scaled_root(acc, KIND, P_MODE, inv_p_hi, inv_p_lo, m)
     if HAS_GRAD_SCALE:
         scale = tl.load(grad_scale_ptr).to(tl.float64)
         if KIND != COUNT:
