@@ -41,7 +41,7 @@ import operator
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -148,11 +148,44 @@ class KernelTables:
     num_chunks: int
     chunk_elements: int
     max_numel: int
+    #: on CUDA: the upload's event and the streams already ordered after it (see UploadOrder)
+    order: UploadOrder | None = field(default=None, compare=False, repr=False)
 
     def to(self, device: torch.device) -> KernelTables:
         return _slice_tables(
             self.packed.to(device), self.num_tensors, self.num_chunks, self.chunk_elements, self.max_numel
         )
+
+
+class UploadOrder:
+    """Stream ordering of device tables uploaded asynchronously (no host synchronisation).
+
+    The upload runs on the stream current when the tables are built; a kernel may read them later
+    on any stream. Before the first read on a stream other than the upload's, that stream waits on
+    the upload's event (a device-side wait, not a launch, not a host sync) and the table memory is
+    recorded as used by that stream (``record_stream``), so when the plan dies (evicted from the
+    cache) the allocator does not hand the memory out again before that stream's reads are done.
+    Later reads on the same stream are ordered after the first by the stream itself.
+    """
+
+    __slots__ = ("event", "packed", "streams", "_lock")
+
+    def __init__(self, event: Any, packed: Tensor, upload_stream: int) -> None:
+        self.event = event
+        self.packed = packed
+        self.streams = {upload_stream}  # handles of the streams ordered after the upload
+        self._lock = threading.Lock()
+
+    def ready_on(self, stream: Any) -> None:
+        """Order ``stream`` (a ``torch.cuda.Stream``) after the upload, once per stream."""
+        handle = stream.cuda_stream
+        if handle in self.streams:
+            return
+        with self._lock:
+            if handle not in self.streams:
+                stream.wait_event(self.event)
+                self.packed.record_stream(stream)
+                self.streams.add(handle)
 
 
 def _slice_tables(packed: Tensor, t: int, c: int, chunk_elements: int, max_numel: int) -> KernelTables:
@@ -263,10 +296,12 @@ class DevicePlan:
             tables[_CPU] = _slice_tables(
                 packed, cpu_tables.num_tensors, cpu_tables.num_chunks, cpu_tables.chunk_elements, cpu_tables.max_numel
             )
+        addresses = tuple(memoryview(address_column).cast("q"))
         # fresh workspaces and lock: plans of one layout may serve different grads at the same time
         return replace(
             self,
-            addresses=tuple(memoryview(address_column).cast("q")),
+            addresses=addresses,
+            kernel_reason=_alignment_reason(self.positions, addresses, self.dtypes) or _kernel_reason(set(self.dtypes)),
             scratch={},
             _tables=tables,
             _staging=None,
@@ -311,17 +346,73 @@ class DevicePlan:
         return bound
 
     def kernel_tables(self, grads: list[Tensor]) -> KernelTables:
-        """Tables on this plan's device. A plan with strided grads has tables only once bound to a
-        call's staging buffers (:meth:`bind`)."""
+        """Tables on this plan's device, safe to read on the current stream. A plan with strided
+        grads has tables only once bound to a call's staging buffers (:meth:`bind`).
+
+        CUDA: eager launches share the plan's tables, and the current stream is ordered after their
+        upload (:class:`UploadOrder`). A launch being captured into a CUDA graph gets tables of its
+        own, uploaded inside the capture (the graph re-uploads them, a small host-to-device copy,
+        on every replay, so nothing it reads depends on work outside it) and kept alive by this plan.
+        """
+        if self.strided and self._staging is None:
+            raise RuntimeError("internal error: a plan with strided grads must be bound to a call (DevicePlan.bind)")
+        cuda = self.device.type == "cuda"
+        if cuda and torch.cuda.is_current_stream_capturing():
+            return self._captured_tables()
         tables = self._tables.get(self.device)
         if tables is None:
-            if self.strided and self._staging is None:
-                raise RuntimeError("internal error: a plan with strided grads must be bound to a call (DevicePlan.bind)")
             with self._lock:
                 tables = self._tables.get(self.device)
                 if tables is None:
                     tables = self._build_kernel_tables()
+        if cuda and tables.order is not None:
+            tables.order.ready_on(torch.cuda.current_stream(self.device))
         return tables
+
+    def _captured_tables(self) -> KernelTables:
+        """Tables uploaded inside the CUDA graph capture in progress, kept with the plan for its replays."""
+        if self.kernel_reason is not None:
+            raise RuntimeError(self.kernel_reason)
+        cpu_tables = self._tables.get(_CPU) or self._cpu_tables()
+        with self._lock:
+            if self._upload_source is None:
+                self._upload_source = cpu_tables.packed.pin_memory()
+            source = self._upload_source
+        tables = _slice_tables(
+            source.to(self.device, non_blocking=True),
+            cpu_tables.num_tensors,
+            cpu_tables.num_chunks,
+            cpu_tables.chunk_elements,
+            cpu_tables.max_numel,
+        )
+        with self._lock:
+            self.scratch.setdefault(_CAPTURED_TABLES, []).append(tables)
+        return tables
+
+    def workspace(self, kind: str, stream: Any, make: Callable[[], Any], capturing: bool) -> Any:
+        """The workspace ``kind`` (a backend's scratch memory) for a launch on ``stream`` (its handle,
+        or a tuple of the handle and whatever else tells the backend's workspaces apart).
+
+        The rule: an eager launch uses the workspace of (kind, stream), made by ``make`` on that
+        stream at its first use there, so the allocator's stream is the only stream that touches it.
+        A launch being captured into a CUDA graph gets a fresh one, made inside the capture (from the
+        graph's memory pool) and kept alive by this plan for the graph's replays: a graph's workspace
+        is never shared with eager launches (even on the capturing stream) nor with another graph, so
+        graphs and eager calls may interleave and graphs may replay concurrently.
+        """
+        if capturing:
+            made = make()
+            with self._lock:
+                self.scratch.setdefault((kind, _CAPTURED_WORKSPACES), []).append(made)
+            return made
+        key = (kind, stream)
+        found = self.scratch.get(key)
+        if found is None:
+            with self._lock:
+                found = self.scratch.get(key)
+                if found is None:
+                    found = self.scratch[key] = make()
+        return found
 
     def _cpu_tables(self) -> KernelTables:
         """The tables on the CPU, built once (strided grads' addresses are 0 until bound to a call)."""
@@ -352,14 +443,23 @@ class DevicePlan:
             tables = cpu_tables
         elif self.device.type == "cuda":
             # from pinned memory, asynchronously: building a plan never synchronises the host
-            # (the pinned source stays referenced until the plan dies, so the copy cannot outlive it)
-            self._upload_source = cpu_tables.packed.pin_memory()
-            tables = _slice_tables(
-                self._upload_source.to(self.device, non_blocking=True),
-                cpu_tables.num_tensors,
-                cpu_tables.num_chunks,
-                cpu_tables.chunk_elements,
-                cpu_tables.max_numel,
+            # (the pinned source stays referenced until the plan dies, so the copy cannot outlive it);
+            # an event after the copy orders the other streams that read the tables (UploadOrder)
+            if self._upload_source is None:
+                self._upload_source = cpu_tables.packed.pin_memory()
+            stream = torch.cuda.current_stream(self.device)
+            packed = self._upload_source.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+            tables = replace(
+                _slice_tables(
+                    packed,
+                    cpu_tables.num_tensors,
+                    cpu_tables.num_chunks,
+                    cpu_tables.chunk_elements,
+                    cpu_tables.max_numel,
+                ),
+                order=UploadOrder(event, packed, stream.cuda_stream),
             )
         else:
             tables = cpu_tables.to(self.device)
@@ -450,6 +550,10 @@ def _spans_overlap(starts: Tensor, sizes: Tensor) -> bool:
 
 #: key in DevicePlan.scratch of the per-call plans bound while a CUDA graph was being captured
 _CAPTURED_BINDINGS = "fusedclip.plan: bound during capture"
+#: key in DevicePlan.scratch of the device tables uploaded inside CUDA graph captures
+_CAPTURED_TABLES = "fusedclip.plan: tables uploaded during capture"
+#: second part of the DevicePlan.scratch key of the workspaces made during CUDA graph captures
+_CAPTURED_WORKSPACES = "captured"
 
 
 def _note_storage(tensor: Tensor, seen: dict[int, int]) -> None:
@@ -486,6 +590,30 @@ def _kernel_reason(dtypes: set[torch.dtype]) -> str | None:
     unsupported = sorted(str(dtype) for dtype in dtypes if dtype not in DTYPE_CODES)
     if unsupported:
         return f"the kernels take float32, float16, bfloat16 and float64 grads, not {', '.join(unsupported)}"
+    return None
+
+
+def _alignment_reason(
+    positions: Iterable[int], addresses: tuple[int, ...], dtypes: tuple[torch.dtype, ...]
+) -> str | None:
+    """Why the kernel backends refuse these grads when one starts at an address that is not a
+    multiple of its element size (a view made with ``set_``/``as_strided`` on a byte offset of a
+    storage, ``torch.frombuffer(..., offset=1)``), or None. The kernels load whole elements; such a
+    load faults on a GPU and is undefined in C++, so these grads are refused up front, before any
+    grad is read or written (the torch backend, chosen automatically, takes them)."""
+    if not addresses:
+        return None
+    column = torch.frombuffer(array("q", addresses), dtype=torch.int64)
+    if not bool((column & 7).any()):  # 8-byte aligned: every element size here divides 8
+        return None
+    for position, address, dtype in zip(positions, addresses, dtypes):
+        if address % dtype.itemsize:
+            return (
+                f"gradient {position} ({dtype}) starts at address {address:#x}, which is not a multiple of its"
+                f" element size ({dtype.itemsize} bytes); the fused kernels read whole elements and cannot take it."
+                " No gradient was read or modified. Use backend='torch' (or leave backend unset), or give the"
+                " parameter an aligned gradient (p.grad = p.grad.clone())"
+            )
     return None
 
 
@@ -541,8 +669,7 @@ def build_plan(grads: list[Tensor], has_storage: bool, chunk_elements: int = CHU
     for index, grad in enumerate(grads):
         _check_grad(index, grad)
         by_device.setdefault(grad.device, []).append(index)
-    all_dtypes = {grad.dtype for grad in grads}
-    result_dtype = functools.reduce(torch.promote_types, sorted({real_dtype(d) for d in all_dtypes}, key=str))
+    result_dtype = result_dtype_of(grad.dtype for grad in grads)
     no_storage = None if has_storage else _no_storage_reason(grads)
     devices = []
     for device, positions in by_device.items():
@@ -552,6 +679,7 @@ def build_plan(grads: list[Tensor], has_storage: bool, chunk_elements: int = CHU
         for i, dtype in enumerate(dtypes):
             groups.setdefault(dtype, []).append(i)
         write_reason = next(filter(None, (_write_reason(p, g) for p, g in zip(positions, local))), None)
+        addresses = tuple(grad.data_ptr() for grad in local) if has_storage else (0,) * len(local)
         devices.append(
             DevicePlan(
                 device=device,
@@ -560,10 +688,12 @@ def build_plan(grads: list[Tensor], has_storage: bool, chunk_elements: int = CHU
                 dtypes=dtypes,
                 dtype_groups={dtype: tuple(ix) for dtype, ix in groups.items()},
                 strided=tuple(i for i, grad in enumerate(local) if has_storage and not is_dense(grad)),
-                addresses=tuple(grad.data_ptr() for grad in local) if has_storage else (0,) * len(local),
+                addresses=addresses,
                 has_storage=has_storage,
                 whole_call=len(by_device) == 1,
-                kernel_reason=_kernel_reason(set(dtypes)) if has_storage else no_storage,
+                kernel_reason=(_alignment_reason(positions, addresses, dtypes) or _kernel_reason(set(dtypes)))
+                if has_storage
+                else no_storage,
                 chunk_elements=chunk_elements,
                 # span_bytes looked up at call time: the tests swap in a broken one to prove they catch it
                 spans=tuple(span_bytes(grad) for grad in local) if has_storage else (0,) * len(local),

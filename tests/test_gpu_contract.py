@@ -8,7 +8,10 @@
 * one tensor of more than 2**31 elements; 10**5 tensors in one call;
 * work is issued on the current stream, and concurrent calls on two streams do not interfere (two
   streams clipping their own grads with nothing synchronising them; graph replays interleaved with
-  eager calls of other norm types on the same grads).
+  eager calls of other norm types on the same grads);
+* a plan's tables uploaded on one stream are read safely on another, and an evicted plan's tables
+  are not reused while another stream still reads them; two graphs captured on one stream replay
+  interleaved with eager calls, and concurrently, each with a workspace of its own.
 
 Every test needs a GPU (the ``gpu`` marker skips them elsewhere); a backend that cannot run is
 skipped with its reason.
@@ -374,3 +377,148 @@ def test_graph_replays_interleaved_with_eager_calls_on_the_same_grads(backend):
             total = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend)
         reference_total = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
         check_clip_against_torch(params, theirs, fresh, total, reference_total, max_norm, norm_type)
+
+
+# --------------------------------------------------------------------------------------------
+# tables and workspaces across streams and graphs
+# --------------------------------------------------------------------------------------------
+_DELAY_CYCLES = 200_000_000  # torch.cuda._sleep: long enough for the host to queue everything after it
+
+
+def _reference_clip(before: list[torch.Tensor], max_norm: float, norm_type: float = 2.0):
+    theirs = []
+    for value in before:
+        param = torch.nn.Parameter(torch.empty_like(value), requires_grad=False)
+        param.grad = value.clone()
+        theirs.append(param)
+    return theirs, torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+
+
+def test_plan_uploaded_on_one_stream_is_read_safely_on_another(backend):
+    params = _cuda_params(30, "all4", seed=13)
+    fusedclip.clip_grad_norm_(params, 1.0, backend=backend)  # compile
+    plan.PLANS.clear()
+    before = [p.grad.clone() for p in params]
+    torch.cuda.synchronize()
+    upload, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(upload):  # the upload waits behind a long kernel on its stream
+        torch.cuda._sleep(_DELAY_CYCLES)
+        device_plan = plan.PLANS.plan_for(grads(params)).single
+        device_plan.kernel_tables(grads(params))
+    with torch.cuda.stream(reader):  # nothing orders `reader` after `upload` but the plan's event
+        total = fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
+    torch.cuda.synchronize()
+    theirs, reference = _reference_clip(before, 0.5)
+    check_clip_against_torch(params, theirs, before, total, reference, 0.5, 2.0)
+
+
+def test_evicted_plan_memory_is_not_reused_while_another_stream_reads_it(backend):
+    params = _cuda_params(30, "all4", seed=14)
+    fusedclip.clip_grad_norm_(params, 1.0, backend=backend)  # compile
+    plan.PLANS.clear()
+    before = [p.grad.clone() for p in params]
+    torch.cuda.synchronize()
+    upload, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(upload):
+        device_plan = plan.PLANS.plan_for(grads(params)).single
+        table_bytes = device_plan.kernel_tables(grads(params)).packed.nbytes
+    with torch.cuda.stream(reader):  # the kernels run long after the plan is gone
+        torch.cuda._sleep(_DELAY_CYCLES)
+        total = fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
+    del device_plan
+    plan.PLANS.clear()
+    gc.collect()
+    with torch.cuda.stream(upload):  # allocations on the upload's stream, filled with garbage
+        junk = [torch.full((table_bytes // 8,), -1, dtype=torch.int64, device="cuda") for _ in range(64)]
+    torch.cuda.synchronize()
+    del junk
+    theirs, reference = _reference_clip(before, 0.5)
+    check_clip_against_torch(params, theirs, before, total, reference, 0.5, 2.0)
+
+
+def test_two_graphs_on_one_stream_interleaved_with_eager_calls(backend):
+    sets = [_cuda_params(20, "all4", seed=15), _cuda_params(27, "bf16+fp32", seed=16)]
+    capture_stream = torch.cuda.Stream()
+    capture_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture_stream):  # warm up where the captures and eager calls run
+        for params in sets:
+            fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
+    torch.cuda.current_stream().wait_stream(capture_stream)
+    graphs, totals = [], []
+    for params in sets:  # both graphs captured on the same stream, each over its own grads
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture_stream):
+            totals.append(fusedclip.clip_grad_norm_(params, 0.5, backend=backend))
+        graphs.append(graph)
+    # norm-only graphs of the first set's grads: replayed concurrently on two streams they would
+    # mix their partials if they shared a workspace
+    norm_graphs, norm_totals = [], []
+    for _ in range(2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture_stream):
+            norm_totals.append(fusedclip.get_total_norm(grads(sets[0]), backend=backend))
+        norm_graphs.append(graph)
+
+    generator = torch.Generator(device="cuda").manual_seed(30)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    records = []
+    for step in range(6):
+        scale = [1e-3, 30.0][step % 2]
+        for index, params in enumerate(sets):
+            stream = streams[index]
+            with torch.cuda.stream(stream):
+                before = [(torch.randn(p.shape, device="cuda", generator=generator) * scale).to(p.dtype)
+                          for p in params]  # fmt: skip
+                for p, value in zip(params, before):
+                    p.grad.copy_(value)
+                if (step + index) % 2:
+                    graphs[index].replay()
+                    total = totals[index]
+                else:  # eager, on the graphs' capture stream, between replays
+                    capture_stream.wait_stream(stream)
+                    with torch.cuda.stream(capture_stream):
+                        total = fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
+                    stream.wait_stream(capture_stream)
+                records.append((before, total.clone(), [p.grad.clone() for p in params]))
+    torch.cuda.synchronize()
+    for before, total, after in records:
+        ours = []
+        for value, grad in zip(before, after):
+            param = torch.nn.Parameter(torch.empty_like(value), requires_grad=False)
+            param.grad = grad
+            ours.append(param)
+        theirs, reference = _reference_clip(before, 0.5)
+        check_clip_against_torch(ours, theirs, before, total, reference, 0.5, 2.0)
+
+    expected = fusedclip.get_total_norm(grads(sets[0]), backend=backend)
+    torch.cuda.synchronize()
+    for _ in range(20):  # the two norm graphs at once, with an eager norm on the capture stream too
+        for stream, graph in zip(streams, norm_graphs):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                graph.replay()
+        with torch.cuda.stream(capture_stream):
+            eager = fusedclip.get_total_norm(grads(sets[0]), backend=backend)
+        torch.cuda.synchronize()
+        assert all(torch.equal(t, expected) for t in norm_totals) and torch.equal(eager, expected)
+
+
+def test_no_host_synchronisation_across_streams_and_captures(backend):
+    params = _cuda_params(12, "bf16+fp32", seed=17)
+    fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
+    plan.PLANS.clear()
+    torch.cuda.synchronize()
+    other = torch.cuda.Stream()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fusedclip.clip_grad_norm_(params, 0.5, backend=backend)  # builds and uploads the plan
+        other.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(other):  # first read on another stream: an event wait, no sync
+            fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
+        torch.cuda.current_stream().wait_stream(other)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()

@@ -23,8 +23,9 @@ _SCRATCH_KEY = "cuda-workspace"
 
 
 class _Workspace:
-    """Per plan and stream: the norm kernel's float64 partials and its two self-resetting counters
-    (two streams never share one, so concurrent calls on them cannot mix their partials)."""
+    """The norm kernel's float64 partials and its two self-resetting counters. One per plan and
+    stream for eager launches, one per captured launch in a CUDA graph (``DevicePlan.workspace``):
+    two streams, or a graph and an eager call, never share one, so they cannot mix their partials."""
 
     __slots__ = ("buffer", "partials", "counters")
 
@@ -35,6 +36,11 @@ class _Workspace:
         self.buffer = torch.zeros(units + 1, dtype=ACC_DTYPE, device=device)
         self.partials = self.buffer.data_ptr()
         self.counters = self.partials + 8 * units
+
+
+def _capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on the current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _device_scalar(value: Tensor, device: torch.device) -> Tensor:
@@ -85,11 +91,10 @@ class CudaBackend(KernelBackend):
 
     @staticmethod
     def _workspace(work: DeviceWork, tables: KernelTables, index: int, stream: int) -> _Workspace:
-        key = (_SCRATCH_KEY, stream)
-        workspace = work.plan.scratch.get(key)
-        if workspace is None:
-            workspace = work.plan.scratch.setdefault(key, _Workspace(tables, work.device, index))
-        return workspace
+        # eager: one per (plan, stream), made on that stream; captured: a fresh one owned by the graph
+        return work.plan.workspace(
+            _SCRATCH_KEY, stream, lambda: _Workspace(tables, work.device, index), capturing=_capturing(work.device)
+        )
 
     def launch_norm(
         self,

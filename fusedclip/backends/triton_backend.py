@@ -7,8 +7,10 @@ Per call it allocates only the outputs; the tables come from the shared plan, an
 workspace (program partials, per-chunk and per-tensor slots and the tickets that pick the last
 program) is cached per plan and per stream in ``DevicePlan.scratch``. The kernels reset their
 tickets themselves, so a cached workspace is reused without a memset launch, and two streams never
-share one. Scalars (``max_norm``, ``p``) travel as float64 bit patterns: a Python float argument
-would reach a Triton kernel as float32.
+share one; a launch captured in a CUDA graph gets a workspace of its own, owned by the graph
+(``DevicePlan.workspace``). The tables come ordered after their upload on the current stream
+(``DevicePlan.kernel_tables``). Scalars (``max_norm``, ``p``) travel as float64 bit patterns: a
+Python float argument would reach a Triton kernel as float32.
 """
 
 from __future__ import annotations
@@ -172,21 +174,26 @@ def _stream_key(device: torch.device) -> int:
     return 0
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def workspace(plan: DevicePlan, tables: KernelTables, programs: int) -> Workspace:
-    """The cached workspace of ``plan`` on the current stream (created zeroed on first use)."""
-    key = ("triton-workspace", _stream_key(plan.device), programs)
-    found = plan.scratch.get(key)
-    if found is None:
-        device = plan.device
+    """The workspace of ``plan`` for a launch on the current stream (created zeroed): cached per
+    stream for eager launches, fresh and owned by the graph for a launch being captured
+    (``DevicePlan.workspace`` states the rule)."""
+    device = plan.device
+
+    def make() -> Workspace:
         t, c = tables.num_tensors, tables.num_chunks
-        found = Workspace(
+        return Workspace(
             tickets=torch.zeros(1 + t, dtype=torch.int32, device=device),
             values=torch.empty(programs + c + t, dtype=ACC_DTYPE, device=device),
             programs=programs,
             num_chunks=c,
         )
-        found = plan.scratch.setdefault(key, found)
-    return found
+
+    return plan.workspace("triton-workspace", (_stream_key(device), programs), make, capturing=_capturing(device))
 
 
 #: Triton's interpreter patches ``triton.language`` process-wide for the length of a launch (and
