@@ -83,6 +83,12 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return _REAL_OF_COMPLEX.get(dtype, dtype)
 
 
+def result_dtype_of(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype of the norm of tensors of these dtypes: torch's type promotion over their real
+    counterparts (all-bf16 gives bf16; bf16 with float32 gives float32)."""
+    return functools.reduce(torch.promote_types, sorted({real_dtype(dtype) for dtype in dtypes}, key=str))
+
+
 def is_dense(tensor: Tensor) -> bool:
     """True when the tensor's elements fill one gap-free, non-overlapping span of memory."""
     if tensor.is_contiguous():
