@@ -47,7 +47,9 @@ __all__ = ["clip_grad_norm_", "route", "routed_clipper", "statistics", "unroute"
 
 #: distributed types whose engines clip for themselves
 _ENGINE_CLIPPED = frozenset(
-    getattr(DistributedType, name) for name in ("FSDP", "DEEPSPEED", "XLA", "MEGATRON_LM") if hasattr(DistributedType, name)
+    getattr(DistributedType, name)
+    for name in ("FSDP", "DEEPSPEED", "XLA", "MEGATRON_LM")
+    if hasattr(DistributedType, name)
 )
 _ORIGINAL = "_fusedclip_original_clip_grad_norm_"
 
@@ -83,7 +85,9 @@ def route(accelerator: Accelerator, clipper: Clipper) -> None:
             " its own (sharded or fused) gradients. Use Accelerate's clipping there."
         )
 
-    def clip_grad_norm_(self: Accelerator, parameters: Any = None, max_norm: Any = None, norm_type: Any = 2) -> torch.Tensor:
+    def clip_grad_norm_(
+        self: Accelerator, parameters: Any = None, max_norm: Any = None, norm_type: Any = 2
+    ) -> torch.Tensor:
         self.unscale_gradients()
         return clipper()
 

@@ -75,7 +75,9 @@ class FusedClipCallback(pl.Callback):
                 " which would clip them a second time"
             )
         if not pl_module.automatic_optimization:
-            raise ValueError("FusedClipCallback needs automatic optimization; with manual optimization call a Clipper yourself")
+            raise ValueError(
+                "FusedClipCallback needs automatic optimization; with manual optimization call a Clipper yourself"
+            )
         named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
         if self.clipper is None or [id(p) for _, p in self.clipper.named] != [id(p) for _, p in named]:
             self.clipper = Clipper(named, self.mode, **self.clipper_kwargs)

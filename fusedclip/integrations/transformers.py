@@ -106,7 +106,9 @@ def attach(trainer: Trainer, mode: str = "norm", *, prefix: str = "clip/", **cli
         raise RuntimeError("fusedclip is already attached to this Trainer")
     distributed_type = trainer.accelerator.distributed_type
     if distributed_type in _accelerate._ENGINE_CLIPPED:
-        raise NotImplementedError(f"fusedclip cannot take over clipping under {distributed_type}: that engine clips itself")
+        raise NotImplementedError(
+            f"fusedclip cannot take over clipping under {distributed_type}: that engine clips its own gradients"
+        )
     args = trainer.args
     if args.max_grad_norm and args.max_grad_norm > 0:
         clipper_kwargs.setdefault("max_norm", args.max_grad_norm)
