@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -80,6 +81,13 @@ def measure_case(gradset: GradSet, clipped: bool, rounds: int, repeats: int) -> 
     return ratios, {name: statistics.median(values) for name, values in every.items()}
 
 
+def _load() -> str:
+    try:
+        return " / ".join(f"{value:.1f}" for value in os.getloadavg()) + " (1/5/15 min)"
+    except OSError:  # pragma: no cover - platforms without it
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=list(SUITES), choices=list(SUITES))
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# fusedclip backend='torch' vs torch.nn.utils.clip_grad_norm_ (foreach) on {info.name}")
     print(f"# torch {torch.__version__}; {args.repeats} repeats x {args.rounds} interleaved pairs;"
           f" ratio = torch ms / fusedclip ms (> 1: fusedclip faster); started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(f"# command: {' '.join(sys.argv)}; {os.cpu_count()} CPUs, load average {_load()} at the start")
     print()
     print("| set | dtype | scale | case | torch ms | fusedclip-torch ms | ratio (median of repeats) | range |")
     print("|---|---|---|---|---:|---:|---:|---|")
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             del gradset
             gc.collect()
     print()
-    print(f"# lowest median ratio: {worst:.2f}x")
+    print(f"# lowest median ratio: {worst:.2f}x; load average {_load()} at the end")
     return 0
 
 
