@@ -108,7 +108,7 @@ def test_clip_grad_norm_is_never_farther_from_ideal_than_torch(device_backend, n
         twins = _torch_twin(params)
         torch_total = torch.nn.utils.clip_grad_norm_(twins, max_norm, norm_type)
         ours = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend)
-        check_clip_against_torch(params, twins, before, ours, torch_total, max_norm, norm_type)
+        check_clip_against_torch(params, twins, before, ours, torch_total, max_norm, norm_type, backend)
 
     check()
 

@@ -5,14 +5,23 @@ fusedclip's accuracy rules: per-tensor norms are accumulated in float32 (float64
 and never rounded to bf16/fp16 on the way, the combination happens in float64, and the coefficient
 comes from the unrounded total. ``foreach`` is honoured exactly as torch honours it.
 
-Cost of that accuracy: on the CPU, torch reduces a bf16/fp16 tensor with a float32 result through a
-float32 copy of the whole tensor. Beyond 8M elements that copy (over 32 MB) is a fresh allocation
-every call, and its page faults made the norm ~17x slower than torch's own bf16 norm (which rounds
-every per-tensor norm to bf16). So large 16-bit CPU tensors are normed in pieces of at most
+One exception, for speed: bf16 grads on the CPU (p = 1, 2 and any other finite p without a norm
+scale). Every torch CPU reduction that returns float32 from bf16 input first makes a float32 copy
+of it, and that conversion alone made the norm pass ~0.55-0.75x as fast as torch's own
+clip_grad_norm_ (which reduces bf16 in its own dtype); converting cache-sized pieces into a reused
+float32 buffer was no faster. So for those grads the per-tensor norms are torch's, bit for bit:
+``_foreach_norm`` in bf16 (float32 accumulation inside, each per-tensor norm rounded to bf16).
+They are combined in float64 and the total is rounded once, so the result is never less accurate
+than torch's own (whose combination is a second bf16 rounding). fp16 keeps the float32 path: torch's
+own fp16 CPU norm is about twice as slow as it, and fp16 per-tensor norms would overflow at 65504
+(loss-scaled grads under ``grad_scale`` reach that), where bf16 has float32's range.
+
+Cost of the float32 path elsewhere: beyond 8M elements the float32 copy of a 16-bit tensor (over
+32 MB) is a fresh allocation every call, and its page faults made the norm ~17x slower than torch's
+own 16-bit norm. So large 16-bit CPU tensors that are converted are normed in pieces of at most
 ``CPU_PIECE_ELEMENTS`` elements, whose float32 copies reuse freed memory, and the piece norms are
-combined in float64: 2-3x torch's bf16 norm instead (the float32 copies remain the price of the
-accuracy). The automatic choice on CPUs is the compiled ``cpu`` backend; this fallback runs 16-bit
-CPU grads when the extension is missing or it is asked for by name.
+combined in float64. The automatic choice on CPUs is the compiled ``cpu`` backend; this fallback
+runs 16-bit CPU grads when the extension is missing or it is asked for by name.
 """
 
 from __future__ import annotations
@@ -93,6 +102,8 @@ CPU_CHUNK_ELEMENTS = 1 << 20
 #: into the chunk buffer first (one ``cat`` instead of one reduction per tensor)
 CPU_DIRECT_ELEMENTS = 1 << 16
 _CPU_FLAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: dtypes whose CPU per-tensor norms are torch's own, rounded to the dtype (see the module docstring)
+CPU_TORCH_NORM_DTYPES = (torch.bfloat16,)
 
 
 def _flat_cpu_norms(group: list[Tensor], p: float) -> Tensor:
@@ -174,7 +185,14 @@ class TorchBackend(Backend):
             if not group:
                 continue
             opmath = _opmath(dtype)
-            if extreme and opmath is not None:
+            # torch's own per-tensor norms, in the grads' dtype (see the module docstring)
+            as_torch = (
+                norm.kind is NormKind.SUM_POW
+                and scale is None
+                and plan.device.type == "cpu"
+                and dtype in CPU_TORCH_NORM_DTYPES
+            )
+            if (extreme or as_torch) and opmath is not None:
                 opmath = None
             elif flat and scale is None and plan.device.type == "cpu" and dtype in _CPU_FLAT_DTYPES:
                 nonempty = [g for g in group if g.numel()]
@@ -184,7 +202,7 @@ class TorchBackend(Backend):
             if scale is not None:  # general p: the grads over the norm scale M', in float64 (see backends.base)
                 group, opmath = [g.to(torch.complex128 if g.is_complex() else ACC_DTYPE) / scale for g in group], None
             counts = None
-            if plan.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not extreme:
+            if plan.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not (extreme or as_torch):
                 group, counts = _pieces(group)  # see the module docstring
             if _use_foreach(group, plan.device, work.foreach):
                 group_norms = torch._foreach_norm(group, norm.p, dtype=opmath)
