@@ -580,7 +580,7 @@ def test_clipped_calls_clip_every_time(tiny_suite):
     clipped = [norm for norm in seen if norm == pytest.approx(BASE_NORM * CLIPPED_SCALE, rel=0.01)]
     unclipped = [norm for norm in seen if norm == pytest.approx(BASE_NORM, rel=0.01)]
     assert len(clipped) + len(unclipped) == len(seen)
-    assert len(clipped) == len(unclipped) == 1 + 1 + 4  # warm-up, profiled call, rounds
+    assert len(clipped) == len(unclipped) == 1 + 2 + 4  # warm-up, a call then the profiled one, rounds
     errors = {r.case: r.norm_rel_err for r in run.rows if r.provider == "recording"}
     assert errors["clipped"] < 1e-6 and errors["unclipped"] < 1e-6  # fp32 grads, fp64 reference
 
@@ -686,15 +686,18 @@ def test_launch_counts_match_between_cases_and_quick_reuses_them(tiny_suite, mon
     chosen = [known["torch"], known["torch-loop"], known["fusedclip-torch"]]
     run = _runner(chosen).run()
     counts = {(r.case, r.provider): r.launches for r in run.rows}
-    for provider in ("torch", "torch-loop", "fusedclip-torch"):
+    for provider in ("torch", "torch-loop"):  # torch scales whether or not it must
         assert counts[("clipped", provider)] == counts[("unclipped", provider)] >= 1
+    # a backend may skip the scale pass when it knows on the host that the coefficient is 1
+    assert counts[("clipped", "fusedclip-torch")] >= counts[("unclipped", "fusedclip-torch")] >= 1
 
     profiled = []
     real_count = runner.count_launches
     monkeypatch.setattr(runner, "count_launches", lambda fn, device: profiled.append(1) or real_count(fn, device))
     run = _runner(chosen, launches_every_case=False).run()
     assert len(profiled) == len(chosen)  # once per provider, on the clipped call
-    assert {(r.case, r.provider): r.launches for r in run.rows} == counts
+    reused = {(r.case, r.provider): r.launches for r in run.rows}
+    assert all(reused[(case, p)] == counts[("clipped", p)] for case, p in reused)
 
 
 @pytest.mark.gpu

@@ -243,19 +243,14 @@ def make_options(args: argparse.Namespace, info: DeviceInfo, known: list[Provide
         target_s=1.0 if info.is_cuda else 0.5,
         compile_budget_s=compile_budget,
         compile_max_tensors=args.compile_max_tensors,
-        # profiling a call on 10000 tensors takes seconds on a small CPU: once per set there
-        launches_every_case=info.is_cuda,
+        # each case is profiled: a backend may decide on the host whether to scale (free on a CPU)
+        launches_every_case=True,
         count_launches=full,
         time_budget_s=time_budget,
         seed=args.seed,
     )
     if not full:
         notes.append("Launches per call are counted by `--full` only.")
-    elif not options.launches_every_case:
-        notes.append(
-            "Launches were counted on one clipped call per set, dtype and provider and are reported for the"
-            " unclipped case too (no provider synchronises to decide whether to scale, so both make the same calls)."
-        )
     return options, notes
 
 

@@ -356,6 +356,11 @@ class _Cell:
         params = self.gradset.params[copy]
         fn = self.bound.calls[name]
         try:
+            # A first call on this copy first: a provider that caches per set of grads (fusedclip's
+            # plans) does its one-time work there, and the profiled call is a steady-state one.
+            fn(params)
+            if self.clipped:
+                self.gradset.restore(copy)
             row.launches = self.runner.launch_counts[key] = count_launches(lambda: fn(params), self.device)
         except Exception as error:
             self._fail(name, error)
