@@ -39,13 +39,15 @@ _COMPILE = textwrap.dedent(
                                   options=dict(num_warps=warps))
         return compiled.asm["ptx"]
 
-    def norm(kind, p_mode, extras):
+    def norm(kind, p_mode, extras, norm_scale=False):
         types = dict(tables, partials_ptr="*fp64", chunk_values_ptr="*fp64", tensor_values_ptr="*fp64",
                      tensor_tickets_ptr="*i32", ticket_ptr="*i32", total_ptr="*bf16", coef_ptr="*fp64",
                      acc_ptr="*fp64", max_norm_ptr="*fp32", max_norm_bits="i64", grad_scale_ptr="*fp32",
-                     p_hi_bits="i64", p_lo_bits="i64", inv_p_hi_bits="i64", inv_p_lo_bits="i64")
+                     p_hi_bits="i64", p_lo_bits="i64", inv_p_hi_bits="i64", inv_p_lo_bits="i64",
+                     norm_scale_ptr="*fp64")
         constexprs = dict(KIND=kind, P_MODE=p_mode, HAS_COEF=True, MAX_NORM_FROM_PTR=extras,
                           HAS_GRAD_SCALE=extras, SEGMENTED=extras or kind == 3, ZERO_EMPTY_TENSORS=extras,
+                          HAS_NORM_SCALE=norm_scale,
                           BLOCK=config.norm_block, FINISH_BLOCK=config.finish_block, STAGES=config.stages)
         return compile_kernel(kernels.norm_kernel, types, constexprs, config.norm_warps)
 
@@ -53,7 +55,7 @@ _COMPILE = textwrap.dedent(
         "norm p=2": norm(0, 2, False),
         "norm p=2 per-tensor, grad_scale, max_norm tensor": norm(0, 2, True),
         "norm p=1": norm(0, 1, False),
-        "norm p=3.5": norm(0, 0, False),
+        "norm p=3.5": norm(0, 0, False, norm_scale=True),
         "norm inf": norm(1, 0, False),
         "norm -inf": norm(2, 0, False),
         "norm 0": norm(3, 0, False),
