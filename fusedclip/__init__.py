@@ -16,11 +16,13 @@ from .backends import available_backends
 from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_norms, get_total_norm
 from .optim import clip_and_step_
 from .patch import is_patched, patch_torch, unpatch_torch
+from .tracker import NormTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Clipper",
+    "NormTracker",
     "__version__",
     "available_backends",
     "clip_and_step_",

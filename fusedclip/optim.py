@@ -90,6 +90,7 @@ def clip_and_step_(
     scaler: Any = None,
     backend: str | None = None,
     group: Any = None,
+    tracker: Any = None,
 ) -> Tensor:
     """Clip inside the optimizer's fused step: the same update as clip-then-step, one read of grads.
 
@@ -100,7 +101,15 @@ def clip_and_step_(
 
     Returns:
         The total norm of the (unscaled) grads.
+
+    With ``tracker`` (a :class:`fusedclip.NormTracker` over the optimizer's parameters) the norm
+    comes from the tracker's hooks, not from a pass over the grads, and any optimizer is accepted
+    (one scale pass when it is not fused); see :mod:`fusedclip.tracker`.
     """
+    if tracker is not None:
+        from .tracker import tracked_step
+
+        return tracked_step(optimizer, max_norm, norm_type, tracker, scaler)
     _check_fused(optimizer)
     if scaler is not None and scaler.is_enabled():
         from torch.amp.grad_scaler import OptState

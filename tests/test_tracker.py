@@ -1,0 +1,298 @@
+"""NormTracker: norms accumulated in post-accumulate-grad hooks, checked against torch's
+clip_grad_norm_ computed after backward, where hooks are tricky (micro-batches, edits after the
+hook, set_to_none, unused/frozen/tied parameters, GradScaler.unscale_, DDP)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusedclip
+from fusedclip.tracker import NormTracker
+
+
+def torch_clip(params, max_norm, norm_type):
+    """torch's total and the grads it leaves, on copies (the originals stay untouched)."""
+    grads = [p.grad.detach().clone() for p in params if p.grad is not None]
+    holders = []
+    for g in grads:
+        h = torch.zeros_like(g, requires_grad=False)
+        h.grad = g
+        holders.append(h)
+    total = torch.nn.utils.clip_grad_norm_(holders, max_norm, norm_type)
+    return total, [h.grad for h in holders]
+
+
+def assert_matches_torch(tracker, params, norm_type=2.0, max_norm=0.5):
+    expected, clipped = torch_clip(params, max_norm, norm_type)
+    result = tracker.result(max_norm)
+    assert result.total.dtype == expected.dtype
+    tol = 1e-12 if expected.dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(result.total, expected, rtol=tol, atol=0)
+    coef = float(torch.clamp(max_norm / (expected.double() + 1e-6), max=1.0))
+    assert math.isclose(float(result.coef), coef, rel_tol=10 * tol)
+    return result
+
+
+class Net(torch.nn.Module):
+    def __init__(self, widths, tied, dtype):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, widths[0], dtype=dtype)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b, dtype=dtype) for a, b in zip(widths, widths[1:]))
+        self.head = torch.nn.Linear(widths[-1], 7, bias=False, dtype=dtype)
+        if tied and widths[-1] == widths[0]:
+            self.head.weight = self.emb.weight  # one parameter reached twice
+
+    def forward(self, tokens, use):
+        x = self.emb(tokens)
+        for i, layer in enumerate(self.layers):
+            x = torch.tanh(layer(x)) if use[i % len(use)] or layer.in_features != layer.out_features else x
+        return self.head(x).pow(2).mean()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    width=st.sampled_from([4, 8]),
+    depth=st.integers(1, 4),
+    tied=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    norm_type=st.sampled_from([2.0, 1.0, math.inf]),
+    micro=st.lists(st.lists(st.booleans(), min_size=1, max_size=4), min_size=1, max_size=3),
+    set_to_none_before_last=st.booleans(),
+    edits=st.lists(st.tuples(st.integers(0, 20), st.sampled_from(["mul", "replace", "none", "add"])), max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_torch_after_backward(width, depth, tied, dtype, norm_type, micro, set_to_none_before_last, edits, seed):
+    torch.manual_seed(seed)
+    net = Net([width] * (depth + 1), tied, dtype)
+    frozen = list(net.parameters())[-1]
+    tracker = NormTracker(net, norm_type)
+    params = list(net.parameters())
+    for step in range(2):  # the second step checks that nothing of the first one leaks
+        for i, use in enumerate(micro):
+            if set_to_none_before_last and i == len(micro) - 1:
+                net.zero_grad(set_to_none=True)
+            net(torch.randint(0, 7, (3, 2)), use).backward()
+        for index, kind in edits:  # modified after their hooks ran
+            p = params[index % len(params)]
+            if p.grad is None:
+                continue
+            if kind == "mul":
+                p.grad.mul_(3.0)
+            elif kind == "add":
+                p.grad[..., 0] += 1.0
+            elif kind == "replace":
+                p.grad = torch.randn_like(p.grad)
+            else:
+                p.grad = None
+        if step == 1 and frozen.grad is not None:  # a frozen tensor with a grad still counts, as in torch
+            frozen.requires_grad_(False)
+        assert_matches_torch(tracker, params, norm_type)
+        net.zero_grad(set_to_none=step == 0)
+    frozen.requires_grad_(True)
+
+
+def test_tied_weights_count_once():
+    torch.manual_seed(0)
+    net = Net([8, 8], tied=True, dtype=torch.float32)
+    assert net.head.weight is net.emb.weight
+    tracker = NormTracker(list(net.parameters()) + [net.emb.weight])  # duplicates counted once
+    assert len(tracker.params) == len(list(net.parameters()))
+    net(torch.randint(0, 7, (4, 3)), [True]).backward()
+    assert_matches_torch(tracker, list(net.parameters()))
+
+
+def test_parameter_unused_in_second_step_does_not_keep_its_value():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    tracker = NormTracker([a, b])
+    ((a * 5).sum() + b.sum()).backward()
+    assert_matches_torch(tracker, [a, b])
+    a.grad = None
+    b.grad = None
+    b.sum().backward()  # a has no grad this step; its slot held 5 * sqrt(3)
+    result = assert_matches_torch(tracker, [a, b])
+    assert math.isclose(float(result.total), math.sqrt(3), rel_tol=1e-6)
+    b.grad = None
+    assert float(tracker.result(1.0).total) == 0.0  # no grads: tensor(0.), as torch
+
+
+def test_grad_scaler_scaled_grads_and_unscale():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    tracker = NormTracker(net)
+    scaler.scale(net(torch.randn(4, 6)).pow(2).sum()).backward()
+    params = list(net.parameters())
+    inv_scale = scaler._scale.double().reciprocal().float()
+    # without unscale_: the hooks saw the scaled grads; grad_scale gives the unscaled norm
+    expected = torch.nn.utils.get_total_norm([p.grad / 2.0**8 for p in params])
+    peek = NormTracker(net)  # a second tracker, hooks registered after backward: recomputes
+    for t in (tracker, peek):
+        result = t.result(0.5, grad_scale=inv_scale)
+        torch.testing.assert_close(result.total, expected, rtol=2e-6, atol=0)
+        assert math.isclose(float(result.coef), float(torch.clamp(0.5 / (expected.double() + 1e-6), max=1.0)) / 2.0**8, rel_tol=1e-5)
+    peek.remove()
+    opt.zero_grad()
+    scaler.scale(net(torch.randn(4, 6)).pow(2).sum()).backward()
+    scaler.unscale_(opt)  # rewrites every grad in place without bumping its version: invisible ...
+    stale = tracker.result(0.5).total
+    assert not torch.allclose(stale, torch.nn.utils.get_total_norm([p.grad for p in params]))  # the documented limit
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    scaler.scale(net(torch.randn(4, 6)).pow(2).sum()).backward()
+    scaler.unscale_(opt)
+    tracker.invalidate()  # ... so the caller says so
+    assert_matches_torch(tracker, params)
+
+
+def test_lstm_and_removed_hooks():
+    torch.manual_seed(2)
+    lstm = torch.nn.LSTM(5, 7, num_layers=2)
+    with NormTracker(lstm) as tracker:
+        assert tracker.tracking
+        for _ in range(2):
+            out, _ = lstm(torch.randn(4, 3, 5))
+            out.pow(2).sum().backward()
+        assert_matches_torch(tracker, list(lstm.parameters()))
+    assert not tracker.tracking  # no hooks: every grad recomputed at result()
+    out, _ = lstm(torch.randn(4, 3, 5))
+    out.sum().backward()
+    assert_matches_torch(tracker, list(lstm.parameters()))
+
+
+class VersionBlindTracker(NormTracker):
+    """Deliberately broken: trusts any hook value whose grad object is still the same."""
+
+    def _record_matches(self, index, grad):
+        ref = self._refs[index]
+        return ref is not None and ref() is grad
+
+
+@pytest.mark.parametrize("cls, ok", [(NormTracker, True), (VersionBlindTracker, False)])
+def test_a_version_blind_tracker_is_caught(cls, ok):
+    torch.manual_seed(3)
+    net = torch.nn.Linear(5, 5)
+    tracker = cls(net)
+    net(torch.randn(2, 5)).sum().backward()
+    net.weight.grad.mul_(10.0)
+    if ok:
+        assert_matches_torch(tracker, list(net.parameters()))
+    else:
+        with pytest.raises(AssertionError):
+            assert_matches_torch(tracker, list(net.parameters()))
+
+
+def test_clip_matches_torch_clip():
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    tracker = NormTracker(net)
+    net(torch.randn(4, 6)).pow(2).sum().backward()
+    expected_total, expected = torch_clip(list(net.parameters()), 0.1, 2.0)
+    total = tracker.clip_(0.1)
+    torch.testing.assert_close(total, expected_total, rtol=2e-6, atol=0)
+    for p, g in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [0.05, 100.0])
+def test_clip_and_step_with_tracker(fused, max_norm):
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    ref = copy.deepcopy(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    tracker = NormTracker(net)
+    for step in range(3):
+        x = torch.randn(4, 6)
+        for model in (net, ref):
+            model(x).pow(2).sum().backward()
+        total = fusedclip.clip_and_step_(opt, max_norm, tracker=tracker)
+        expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        ref_opt.step()
+        torch.testing.assert_close(total, expected, rtol=2e-6, atol=0)
+        for p, q in zip(net.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+
+
+def test_clip_and_step_tracker_refusals():
+    net = torch.nn.Linear(3, 3)
+    other = torch.nn.Parameter(torch.ones(2))
+    tracker = NormTracker(net)
+    net(torch.ones(1, 3)).sum().backward()
+    with pytest.raises(ValueError, match="not tracked"):
+        fusedclip.clip_and_step_(torch.optim.SGD([*net.parameters(), other], lr=0.1), 1.0, tracker=tracker)
+    with pytest.raises(ValueError, match="differs"):
+        fusedclip.clip_and_step_(torch.optim.SGD(net.parameters(), lr=0.1), 1.0, norm_type=1.0, tracker=tracker)
+    with pytest.raises(NotImplementedError, match="GradScaler"):
+        fusedclip.clip_and_step_(torch.optim.SGD(net.parameters(), lr=0.1), 1.0, tracker=tracker, scaler=torch.amp.GradScaler("cpu"))
+    for p in (3.0, 0.0, -math.inf):
+        with pytest.raises(NotImplementedError, match="norm_type"):
+            NormTracker(net, p)
+    with pytest.raises(TypeError):
+        NormTracker([1.0])
+
+
+# -- DDP on gloo ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for as_view in (False, True):
+            for wrap in (True, False):
+                torch.manual_seed(0)
+                net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+                ddp = torch.nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=as_view)
+                tracker = NormTracker(ddp if wrap else net.parameters())
+                assert tracker.tracking is not wrap
+                for step in range(2):
+                    torch.manual_seed(100 + rank + 10 * step)
+                    ddp(torch.randn(3, 6)).pow(2).sum().backward()
+                    # every rank holds the all-reduced grads: torch's norm of them is the global one
+                    assert_matches_torch(tracker, list(net.parameters()))
+                    ddp.zero_grad(set_to_none=not as_view)
+        dist.barrier()
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_norm_is_of_the_reduced_grads():
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_ddp_worker, args=(rank, 2, port, errors)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, "\n".join(failures)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
