@@ -40,9 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import clip
+from . import ops
+from .backends import requested_backend
 from .backends.base import ACC_DTYPE, CLIP_EPS, clip_coefficient, total_from_accumulator
-from .inputs import check_max_norm
+from .inputs import check_max_norm, no_grads_result
 from .norm_type import parse_norm_type
 
 MODES = ("norm", "autoclip", "zclip", "agc")
@@ -182,24 +183,24 @@ class Clipper:
         grads = [self.named[i][1].grad for i in positions]
         if not grads:
             self.steps += 1
-            return torch.tensor(0.0, device=torch.get_default_device())  # as clip_grad_norm_ without grads
+            return no_grads_result()  # as clip_grad_norm_ without grads
+        call = ops.prepare(grads, requested_backend(self.backend))
         if self.mode == "agc":
-            result, per_tensor, any_clipped = self._agc_step(positions, grads)
+            result, per_tensor, any_clipped = self._agc_step(call, positions, grads)
             coef = torch.where(any_clipped, 0.0, 1.0).to(ACC_DTYPE)  # counts as clipped when any unit was
             self.state["threshold"].fill_(self.agc_clipping)
             exact_total = total_from_accumulator(result.acc, _L2)
         else:
-            result, per_tensor, coef, exact_total = self._norm_step(grads)
+            result, per_tensor, coef, exact_total = self._norm_step(call)
         self._record(exact_total, per_tensor, positions, coef)
         self.steps += 1
         # the norm pass rounds the total to the grads' promoted real dtype, as clip_grad_norm_ does
         return result.total
 
-    def _norm_step(self, grads: list[Tensor]) -> tuple[Any, Tensor, Tensor, Tensor]:
+    def _norm_step(self, call: ops.Call) -> tuple[Any, Tensor, Tensor, Tensor]:
         """(norm pass result, per-tensor norms, coefficient applied, unrounded float64 total)."""
-        per_tensor = torch.empty(len(grads), dtype=ACC_DTYPE, device=self.device)
         fixed = self.max_norm if self.mode == "norm" else None
-        result, calls = clip.norm_pass(grads, self.norm, fixed, backend=self.backend, per_tensor=per_tensor)
+        result, per_tensor = ops.total_norm(call, self.norm, fixed, per_tensor=True)
         total = total_from_accumulator(result.acc, self.norm, result.scale)
         if self.mode == "norm":
             coef = result.coef
@@ -208,7 +209,7 @@ class Clipper:
             threshold = self._autoclip_threshold(total) if self.mode == "autoclip" else self._zclip_threshold(total)
             self.state["threshold"].copy_(threshold)
             coef = _coefficient(total, threshold)
-        clip.scale_calls_(calls, coef)
+        ops.scale_(call, coef)
         return result, per_tensor, coef, total
 
     def _autoclip_threshold(self, total: Tensor) -> Tensor:
@@ -255,11 +256,10 @@ class Clipper:
         var.copy_(torch.where(completes, warm_var, torch.where(updates, new_var, var)))
         return torch.where(in_warmup, torch.full_like(total, self.max_norm), z_threshold)
 
-    def _agc_step(self, positions: tuple[int, ...], grads: list[Tensor]) -> tuple[Any, Tensor, Tensor]:
+    def _agc_step(self, call: ops.Call, positions: tuple[int, ...], grads: list[Tensor]) -> tuple[Any, Tensor, Tensor]:
         """Unit-wise clipping; returns the norm pass result and per-tensor L2 norms of the grads
         before clipping, and whether any unit was clipped."""
-        per_tensor = torch.empty(len(grads), dtype=ACC_DTYPE, device=self.device)
-        result, _ = clip.norm_pass(grads, _L2, None, backend=self.backend, per_tensor=per_tensor)
+        result, per_tensor = ops.total_norm(call, _L2, per_tensor=True)
         any_clipped = torch.zeros((), dtype=torch.bool, device=self.device)
         for i, grad in zip(positions, grads):
             name, param = self.named[i]

@@ -25,11 +25,16 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 
-from . import clip
-from .inputs import check_max_norm, grads_of
+from . import ops
+from .backends import requested_backend
+from .inputs import check_max_norm, grads_of, no_grads_result
 from .norm_type import NormKind, NormSpec, parse_norm_type
 from .plan import real_dtype
+
+#: max |x|, whose accumulator says exactly whether some element is inf or NaN
+_MAX_ABS = parse_norm_type("inf")
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -59,12 +64,29 @@ def _has_fp64(dtypes: set[torch.dtype]) -> bool:
     return any(real_dtype(dtype) == torch.float64 for dtype in dtypes)
 
 
+# The scaler is read through its attributes: torch.compile does not trace into torch.amp (a call of
+# one of its functions would break the graph), so the few checks unscale_ makes are written out here.
+
+
+def scaler_enabled(scaler: Any) -> bool:
+    """``scaler.is_enabled()``."""
+    return bool(scaler._enabled)
+
+
 def _scaler_state(scaler: Any, optimizer: torch.optim.Optimizer) -> tuple[dict, Tensor]:
     """Check the scaler's stage as ``unscale_`` does; return the optimizer's state and the scale."""
-    from torch.amp.grad_scaler import OptState
-
-    scale, _ = scaler._check_scale_growth_tracker("unscale_")
-    state = scaler._per_optimizer_states[id(optimizer)]
+    fix = "This may indicate your script did not use scaler.scale(loss or outputs) earlier in the iteration."
+    scale = scaler._scale
+    if scale is None:
+        raise AssertionError("Attempted unscale_ but _scale is None.  " + fix)
+    if scaler._growth_tracker is None:
+        raise AssertionError("Attempted unscale_ but _growth_tracker is None.  " + fix)
+    states = scaler._per_optimizer_states
+    state = states.get(id(optimizer))
+    if state is None:
+        # what the defaultdict makes on first access, inserted explicitly: under torch.compile the
+        # defaultdict's own insertion would be lost
+        state = states[id(optimizer)] = {"stage": OptState.READY, "found_inf_per_device": {}}
     if state["stage"] is OptState.UNSCALED:
         raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
     if state["stage"] is OptState.STEPPED:
@@ -72,28 +94,29 @@ def _scaler_state(scaler: Any, optimizer: torch.optim.Optimizer) -> tuple[dict, 
     return state, scale
 
 
-class ScaledPass(NamedTuple):
-    """What :func:`scaled_norm_pass` leaves for the caller."""
+class ScaledNorm(NamedTuple):
+    """What :func:`scaled_norm` leaves for the caller."""
 
     total: Tensor  # the total norm of the unscaled grads
     coef: Tensor | None  # the factor to multiply the grads by, as they are stored now (None: no grads)
     found_inf: Tensor  # float32 1.0 when some stored grad element is inf or NaN, else 0.0
-    calls: list  # prepared calls to scale the grads with
+    call: ops.Call | None  # the prepared grads, to scale them with (None: no grads)
     state: dict  # the scaler's state for this optimizer
-    grads: list[Tensor]
+    dtypes: set  # the grads' dtypes
 
 
-def scaled_norm_pass(
+def scaled_norm(
     scaler: Any,
     optimizer: torch.optim.Optimizer,
-    max_norm: Any,
-    norm_type: float | str,
+    max_norm: float | Tensor,
+    norm: NormSpec,
     backend: str | None,
     group: Any,
-) -> ScaledPass:
-    """The shared first half: the unscaled total norm, the coefficient for the stored grads,
-    found_inf, prepared calls, optimizer state. Marks nothing in the scaler; raises like
-    ``unscale_`` on misuse, before any grad is touched.
+) -> ScaledNorm:
+    """The shared first half of :func:`unscale_and_clip_` and ``clip_and_step_`` (arguments
+    validated): the unscaled total norm, the coefficient for the stored grads, found_inf, the
+    prepared grads, optimizer state. Marks nothing in the scaler; raises like ``unscale_`` on
+    misuse, before any grad is touched.
 
     Usually the grads are only read: the norm pass reads the scaled grads with the inverse scale
     folded in, and the returned coefficient is ``inverse_scale * clip_coefficient``. When the sum
@@ -103,30 +126,28 @@ def scaled_norm_pass(
     (a max |x| pass over the stored grads, unless the accumulator already says it exactly), never
     from an overflowing sum; none of this synchronises with the host.
     """
-    norm = parse_norm_type(norm_type)
-    max_norm = check_max_norm(max_norm)
     state, scale = _scaler_state(scaler, optimizer)
     grads = grads_of(_optimizer_params(optimizer))
     if any(g.dtype == torch.float16 for g in grads):
         raise ValueError("Attempting to unscale FP16 gradients.")  # torch's message and rule
     inv_scale = scale.double().reciprocal().float()  # as torch: the reciprocal in float64
     if not grads:
-        return ScaledPass(torch.tensor(0.0, device=torch.get_default_device()), None, torch.zeros((), device=scale.device), [], state, grads)
+        return ScaledNorm(no_grads_result(), None, torch.zeros((), device=scale.device), None, state, set())
     dtypes = {g.dtype for g in grads}
+    call = ops.prepare(grads, backend, group)
     if _scaled_sum_may_overflow(norm, dtypes):
         # found_inf from the stored values, then torch's order: unscale, norm, (clip by the caller)
-        check, calls = clip.norm_pass(grads, parse_norm_type("inf"), None, backend=backend, group=group)
-        clip.scale_calls_(calls, inv_scale)
-        result, calls = clip.norm_pass(grads, norm, max_norm, backend=backend, group=group)
-        acc = check.acc
+        acc = ops.total_norm(call, _MAX_ABS)[0].acc
+        ops.scale_(call, inv_scale)
+        result, _ = ops.total_norm(call, norm, max_norm)
     else:
-        result, calls = clip.norm_pass(grads, norm, max_norm, backend=backend, group=group, grad_scale=inv_scale)
+        result, _ = ops.total_norm(call, norm, max_norm, grad_scale=inv_scale)
         if _nonfinite_from_accumulator(norm, dtypes):
             acc = result.acc
         else:  # one extra read: the max |x| reveals inf/NaN whatever the norm type
-            acc = clip.norm_pass(grads, parse_norm_type("inf"), None, backend=backend, group=group)[0].acc
+            acc = ops.total_norm(call, _MAX_ABS)[0].acc
     found_inf = (~torch.isfinite(acc)).to(device=scale.device, dtype=torch.float32)
-    return ScaledPass(result.total, result.coef, found_inf, calls, state, grads)
+    return ScaledNorm(result.total, result.coef, found_inf, call, state, dtypes)
 
 
 @torch.no_grad()
@@ -154,13 +175,17 @@ def unscale_and_clip_(
     Returns:
         The total norm of the unscaled grads (inf/NaN when the step will be skipped).
     """
-    from torch.amp.grad_scaler import OptState
-
-    if not scaler.is_enabled():
-        return clip.clip_grad_norm_(_optimizer_params(optimizer), max_norm, norm_type, backend=backend, group=group)
-    scaled = scaled_norm_pass(scaler, optimizer, max_norm, norm_type, backend, group)
-    if scaled.coef is not None:
-        clip.scale_calls_(scaled.calls, scaled.coef)
+    norm = parse_norm_type(norm_type)
+    max_norm = check_max_norm(max_norm)
+    backend = requested_backend(backend)
+    if not scaler_enabled(scaler):
+        grads = grads_of(_optimizer_params(optimizer))
+        if not grads:
+            return no_grads_result()
+        return ops.clip_grad_norm_(grads, max_norm, norm, False, None, backend, group)
+    scaled = scaled_norm(scaler, optimizer, max_norm, norm, backend, group)
+    if scaled.call is not None:
+        ops.scale_(scaled.call, scaled.coef)  # type: ignore[arg-type]
         scaled.state["found_inf_per_device"] = {scaled.found_inf.device: scaled.found_inf}
     else:
         scaled.state["found_inf_per_device"] = {}  # no grads: scaler.step raises as it does after unscale_

@@ -11,11 +11,13 @@ every rank's sum uses the same ``M`` and the sums add up as before: two small co
 
 For DTensor grads the reduction runs over the mesh dimensions along which a grad is sharded, and
 only those: replicated dimensions already hold identical values.
+
+This module provides the reducers and the DTensor parts; :mod:`fusedclip.engine` applies them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import engine
-from .backends.base import NormResult, combine_accumulators, finish, is_general_p, scale_norm
+from .engine import Reducer, Wrap, is_dtensor
 from .norm_type import NormKind, NormSpec
 
 
@@ -49,28 +50,14 @@ def _all_reduce_(acc: Tensor, norm: NormSpec, groups: list[Any]) -> Tensor:
 
 
 class GroupReducer:
-    """The ``reduce`` callback of :func:`fusedclip.engine.norm_pass` for process groups: all-reduces
-    a norm's accumulator over each group (out of place). ``for_norm`` gives the same reduction for
-    another norm's accumulator (the engine reduces the norm scale of a general p with it)."""
+    """A reducer of :mod:`fusedclip.engine` over process groups: all-reduces a norm's accumulator
+    over each group in turn (out of place; SUM, or MAX/MIN for +-inf)."""
 
-    def __init__(self, norm: NormSpec, groups: list[Any]) -> None:
-        self.norm = norm
-        self.groups = groups
+    def __init__(self, groups: list[Any]) -> None:
+        self.groups = tuple(groups)
 
-    def __call__(self, acc: Tensor) -> Tensor:
-        return _all_reduce_(acc.clone(), self.norm, self.groups) if self.groups else acc
-
-    def for_norm(self, norm: NormSpec) -> GroupReducer:
-        return GroupReducer(norm, self.groups)
-
-
-def group_reducer(norm: NormSpec, group: Any) -> Callable[[Tensor], Tensor]:
-    """The ``reduce`` callback of :func:`fusedclip.engine.norm_pass` for a process group."""
-    return GroupReducer(norm, [group])
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "placements")
+    def __call__(self, acc: Tensor, norm: NormSpec) -> Tensor:
+        return _all_reduce_(acc.clone(), norm, list(self.groups)) if self.groups else acc
 
 
 @dataclass
@@ -87,7 +74,7 @@ def _shard_groups(grads: list[Tensor]) -> tuple[list[_ShardGroup], Any]:
     groups: dict[tuple[int, tuple[int, ...]], _ShardGroup] = {}
     first_mesh = None
     for index, grad in enumerate(grads):
-        if not _is_dtensor(grad):
+        if not is_dtensor(grad):
             key: tuple[int, tuple[int, ...]] = (0, ())
             groups.setdefault(key, _ShardGroup(None, ())).locals.append(grad)
             continue
@@ -107,7 +94,7 @@ def _shard_groups(grads: list[Tensor]) -> tuple[list[_ShardGroup], Any]:
     return list(groups.values()), first_mesh
 
 
-def _wrap_like_torch(total: Tensor, mesh: Any, norm: NormSpec) -> Tensor:
+def _wrap_like_torch(total: Tensor, norm: NormSpec, *, mesh: Any) -> Tensor:
     """A DTensor as torch returns for DTensor grads: Partial(max/min) for +-inf, else Replicate."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
@@ -120,48 +107,16 @@ def _wrap_like_torch(total: Tensor, mesh: Any, norm: NormSpec) -> Tensor:
     return DTensor.from_local(total, mesh, [placement] * mesh.ndim, run_check=False)
 
 
-def has_dtensors(grads: list[Tensor]) -> bool:
-    return any(_is_dtensor(g) for g in grads)
-
-
-def dtensor_norm_pass(
-    grads: list[Tensor],
-    norm: NormSpec,
-    max_norm: float | Tensor | None,
-    backend: str | None,
-    foreach: bool | None,
-    grad_scale: Tensor | None = None,
-    group: Any = None,
-) -> tuple[NormResult, list[engine.PreparedCall]]:
-    """Norm pass over DTensor grads via their local shards; returns the calls to scale with.
-
-    ``group`` (optional) is reduced over as well, e.g. the pipeline-parallel stages.
-    """
+def dtensor_parts(grads: list[Tensor], for_norm: bool) -> tuple[list[tuple[list[Tensor], Reducer | None]], Wrap | None]:
+    """The parts of :class:`fusedclip.engine.PreparedCall` for grads that include DTensors: their
+    local tensors, grouped by the mesh dimensions they are sharded over, each with the reducer
+    over those dimensions; and how to wrap the total as torch does. Without ``for_norm`` (scaling,
+    clamping) all local tensors form one part with nothing to reduce."""
+    if not for_norm:
+        return [([g.to_local() if is_dtensor(g) else g for g in grads], None)], None
     shard_groups, mesh = _shard_groups(grads)
-    calls, reducers = [], []
-    for shard_group in shard_groups:
-        calls.append(engine.prepare(shard_group.locals, backend, foreach))
-        reducers.append(GroupReducer(norm, [shard_group.mesh.get_group(dim) for dim in shard_group.sharded_dims]))
-    first = calls[0].first_device
-
-    def combined(values: list[Tensor], spec: NormSpec) -> Tensor:
-        value = values[0] if len(values) == 1 else combine_accumulators([v.to(first) for v in values], spec)
-        return value if group is None else _all_reduce_(value.clone(), spec, [group])
-
-    # general p: one norm scale for every shard group and rank (max |x|, or min for p < 0)
-    scale = None
-    if is_general_p(norm):
-        spec = scale_norm(norm)
-        scales = [engine.norm_scale(call, norm, reducer) for call, reducer in zip(calls, reducers)]
-        scale = combined(scales, spec)  # type: ignore[arg-type]
-    accs = [
-        engine.norm_pass(call, norm, None, reduce=reducer, scale=None if scale is None else scale.to(call.first_device)).acc
-        for call, reducer in zip(calls, reducers)
+    parts: list[tuple[list[Tensor], Reducer | None]] = [
+        (group.locals, GroupReducer([group.mesh.get_group(dim) for dim in group.sharded_dims])) for group in shard_groups
     ]
-    acc = combined(accs, norm)
-    result_dtype = calls[0].result_dtype
-    for call in calls[1:]:
-        result_dtype = torch.promote_types(result_dtype, call.result_dtype)
-    result = finish(acc, norm, max_norm, result_dtype, grad_scale, scale)
-    total = _wrap_like_torch(result.total, mesh, norm) if mesh is not None else result.total
-    return NormResult(total, result.coef, result.acc, result.scale), calls
+    wrap = None if mesh is None else functools.partial(_wrap_like_torch, mesh=mesh)
+    return parts, wrap

@@ -1,7 +1,20 @@
-"""Composition of the primitives: plan lookup, backend choice per device, multi-device combining.
+"""The engine: the two primitives (norm, scale) over a prepared call, for every caller.
 
-The public functions in :mod:`fusedclip.clip` validate arguments and call into here; later layers
-(AMP, distributed, adaptive clipping) use the same entry points.
+Everything between the validated arguments of a public function and the backends happens here:
+
+* :func:`prepare` plans the grads (:mod:`fusedclip.plan`), groups them by device, picks a backend
+  per device and attaches the reducers that make the norm global: a process group (``group=``) and,
+  for DTensor grads, the mesh dimensions each grad is sharded over (:mod:`fusedclip.distributed`);
+* :func:`total_norm` runs one norm pass: per device an accumulator (or, for one device and nothing to
+  reduce, the backend's own fused finish), devices combined on the first device, each part reduced
+  by its reducer, parts combined, the call's reducer applied, then total and coefficient finished
+  on the device;
+* :func:`scale_` and :func:`clamp_` write every grad, after checking that all can be written.
+
+A reducer is any ``reduce(acc, norm) -> acc`` that combines a float64 accumulator of ``norm``
+across processes (SUM, MAX or MIN as the norm needs); see :class:`fusedclip.distributed.GroupReducer`.
+Nothing here validates arguments (the public functions do, once) and nothing synchronises with
+the host except :func:`raise_if_nonfinite`.
 """
 
 from __future__ import annotations
@@ -12,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backends import Backend, DeviceWork, requested_backend, resolve_backend
+from .backends import Backend, DeviceWork, resolve_backend
 from .backends.base import (
     ACC_DTYPE,
     NormResult,
@@ -23,38 +36,101 @@ from .backends.base import (
     scale_norm,
 )
 from .norm_type import NormSpec
-from .plan import PLANS, Plan, check_writable
+from .plan import PLANS, Plan, all_plain, check_writable, result_dtype_of
+
+#: combines a float64 accumulator of a norm across processes
+Reducer = Callable[[Tensor, NormSpec], Tensor]
+#: turns the local total of DTensor grads into the DTensor torch returns
+Wrap = Callable[[Tensor, NormSpec], Tensor]
+
+
+def is_dtensor(tensor: object) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (checked without importing that package)."""
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "placements")
+
+
+@dataclass
+class Part:
+    """Grads whose accumulators are reduced together: their plan, a backend per device, and the
+    reducer over the processes that hold the other shards of these grads (None: nothing to reduce)."""
+
+    plan: Plan
+    works: list[tuple[Backend, DeviceWork]]
+    reducer: Reducer | None = None
 
 
 @dataclass
 class PreparedCall:
-    """The grads of one call, planned, with a backend chosen for each device."""
+    """The grads of one call, planned: one part for plain grads; one per group of DTensor grads
+    sharded over the same mesh dimensions."""
 
-    plan: Plan
-    works: list[tuple[Backend, DeviceWork]]
-
-    @property
-    def result_dtype(self) -> torch.dtype:
-        return self.plan.result_dtype
+    parts: list[Part]
+    result_dtype: torch.dtype  # torch's promotion over the grads' real dtypes
+    reducer: Reducer | None = None  # after the parts are combined: the process group (group=)
+    wrap: Wrap | None = None  # DTensor grads: the total as torch returns it
 
     @property
     def first_device(self) -> torch.device:
-        return self.plan.first_device
+        return self.parts[0].plan.first_device
+
+    @property
+    def works(self) -> list[tuple[Backend, DeviceWork]]:
+        return [entry for part in self.parts for entry in part.works]
+
+    @property
+    def num_grads(self) -> int:
+        return sum(work.plan.num_tensors for _, work in self.works)
 
     @property
     def backend_names(self) -> list[str]:
         return [backend.name for backend, _ in self.works]
 
+    @property
+    def direct(self) -> bool:
+        """One device and nothing to reduce or wrap: the backend finishes the norm itself."""
+        return self.reducer is None and self.wrap is None and len(self.parts) == 1 and len(self.parts[0].works) == 1 and self.parts[0].reducer is None
 
-def prepare(grads: list[Tensor], backend: str | None = None, foreach: bool | None = None) -> PreparedCall:
-    """Plan ``grads`` (non-empty) and pick a backend for each device they live on."""
-    requested = requested_backend(backend)
+
+def _part(grads: list[Tensor], backend: str | None, foreach: bool | None, reducer: Reducer | None) -> Part:
     plan = PLANS.plan_for(grads)
     works = [
-        (resolve_backend(requested, device_plan), DeviceWork(device_plan, device_plan.grads(grads), foreach))
+        (resolve_backend(backend, device_plan), DeviceWork(device_plan, device_plan.grads(grads), foreach))
         for device_plan in plan.devices
     ]
-    return PreparedCall(plan, works)
+    return Part(plan, works, reducer)
+
+
+def prepare(
+    grads: list[Tensor],
+    backend: str | None = None,
+    foreach: bool | None = None,
+    *,
+    group: object = None,
+    for_norm: bool = True,
+) -> PreparedCall:
+    """Plan non-empty ``grads`` and pick a backend for each device they live on.
+
+    ``backend``: a name validated by :func:`fusedclip.backends.requested_backend`, or None for the
+    automatic choice. ``group``: a process group the norm is reduced over. DTensor grads run on
+    their local shards; with ``for_norm`` their mesh dimensions become reducers (and a Partial
+    placement is refused), without it (scaling, clamping) the shards are only written.
+    """
+    group_reducer = None
+    if group is not None:
+        from .distributed import GroupReducer
+
+        group_reducer = GroupReducer([group])
+    if all_plain(grads) or not any(map(is_dtensor, grads)):
+        part = _part(grads, backend, foreach, None)
+        return PreparedCall([part], part.plan.result_dtype, group_reducer)
+    from .distributed import dtensor_parts
+
+    shards, wrap = dtensor_parts(grads, for_norm)
+    parts = [_part(local, backend, foreach, reducer) for local, reducer in shards]
+    return PreparedCall(parts, result_dtype_of(part.plan.result_dtype for part in parts), group_reducer, wrap)
+
+
+# -- the norm ------------------------------------------------------------------------------------
 
 
 def _check_norm_is_defined(call: PreparedCall, norm: NormSpec) -> None:
@@ -69,32 +145,29 @@ def _check_norm_is_defined(call: PreparedCall, norm: NormSpec) -> None:
             )
 
 
-#: ``norm_pass(scale=AUTO)``: compute the norm scale of a general p (the default)
-AUTO = "auto"
-
-
-def reducer_for(reduce: Callable[[Tensor], Tensor] | None, norm: NormSpec) -> Callable[[Tensor], Tensor] | None:
-    """The same cross-process reduction for another norm's accumulator (``reduce.for_norm``), or
-    None when ``reduce`` cannot provide one."""
-    for_norm = getattr(reduce, "for_norm", None)
-    return None if for_norm is None else for_norm(norm)
-
-
-def norm_scale(call: PreparedCall, norm: NormSpec, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
-    """The norm scale ``M`` of general-p ``norm`` over the call's grads (0-d float64, first device):
-    max ``|x|`` (min for p < 0) over every device and, with ``reduce``, every process; one extra
-    pass, no host synchronisation. None when ``reduce`` cannot reduce a max/min (the general-p pass
-    then runs unscaled, as before)."""
-    spec = scale_norm(norm)
-    reduce_scale = None
-    if reduce is not None:
-        reduce_scale = reducer_for(reduce, spec)
-        if reduce_scale is None:
-            return None
+def _accumulate(
+    call: PreparedCall, norm: NormSpec, per_tensor: Tensor | None = None, scale: Tensor | None = None
+) -> Tensor:
+    """The call's float64 accumulator of ``norm`` on its first device: every device's accumulator,
+    combined per part and reduced by the part's reducer, parts combined, the call's reducer applied.
+    ``per_tensor`` (one part only) receives every grad's norm."""
     first = call.first_device
-    scales = [backend.accumulate(work, spec).to(first) for backend, work in call.works]
-    scale = scales[0] if len(scales) == 1 else combine_accumulators(scales, spec)
-    return scale if reduce_scale is None else reduce_scale(scale)
+    accs = []
+    for part in call.parts:
+        device_accs = []
+        for backend, work in part.works:
+            local = per_tensor
+            if per_tensor is not None and not work.plan.whole_call:
+                local = torch.empty(work.plan.num_tensors, dtype=ACC_DTYPE, device=work.device)
+            local_scale = None if scale is None else scale.to(work.device)
+            device_accs.append(backend.accumulate(work, norm, local, scale=local_scale).to(first))
+            if local is not None and local is not per_tensor:
+                positions = torch.tensor(work.plan.positions, dtype=torch.int64, device=first)
+                per_tensor.index_copy_(0, positions, local.to(first))  # type: ignore[union-attr]
+        acc = device_accs[0] if len(device_accs) == 1 else combine_accumulators(device_accs, norm)
+        accs.append(acc if part.reducer is None else part.reducer(acc, norm))
+    acc = accs[0] if len(accs) == 1 else combine_accumulators(accs, norm)
+    return acc if call.reducer is None else call.reducer(acc, norm)
 
 
 def _per_tensor_exact(call: PreparedCall, norm: NormSpec, per_tensor: Tensor) -> None:
@@ -108,90 +181,81 @@ def _per_tensor_exact(call: PreparedCall, norm: NormSpec, per_tensor: Tensor) ->
             per_tensor.index_copy_(0, positions, values)
 
 
-def norm_pass(
+def total_norm(
     call: PreparedCall,
     norm: NormSpec,
-    max_norm: float | Tensor | None,
+    max_norm: float | Tensor | None = None,
     *,
     per_tensor: Tensor | None = None,
     grad_scale: Tensor | None = None,
-    reduce: Callable[[Tensor], Tensor] | None = None,
-    scale: Tensor | None | str = AUTO,
 ) -> NormResult:
     """One norm pass over the call's grads, without a host synchronisation.
 
-    Returns the total norm (0-d, ``call.result_dtype``, first device), the float64 clip coefficient
-    (if ``max_norm`` is given) and the raw float64 accumulator. ``per_tensor`` (float64, one slot
-    per grad, on the first device) receives each grad's norm; ``grad_scale`` is the factor the
-    stored grads are read with (see :mod:`fusedclip.backends.base`); ``reduce`` combines the
-    accumulator across processes (see :mod:`fusedclip.distributed`) before the total is formed.
+    Returns the total norm (0-d, ``call.result_dtype``, first device; a DTensor for DTensor grads),
+    the float64 clip coefficient (if ``max_norm`` is given), the raw float64 accumulator and, for a
+    general p, the norm scale it is relative to. ``per_tensor`` (float64, one slot per grad, on the
+    first device) receives each grad's norm; ``grad_scale`` is the factor the stored grads are read
+    with (see :mod:`fusedclip.backends.base`).
 
-    General p (not 0, 1, 2, +-inf) runs two passes: :func:`norm_scale` first (``scale=AUTO``; or
-    the caller's ``M``, which must be the same for every accumulator that is later combined),
-    then the sum of ``(|x| / M')^p``, which cannot overflow or underflow. Its per-tensor norms come
-    from ``per_tensor_norms_exact`` (a scaled per-tensor sum can underflow).
+    General p (not 0, 1, 2, +-inf) runs two passes: the norm scale ``M`` (max ``|x|``, min for
+    p < 0, over every device, part and process) first, then the sum of ``(|x| / M')^p``, which
+    cannot overflow or underflow. Its per-tensor norms come from ``per_tensor_norms_exact`` (a
+    scaled per-tensor sum can underflow).
     """
+    if per_tensor is not None and call.wrap is not None:
+        raise ValueError("per-tensor norms are not available for DTensor gradients")
     _check_norm_is_defined(call, norm)
-    if scale is AUTO:
-        scale = norm_scale(call, norm, reduce) if is_general_p(norm) else None
-    elif not is_general_p(norm):
-        scale = None
+    scale = _accumulate(call, scale_norm(norm)) if is_general_p(norm) else None
     exact_per_tensor = None
     if scale is not None and per_tensor is not None:
         exact_per_tensor, per_tensor = per_tensor, None
-    if len(call.works) == 1 and reduce is None:
+    if call.direct:
         backend, work = call.works[0]
         local_scale = None if scale is None else scale.to(work.device)
         result = backend.norm(
             work, norm, max_norm, call.result_dtype, per_tensor=per_tensor, grad_scale=grad_scale, scale=local_scale
         )
-        if exact_per_tensor is not None:
-            _per_tensor_exact(call, norm, exact_per_tensor)
-        return result
-    first = call.first_device
-    accs = []
-    for backend, work in call.works:
-        local = per_tensor
-        if per_tensor is not None and not work.plan.whole_call:
-            local = torch.empty(work.plan.num_tensors, dtype=ACC_DTYPE, device=work.device)
-        local_scale = None if scale is None else scale.to(work.device)
-        accs.append(backend.accumulate(work, norm, local, scale=local_scale).to(first))
-        if local is not None and local is not per_tensor:
-            positions = torch.tensor(work.plan.positions, dtype=torch.int64, device=first)
-            per_tensor.index_copy_(0, positions, local.to(first))
-    acc = accs[0] if len(accs) == 1 else combine_accumulators(accs, norm)
-    if reduce is not None:
-        acc = reduce(acc)
+    else:
+        acc = _accumulate(call, norm, per_tensor, scale)
+        result = finish(acc, norm, max_norm, call.result_dtype, grad_scale, scale)
     if exact_per_tensor is not None:
         _per_tensor_exact(call, norm, exact_per_tensor)
-    return finish(acc, norm, max_norm, call.result_dtype, grad_scale, None if scale is None else scale.to(first))
+    if call.wrap is not None:
+        result = result._replace(total=call.wrap(result.total, norm))
+    return result
 
 
 def norm_and_coef(
-    call: PreparedCall, norm: NormSpec, max_norm: float | Tensor | None, **extras: object
+    call: PreparedCall, norm_spec: NormSpec, max_norm: float | Tensor | None, **extras: object
 ) -> tuple[Tensor, Tensor | None]:
-    """(total norm, clip coefficient) of :func:`norm_pass`."""
-    result = norm_pass(call, norm, max_norm, **extras)  # type: ignore[arg-type]
+    """(total norm, clip coefficient) of :func:`total_norm`."""
+    result = total_norm(call, norm_spec, max_norm, **extras)  # type: ignore[arg-type]
     return result.total, result.coef
+
+
+# -- writing the grads ----------------------------------------------------------------------------
 
 
 def scale_(call: PreparedCall, coef: Tensor) -> None:
     """Multiply every grad of the call by ``coef`` (a 0-d tensor on any device)."""
-    check_writable(work for _, work in call.works)  # refuse before writing any grad
-    for backend, work in call.works:
+    works = call.works
+    check_writable(work for _, work in works)  # refuse before writing any grad
+    for backend, work in works:
         backend.scale_(work, coef if coef.device == work.device else coef.to(work.device))
 
 
 def clamp_(call: PreparedCall, clip_value: float) -> None:
-    check_writable(work for _, work in call.works)  # refuse before writing any grad
-    for backend, work in call.works:
+    """Clamp every grad of the call to ``[-clip_value, clip_value]``."""
+    works = call.works
+    check_writable(work for _, work in works)  # refuse before writing any grad
+    for backend, work in works:
         backend.clamp_(work, clip_value)
 
 
 def raise_if_nonfinite(total: Tensor, norm: NormSpec) -> None:
     """torch's ``error_if_nonfinite`` check (the one place that synchronises with the device)."""
-    if hasattr(total, "to_local"):  # a DTensor total holds the global value locally
-        total = total.to_local()
+    if is_dtensor(total):  # a DTensor total holds the global value locally
+        total = total.to_local()  # type: ignore[attr-defined]
     if not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {float(norm.p)} for gradients from `parameters` is non-finite, so it"

@@ -64,8 +64,19 @@ _GATHERED_DESCRIPTORS = tuple(
 )
 
 
+def no_grads_result() -> Tensor:
+    """torch's result without grads: ``tensor(0.)`` on the default device."""
+    return torch.tensor(0.0, device=torch.get_default_device())
+
+
 def grads_of(params: list) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, in order; non-tensors raise ``TypeError``."""
+    if torch.compiler.is_compiling():  # the same reads and checks, in Python Dynamo can trace
+        try:
+            grads = [param.grad for param in params if param.grad is not None]
+        except AttributeError:
+            raise _bad_item(params, "parameters") from None
+        return check_tensors(grads, "gradients")
     if _ext.C is not None:
         # one C pass for the .grad reads and the plan-cache key (see csrc/gather.h)
         gathered = _ext.C.gather_grads(params, _GATHERED_TYPES, _GATHERED_DESCRIPTORS)
@@ -89,7 +100,7 @@ def check_tensors(tensors: list, what: str) -> list[Tensor]:
     need not look again."""
     kinds = set(map(type, tensors))
     if kinds <= PLAIN_TENSOR_TYPES:
-        return PlainTensors(tensors)
+        return list(tensors) if torch.compiler.is_compiling() else PlainTensors(tensors)
     if not all(issubclass(kind, Tensor) for kind in kinds):
         raise _bad_item(tensors, what)
     return tensors
@@ -99,14 +110,16 @@ def check_max_norm(max_norm: Any) -> float | Tensor:
     """A non-negative, non-NaN number; or a 0-d tensor.
 
     A tensor on the CPU is checked by value. A tensor on an accelerator stays there and is used as
-    is: checking its value would cost the host synchronisation fusedclip exists to avoid.
+    is: checking its value would cost the host synchronisation fusedclip exists to avoid. While
+    ``torch.compile`` traces, a tensor's shape and dtype are checked and its value is checked when
+    the custom op runs (:func:`fusedclip.ops._joined_max_norm` calls this again then).
     """
     if isinstance(max_norm, Tensor):
         if max_norm.numel() != 1:
             raise ValueError(f"max_norm must be a number or a 1-element tensor; got shape {tuple(max_norm.shape)}")
         if max_norm.is_complex() or not (max_norm.is_floating_point() or _is_integral(max_norm)):
             raise TypeError(f"max_norm must be a real number; got a tensor of dtype {max_norm.dtype}")
-        if max_norm.device.type != "cpu":
+        if max_norm.device.type != "cpu" or torch.compiler.is_compiling():
             return max_norm.reshape(())
         max_norm = max_norm.item()
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) and not _is_real_scalar(max_norm):

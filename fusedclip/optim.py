@@ -31,9 +31,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 
-from . import amp, clip, engine
-from .inputs import check_max_norm, grads_of
+from . import amp, ops
+from .backends import requested_backend
+from .inputs import check_max_norm, grads_of, no_grads_result
 from .norm_type import parse_norm_type
 from .plan import real_dtype
 
@@ -51,7 +53,7 @@ def _check_fused(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def fold_coefficient(coef: Tensor, calls: list[engine.PreparedCall], dtypes: Iterable[torch.dtype]) -> Tensor | None:
+def fold_coefficient(coef: Tensor, call: ops.Call, dtypes: Iterable[torch.dtype]) -> Tensor | None:
     """Apply ``coef`` (the factor for the stored grads) so that the optimizer's step sees clipped
     grads; returns the ``grad_scale`` to hand to the optimizer (None: nothing to divide by).
 
@@ -62,12 +64,12 @@ def fold_coefficient(coef: Tensor, calls: list[engine.PreparedCall], dtypes: Ite
     always take the scale pass, decided on the host.
     """
     if any(real_dtype(dtype) == torch.float64 for dtype in dtypes):
-        clip.scale_calls_(calls, coef)
+        ops.scale_(call, coef)
         return None
     coef = coef.to(torch.float64)
     carried = (coef >= _F32_TINY) & (coef <= 1.0 / _F32_TINY)  # False for NaN
     one = torch.ones_like(coef)
-    clip.scale_calls_(calls, torch.where(carried, one, coef))
+    ops.scale_(call, torch.where(carried, one, coef))
     return torch.where(carried, coef.reciprocal(), one).to(torch.float32)
 
 
@@ -111,14 +113,14 @@ def clip_and_step_(
 
         return tracked_step(optimizer, max_norm, norm_type, tracker, scaler)
     _check_fused(optimizer)
-    if scaler is not None and scaler.is_enabled():
-        from torch.amp.grad_scaler import OptState
-
-        scaled = amp.scaled_norm_pass(scaler, optimizer, max_norm, norm_type, backend, group)
+    norm = parse_norm_type(norm_type)
+    max_norm = check_max_norm(max_norm)
+    backend = requested_backend(backend)
+    if scaler is not None and amp.scaler_enabled(scaler):
+        scaled = amp.scaled_norm(scaler, optimizer, max_norm, norm, backend, group)
         state = scaled.state
-        if scaled.coef is not None:
-            grad_scale = fold_coefficient(scaled.coef, scaled.calls, {g.dtype for g in scaled.grads})
-            _set_grad_scale(optimizer, grad_scale)
+        if scaled.call is not None:
+            _set_grad_scale(optimizer, fold_coefficient(scaled.coef, scaled.call, scaled.dtypes))  # type: ignore[arg-type]
             state["found_inf_per_device"] = {scaled.found_inf.device: scaled.found_inf}
         else:
             state["found_inf_per_device"] = {}
@@ -129,15 +131,13 @@ def clip_and_step_(
             _clear_grad_scale(optimizer)
         return scaled.total
 
-    norm = parse_norm_type(norm_type)
-    max_norm = check_max_norm(max_norm)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grads = grads_of(params)
+    grads = grads_of([p for g in optimizer.param_groups for p in g["params"]])
     if not grads:
         optimizer.step()
-        return torch.tensor(0.0, device=torch.get_default_device())
-    result, calls = clip.norm_pass(grads, norm, max_norm, backend=backend, group=group)
-    _set_grad_scale(optimizer, fold_coefficient(result.coef, calls, {g.dtype for g in grads}))
+        return no_grads_result()
+    call = ops.prepare(grads, backend, group)
+    result, _ = ops.total_norm(call, norm, max_norm)
+    _set_grad_scale(optimizer, fold_coefficient(result.coef, call, {g.dtype for g in grads}))  # type: ignore[arg-type]
     try:
         optimizer.step()
     finally:

@@ -239,8 +239,8 @@ def test_the_property_catches_a_grad_scale_that_overflows(monkeypatch):
 def test_carried_coefficients_take_no_scale_pass_writes(monkeypatch):
     """In the usual case the scale pass gets factor 1 (a no-op for the kernels) and grad_scale 1 / coef."""
     seen = []
-    real = fusedclip.clip.scale_calls_
-    monkeypatch.setattr(fusedclip.clip, "scale_calls_", lambda calls, coef: seen.append(coef.clone()) or real(calls, coef))
+    real = fusedclip.ops.scale_
+    monkeypatch.setattr(fusedclip.ops, "scale_", lambda call, coef: seen.append(coef.clone()) or real(call, coef))
     params = _params_with_grads(torch.float32, [0, 1], 3)
     opt = torch.optim.SGD(params, lr=0.1, fused=True)
     grad_scales = []

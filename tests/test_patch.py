@@ -67,7 +67,9 @@ def test_unpatch_restores_torch_and_is_idempotent():
 def test_patch_with_a_backend_passes_it_on(monkeypatch):
     seen = []
     real_prepare = engine.prepare
-    monkeypatch.setattr(engine, "prepare", lambda grads, backend=None, foreach=None: seen.append(backend) or real_prepare(grads, backend, foreach))
+    monkeypatch.setattr(
+        engine, "prepare", lambda grads, backend=None, foreach=None, **extra: seen.append(backend) or real_prepare(grads, backend, foreach, **extra)
+    )
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.ones(3)
     with fusedclip.patch_torch(backend="torch"):

@@ -19,7 +19,7 @@ def test_available_backends_lists_every_slot_with_true_or_a_reason():
 
 
 def _chosen(grads, backend=None):
-    return engine.prepare(grads, backend).backend_names
+    return engine.prepare(grads, backends.requested_backend(backend)).backend_names
 
 
 def test_explicit_torch_backend_is_used():
