@@ -1,6 +1,6 @@
 """Train an LSTM on generated sequences whose gradients explode, with and without clipping.
 
-    python examples/train_lstm.py [--steps 300] [--out examples/out]
+    python examples/train_lstm.py [--steps 300] [--out examples/out] [--log PATH [--log-method zclip]]
 
 Runs the same model, data and seed with: no clipping, torch's clip_grad_norm_, fusedclip's fixed
 threshold, and each adaptive mode of fusedclip.Clipper (autoclip, zclip, agc). Writes a PNG of the
@@ -9,6 +9,11 @@ checked against torch step for step: at every step torch's clip_grad_norm_ also 
 the same grads, and the two clipped results are compared (training with exploding gradients is
 chaotic, so two whole runs separate after a while from last-bit differences alone; the per-step
 comparison is what shows they compute the same thing). Runs on the CPU in under two minutes.
+
+With ``--log PATH``, one run's norm history is recorded with fusedclip.NormLog (JSONL) and turned
+into a threshold report with ``python -m fusedclip.report PATH``: by default the fixed-threshold
+run, which then clips through ``fusedclip.Clipper(mode="norm")`` (the same results as
+``clip_grad_norm_``, still checked against torch at every step); ``--log-method`` picks another.
 
 The task: the target is a weighted sum of two marked positions far apart in a noisy sequence (an
 "adding problem"). A recurrent weight initialised large and a high learning rate make the gradient
@@ -56,15 +61,17 @@ def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([values, marks], dim=-1), target
 
 
-def run(method: str, steps: int, seed: int = 0) -> dict:
+def run(method: str, steps: int, seed: int = 0, log: Path | None = None) -> dict:
     torch.manual_seed(seed)
     model = Model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     clipper = None
-    if method in ("autoclip", "zclip", "agc"):
+    if method in ("autoclip", "zclip", "agc") or (method == "fusedclip" and log is not None):
+        mode = "norm" if method == "fusedclip" else method
         clipper = fusedclip.Clipper(
-            model.named_parameters(), method, max_norm=MAX_NORM, percentile=10, agc_clipping=0.01, agc_exclude=()
+            model.named_parameters(), mode, max_norm=MAX_NORM, percentile=10, agc_clipping=0.01, agc_exclude=()
         )
+    norm_log = fusedclip.NormLog(clipper, log, flush_every=100) if log is not None else None
     gen = torch.Generator().manual_seed(seed + 1)
     losses, norms, shadow_gaps = [], [], []
     start = time.perf_counter()
@@ -80,14 +87,18 @@ def run(method: str, steps: int, seed: int = 0) -> dict:
         elif method == "fusedclip":
             shadow = [p.grad.clone() for p in model.parameters()]
             torch_norm = torch.nn.utils.clip_grad_norm_(shadow_params(shadow), MAX_NORM)
-            norm = fusedclip.clip_grad_norm_(model.parameters(), MAX_NORM)
+            norm = fusedclip.clip_grad_norm_(model.parameters(), MAX_NORM) if clipper is None else clipper()
             shadow_gaps.append(relative_gap(norm, torch_norm, model.parameters(), shadow))
         else:
             norm = clipper()
+        if norm_log is not None:
+            norm_log.record()  # device work only; writes every 100 steps
         optimizer.step()
         losses.append(float(loss.detach()))
         norms.append(float(norm))
     seconds = time.perf_counter() - start
+    if norm_log is not None:
+        norm_log.close()
     summary = clipper.summary() if clipper is not None else None
     return {"method": method, "losses": losses, "norms": norms, "seconds": seconds, "summary": summary, "gaps": shadow_gaps}
 
@@ -123,7 +134,7 @@ def summary_table(results: list[dict]) -> str:
     ]
     for r in results:
         clipped = "-" if r["summary"] is None else f"{r['summary']['clipped_fraction']:.0%}"
-        if r["method"] in ("torch", "fusedclip"):
+        if r["method"] in ("torch", "fusedclip") and r["summary"] is None:
             clipped = f"{sum(n > MAX_NORM for n in r['norms']) / len(r['norms']):.0%}"
         nonfinite = sum(not math.isfinite(v) for v in r["losses"])
         lines.append(
@@ -163,11 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--log", type=Path, default=None, help="record one run's norm history (fusedclip.NormLog, JSONL)")
+    parser.add_argument("--log-method", choices=("fusedclip", "autoclip", "zclip", "agc"), default="fusedclip",
+                        help="the run --log records (default: the fixed threshold, through Clipper(mode='norm'))")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    results = [run(m, args.steps) for m in ("none", "torch", "fusedclip", "autoclip", "zclip", "agc")]
+    methods = ("none", "torch", "fusedclip", "autoclip", "zclip", "agc")
+    results = [run(m, args.steps, log=args.log if m == args.log_method else None) for m in methods]
     table = summary_table(results)
     print(table)
     theirs, ours = results[1], results[2]
@@ -182,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "train_lstm.md").write_text(table + "\n\n" + verdict + "\n")
     if plot(results, args.out / "train_lstm.png"):
         print(f"wrote {args.out / 'train_lstm.png'} and {args.out / 'train_lstm.md'}")
+    if args.log is not None:
+        print(f"wrote the {args.log_method} run's norm log to {args.log}")
+        print(f"threshold report: python -m fusedclip.report {args.log}")
     if worst > 1e-5:
         print("fusedclip and torch disagree on the same grads")
         return 1

@@ -14,6 +14,7 @@ from .adaptive import Clipper
 from .amp import unscale_and_clip_
 from .backends import available_backends
 from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_norms, get_total_norm
+from .history import NormLog, read_log
 from .optim import clip_and_step_
 from .patch import is_patched, patch_torch, unpatch_torch
 from .tracker import NormTracker
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Clipper",
     "NormTracker",
+    "NormLog",
     "__version__",
     "available_backends",
     "clip_and_step_",
@@ -33,6 +35,7 @@ __all__ = [
     "get_total_norm",
     "is_patched",
     "patch_torch",
+    "read_log",
     "unpatch_torch",
     "unscale_and_clip_",
 ]
