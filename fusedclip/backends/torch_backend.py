@@ -3,18 +3,21 @@
 It follows torch's own recipe (per-tensor norms with ``_foreach_norm``, then a norm of those) with
 fusedclip's accuracy rules: per-tensor norms are accumulated in float32 (float64 for float64 grads)
 and never rounded to bf16/fp16 on the way, the combination happens in float64, and the coefficient
-comes from the unrounded total. ``foreach`` is honoured exactly as torch honours it.
+comes from the unrounded total. ``foreach`` is honoured exactly as torch honours it. General p
+(see :mod:`fusedclip.backends.base`) is summed per tensor as ``(|x| / M')^p`` in float64, and every
+root is taken by ``scaled_root``. ``scale_`` applies the coefficient as the kernel backends do
+(see its docstring for what is decided where).
 
-One exception, for speed: bf16 grads on the CPU (p = 1, 2 and any other finite p without a norm
-scale). Every torch CPU reduction that returns float32 from bf16 input first makes a float32 copy
-of it, and that conversion alone made the norm pass ~0.55-0.75x as fast as torch's own
-clip_grad_norm_ (which reduces bf16 in its own dtype); converting cache-sized pieces into a reused
-float32 buffer was no faster. So for those grads the per-tensor norms are torch's, bit for bit:
-``_foreach_norm`` in bf16 (float32 accumulation inside, each per-tensor norm rounded to bf16).
-They are combined in float64 and the total is rounded once, so the result is never less accurate
-than torch's own (whose combination is a second bf16 rounding). fp16 keeps the float32 path: torch's
-own fp16 CPU norm is about twice as slow as it, and fp16 per-tensor norms would overflow at 65504
-(loss-scaled grads under ``grad_scale`` reach that), where bf16 has float32's range.
+One exception, for speed: bf16 grads on the CPU (p = 1 and 2). Every torch CPU reduction that
+returns float32 from bf16 input first makes a float32 copy of it, and that conversion alone made the
+norm pass ~0.55-0.75x as fast as torch's own clip_grad_norm_ (which reduces bf16 in its own dtype);
+converting cache-sized pieces into a reused float32 buffer was no faster. So for those grads the
+per-tensor norms are torch's, bit for bit: ``_foreach_norm`` in bf16 (float32 accumulation inside,
+each per-tensor norm rounded to bf16). They are combined in float64 and the total is rounded once,
+so the result is never less accurate than torch's own (whose combination is a second bf16 rounding).
+fp16 keeps the float32 path: torch's own fp16 CPU norm is about twice as slow as it, and fp16
+per-tensor norms would overflow at 65504 (loss-scaled grads under ``grad_scale`` reach that), where
+bf16 has float32's range.
 
 Cost of the float32 path elsewhere: beyond 8M elements the float32 copy of a 16-bit tensor (over
 32 MB) is a fresh allocation every call, and its page faults made the norm ~17x slower than torch's
@@ -26,11 +29,22 @@ runs 16-bit CPU grads when the extension is missing or it is asked for by name.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..norm_type import NormKind, NormSpec
-from .base import ACC_DTYPE, Backend, DeviceWork, NormResult, finish_total, is_general_p, usable_norm_scale
+from .base import (
+    ACC_DTYPE,
+    Backend,
+    DeviceWork,
+    NormResult,
+    finish_total,
+    is_general_p,
+    scaled_root,
+    usable_norm_scale,
+)
 
 try:  # private helpers torch's own clip_grad uses; degrade to "foreach where torch supports it"
     from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
@@ -153,22 +167,81 @@ def _flat_cpu_norms(group: list[Tensor], p: float) -> Tensor:
     return torch.stack(norms).to(ACC_DTYPE)
 
 
-def _skip_scale(coef: Tensor, device: torch.device) -> bool:
-    """True when ``coef`` is exactly 1 and reading it costs nothing: CPU grads and a CPU coefficient
-    (the CPU has no queue to wait for; the kernel backends skip a coefficient of 1 the same way).
-    Never on other devices (that would be a host synchronisation) nor while tracing."""
-    if device.type != "cpu" or coef.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return bool(coef == 1)
+#: float32's smallest normal number and its largest finite one
+FLOAT_MIN_NORMAL = 2.0**-126
+FLOAT_MAX = float(torch.finfo(torch.float32).max)
+#: the exact product (see ``_scaled_exactly``) is formed on pieces of at most this many elements of
+#: a contiguous grad, so that its float64 temporaries stay small (8 MB each)
+WIDE_PIECE_ELEMENTS = 1 << 20
+
+
+def coef_needs_wide(value: float) -> bool:
+    """True when ``float32(value)`` cannot stand for the coefficient: finite, non-zero and outside
+    float32's normal range (``csrc/fusedclip.h``'s ``coef_needs_wide``)."""
+    magnitude = abs(value)
+    return 0.0 < magnitude < FLOAT_MIN_NORMAL or FLOAT_MAX < magnitude < math.inf
+
+
+def _readable(coef: Tensor) -> bool:
+    """True when reading ``coef`` on the host costs nothing: a CPU tensor (the CPU has no queue to
+    wait for), outside tracing."""
+    return coef.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _split_coef(coef: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 ``coef`` as ``hi + lo`` exactly: ``hi`` keeps its top 24 significant bits, ``lo`` the rest."""
+    hi = (coef.view(torch.int64) & ~((1 << 29) - 1)).view(torch.float64)
+    return hi, coef - hi
+
+
+def _product_round_odd(x: Tensor, coef: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+    """``x * coef`` rounded to odd at float64 precision, for float64 ``x`` holding values of at most 24
+    significant bits (``product_round_odd`` in ``csrc/fusedclip.h``): ``a = x * hi`` and ``b = x * lo``
+    are exact, ``s = a + b`` rounded and ``t = b - (s - a)`` its exact error; an inexact ``s`` is
+    truncated toward zero with its last bit set. Zero, inf, NaN and overflow take ``x * coef``."""
+    a = x * hi
+    b = x * lo
+    s = a + b
+    t = b - (s - a)
+    step = ((t < 0) != (s < 0)).to(torch.int64)  # s is beyond x * coef: one step toward zero truncates
+    odd = ((s.view(torch.int64) - step) | 1).view(torch.float64)
+    rounded = torch.where(t == 0, s, odd)
+    return torch.where((s == 0) | ~torch.isfinite(s), x * coef, rounded)
+
+
+def _round_odd_to_float(d: Tensor) -> Tensor:
+    """float64 ``d`` rounded to odd at float32 precision (``round_odd_to_float`` in ``csrc/fusedclip.h``):
+    rounding that once more to bfloat16 or float16 is rounding ``d`` once."""
+    f = d.to(torch.float32)
+    back = f.to(torch.float64)
+    step = (back.abs() > d.abs()).to(torch.int32)  # f was rounded away from zero: step back
+    odd = ((f.view(torch.int32) - step) | 1).view(torch.float32)
+    return torch.where((back == d) | torch.isnan(d), f, odd)
+
+
+def _scaled_exactly(x: Tensor, coef: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+    """``x * coef`` (float32/bf16/fp16 ``x``, float64 ``coef`` split by ``_split_coef``) rounded once to
+    ``x``'s dtype, as the kernel backends apply a coefficient outside float32's normal range."""
+    product = _product_round_odd(x.to(torch.float64), coef, hi, lo)
+    if x.dtype == torch.float32:
+        return product.to(torch.float32)  # the one rounding
+    return _round_odd_to_float(product).to(x.dtype)  # odd float32, then the one rounding that counts
+
+
+def _scale_exactly_(grad: Tensor, coef: Tensor, hi: Tensor, lo: Tensor) -> None:
+    """``grad = _scaled_exactly(grad)`` in place, a contiguous grad in pieces (see WIDE_PIECE_ELEMENTS)."""
+    if grad.numel() > WIDE_PIECE_ELEMENTS and grad.is_contiguous():
+        for piece in grad.view(-1).split(WIDE_PIECE_ELEMENTS):
+            piece.copy_(_scaled_exactly(piece, coef, hi, lo))
+    else:
+        grad.copy_(_scaled_exactly(grad, coef, hi, lo))
 
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def _per_tensor_norms(
-        self, work: DeviceWork, norm: NormSpec, scale: Tensor | None = None, *, flat: bool = False
-    ) -> list[Tensor]:
-        """Per-tensor norms, one float64 vector per dtype group.
+    def _per_tensor_norms(self, work: DeviceWork, norm: NormSpec, *, flat: bool = False) -> list[Tensor]:
+        """Per-tensor norms, one float64 vector per dtype group (not general p: see ``_general_sums``).
 
         ``flat``: only the total is wanted (no per-tensor norms, not p = 0), so a CPU group of
         float32/bf16/fp16 grads may return norms of chunks instead (see ``_flat_cpu_norms``).
@@ -188,19 +261,16 @@ class TorchBackend(Backend):
             # torch's own per-tensor norms, in the grads' dtype (see the module docstring)
             as_torch = (
                 norm.kind is NormKind.SUM_POW
-                and scale is None
                 and plan.device.type == "cpu"
                 and dtype in CPU_TORCH_NORM_DTYPES
             )
             if (extreme or as_torch) and opmath is not None:
                 opmath = None
-            elif flat and scale is None and plan.device.type == "cpu" and dtype in _CPU_FLAT_DTYPES:
+            elif flat and plan.device.type == "cpu" and dtype in _CPU_FLAT_DTYPES:
                 nonempty = [g for g in group if g.numel()]
                 if nonempty:
                     norms.append(_flat_cpu_norms(nonempty, norm.p))
                 continue
-            if scale is not None:  # general p: the grads over the norm scale M', in float64 (see backends.base)
-                group, opmath = [g.to(torch.complex128 if g.is_complex() else ACC_DTYPE) / scale for g in group], None
             counts = None
             if plan.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not (extreme or as_torch):
                 group, counts = _pieces(group)  # see the module docstring
@@ -213,17 +283,15 @@ class TorchBackend(Backend):
             norms.append(torch.stack(group_norms).to(ACC_DTYPE))
         return norms
 
-    def _per_tensor_vector(
-        self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None, scale: Tensor | None = None
-    ) -> Tensor | None:
+    def _per_tensor_vector(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None) -> Tensor | None:
         """A float64 vector whose norm is the total (None without non-empty tensors): per-tensor
         norms, or on the CPU (p != 0) norms of chunks (see ``_flat_cpu_norms``). ``per_tensor``
         then takes its per-tensor norms from a second pass, so the total is the same bits with or
         without it."""
         flat = norm.kind is not NormKind.COUNT and work.plan.device.type == "cpu"
-        norms = self._per_tensor_norms(work, norm, scale, flat=flat)
+        norms = self._per_tensor_norms(work, norm, flat=flat)
         if per_tensor is not None:
-            own = self._per_tensor_norms(work, norm, scale) if flat else norms
+            own = self._per_tensor_norms(work, norm) if flat else norms
             self._write_per_tensor(work, norm, own, per_tensor)
         if not norms:
             return None
@@ -243,11 +311,56 @@ class TorchBackend(Backend):
             return (per_tensor * per_tensor).sum()
         return per_tensor.pow(norm.p).sum()
 
+    @staticmethod
+    def _general_sums(work: DeviceWork, norm: NormSpec, scale: Tensor) -> Tensor | None:
+        """General p: every grad's sum of ``(|x| / M')^p`` in float64 (``scale``: ``M'``), in dtype-group
+        order (as ``_write_per_tensor`` takes them); None without grads.
+
+        Sums, not per-tensor norms: for a tiny ``|p|`` a tensor's root (``3 ** 1000``) can leave
+        float64's range while the norm does not, and the accumulator is the sum of the sums. Every
+        root is then taken by ``scaled_root``."""
+        plan, grads = work.plan, work.grads
+        keep_empty = norm.needs_nonempty_tensors
+        sums: list[Tensor] = []
+        for dtype, indices in plan.dtype_groups.items():
+            # |x| in float64 (a complex grad's modulus), a fresh tensor each, then over M' and to the p
+            wide = torch.complex128 if dtype.is_complex else ACC_DTYPE
+            group = [grads[i].to(wide).abs() for i in indices if keep_empty or plan.numels[i]]
+            if not group:
+                continue
+            if _use_foreach(group, plan.device, work.foreach):
+                torch._foreach_div_(group, scale)
+                torch._foreach_pow_(group, norm.p)
+            else:
+                for magnitude in group:
+                    magnitude.div_(scale).pow_(norm.p)
+            sums.append(torch.stack([magnitude.sum() for magnitude in group]))
+        if not sums:
+            return None
+        return sums[0] if len(sums) == 1 else torch.cat(sums)
+
+    def _general(
+        self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None, scale: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """General p: (accumulator, ``M'``), writing ``per_tensor`` when given."""
+        if scale is None:
+            scale = torch.ones((), dtype=ACC_DTYPE, device=work.device)
+        scale = usable_norm_scale(scale.to(device=work.device, dtype=ACC_DTYPE))
+        sums = self._general_sums(work, norm, scale)
+        if sums is None:
+            if per_tensor is not None:
+                per_tensor.zero_()
+            return torch.zeros((), dtype=ACC_DTYPE, device=work.device), scale
+        if per_tensor is not None:
+            self._write_per_tensor(work, norm, [scaled_root(sums, norm.p, scale)], per_tensor)
+        return sums.sum(), scale
+
     def accumulate(
         self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None, *, scale: Tensor | None = None
     ) -> Tensor:
-        scale = usable_norm_scale(scale) if scale is not None and is_general_p(norm) else None
-        vector = self._per_tensor_vector(work, norm, per_tensor, scale)
+        if is_general_p(norm):
+            return self._general(work, norm, per_tensor, scale)[0]
+        vector = self._per_tensor_vector(work, norm, per_tensor)
         if vector is None:
             return torch.zeros((), dtype=ACC_DTYPE, device=work.device)
         return self._accumulator(vector, norm)
@@ -263,17 +376,18 @@ class TorchBackend(Backend):
         grad_scale: Tensor | None = None,
         scale: Tensor | None = None,
     ) -> NormResult:
-        """torch's second stage (the norm of the per-tensor norms) in float64: one root, not two."""
-        raw_scale = scale if is_general_p(norm) else None
-        scale = None if raw_scale is None else usable_norm_scale(raw_scale)
-        vector = self._per_tensor_vector(work, norm, per_tensor, scale)
+        """torch's second stage (the norm of the per-tensor norms) in float64: one root, not two.
+        General p: ``M'`` times the root of the accumulator (``scaled_root``)."""
+        if is_general_p(norm):
+            acc, usable = self._general(work, norm, per_tensor, scale)
+            total = scaled_root(acc, norm.p, usable)
+            return finish_total(total, acc, norm, max_norm, out_dtype, grad_scale, scale)
+        vector = self._per_tensor_vector(work, norm, per_tensor)
         if vector is None:
             zero = torch.zeros((), dtype=ACC_DTYPE, device=work.device)
             return finish_total(zero, zero, norm, max_norm, out_dtype, grad_scale)
         total = torch.linalg.vector_norm(vector, norm.p)
-        if scale is not None:
-            total = scale * total
-        return finish_total(total, self._accumulator(vector, norm), norm, max_norm, out_dtype, grad_scale, raw_scale)
+        return finish_total(total, self._accumulator(vector, norm), norm, max_norm, out_dtype, grad_scale)
 
     @staticmethod
     def _write_per_tensor(work: DeviceWork, norm: NormSpec, norms: list[Tensor], out: Tensor) -> None:
@@ -287,9 +401,31 @@ class TorchBackend(Backend):
             out.index_copy_(0, index, torch.cat(norms).to(out.dtype))
 
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:
+        """Multiply every grad by ``coef`` as the kernel backends do (see ``kernel_base``): float64
+        grads by ``coef``; float32/bf16/fp16 grads by ``float32(coef)`` (torch's result, and torch's
+        speed: ``_foreach_mul_`` per dtype group) when ``coef`` is 0, inf, NaN or a normal float32,
+        else by the exact ``coef``, each product rounded once to the grad's dtype (``_scaled_exactly``).
+
+        Which of the two applies is read from ``coef`` where that is free: a CPU coefficient (always
+        so for CPU grads). On other devices reading it would be a host synchronisation, and choosing
+        on the device means computing both results and selecting one (``torch.where``): the exact
+        product is about a dozen float64 passes over the grads where the common case is one
+        multiplication, so the select is used there only for aliased grads (scaled one tensor after
+        another anyway; the kernel backends hand exactly those to this backend, which keeps their
+        results) and while tracing. Other grads on such devices take ``float32(coef)``, torch's
+        result, also when ``coef`` is outside float32's normal range (below 2^-126: a ``max_norm``
+        below about 1e-38 times the total norm).
+        """
         plan, grads = work.plan, work.grads
-        if _skip_scale(coef, plan.device):
-            return  # x * 1 == x in every dtype: an unclipped step costs only the norm pass
+        wide: bool | None = None  # does coef need the exact product? None: decided on the device
+        if _readable(coef):
+            value = coef.item()
+            if value == 1 and plan.device.type == "cpu":
+                return  # x * 1 == x in every dtype: an unclipped step costs only the norm pass
+            wide = coef_needs_wide(value)
+        elif plan.device.type != "cpu" and not torch.compiler.is_compiling() and not plan.aliased:
+            wide = False  # see the docstring
+        exact: tuple[Tensor, Tensor, Tensor] | None = None  # float64 coef, hi, lo on the device
         coef_by_dtype: dict[torch.dtype, Tensor] = {}
         for dtype, indices in plan.dtype_groups.items():
             # Multiply in float32 (float64 for float64 grads), rounding each element once.
@@ -298,7 +434,24 @@ class TorchBackend(Backend):
             if factor is None:
                 factor = coef_by_dtype[opmath] = coef.to(device=plan.device, dtype=opmath)
             group = [grads[i] for i in indices]
-            if _use_foreach(group, plan.device, work.foreach):
+            use_foreach = _use_foreach(group, plan.device, work.foreach)
+            if wide is not False and dtype in _CPU_FLAT_DTYPES:  # float32, bf16, fp16
+                if exact is None:
+                    coef64 = coef.to(device=plan.device, dtype=torch.float64)
+                    exact = (coef64, *_split_coef(coef64))
+                # one tensor after another: an element shared by two grads is scaled once per grad
+                if wide:
+                    for grad in group:
+                        _scale_exactly_(grad, *exact)
+                else:
+                    magnitude = exact[0].abs()
+                    needs_wide = ((magnitude > 0) & (magnitude < FLOAT_MIN_NORMAL)) | (
+                        (magnitude > FLOAT_MAX) & (magnitude < math.inf)
+                    )
+                    for grad in group:
+                        grad.copy_(torch.where(needs_wide, _scaled_exactly(grad, *exact), grad * factor))
+                continue
+            if use_foreach:
                 torch._foreach_mul_(group, factor)
             else:
                 for grad in group:
