@@ -112,10 +112,11 @@ def _run_torchrun(block: Block, tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
-def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
+def test_readme_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if block.marker == "needs-cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     if block.marker != "torchrun":
+        monkeypatch.chdir(tmp_path)  # files a block writes land in a scratch folder
         _run_here(block)
         return
     out = _run_torchrun(block, tmp_path)
