@@ -118,7 +118,9 @@ def check_backend(name: str, device: str) -> str | None:
         f" clipped grads within {worst:.2f} of tolerance; norm after clipping {float(norm_again):.6g}"
         f" (max_norm {max_norm:.6g}); kernels of an unclipped call: {launched or 'not profiled off the GPU'}"
     )
-    if total_error > 1e-5:
+    # the torch backend on CPUs takes torch's own bf16 per-tensor norms (README: accuracy), within 2**-8
+    allowed = 2.0**-8 if name == "torch" and device == "cpu" and any(g.dtype == torch.bfloat16 for g in grads) else 1e-5
+    if total_error > allowed:
         return f"total norm off by {total_error:.1e} relative to float64"
     if worst > 1.0:
         return f"clipped grads off by {worst:.2f}x the tolerance"

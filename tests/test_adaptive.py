@@ -486,7 +486,11 @@ def test_get_norms_per_tensor_dtype_is_the_real_result_dtype_at_least_float32(dt
     for t, norm in zip(tensors, per_tensor.double()):
         wanted = torch.linalg.vector_norm(t.to(torch.complex128 if t.is_complex() else torch.float64))
         wide = t.dtype in (torch.float64, torch.complex128)
-        torch.testing.assert_close(norm, wanted, rtol=1e-12 if wide else 1e-6, atol=0)
+        # complex grads send the call to the torch backend, whose bf16 CPU per-tensor norms are
+        # torch's own (rounded to bf16, the README's documented exception)
+        like_torch = t.dtype == torch.bfloat16 and any(o.is_complex() for o in tensors)
+        rtol = 1e-12 if wide else 2.0**-8 if like_torch else 1e-6
+        torch.testing.assert_close(norm, wanted, rtol=rtol, atol=0)
 
 
 def test_the_dtype_check_catches_promotion_over_complex_dtypes():

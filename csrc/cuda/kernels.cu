@@ -294,7 +294,9 @@ __device__ void finish_norm(const Tables& tables, const NormParams& params, doub
     if (valid) {
       const bool empty = tables.numels[t] == 0;
       if (params.per_tensor_out != nullptr) {
-        params.per_tensor_out[t] = empty ? 0.0 : scaled_norm_from_acc(kind, params.p, acc, m);
+        // the plain product, not scaled_norm_from_acc: its logarithm fallback costs a register spill on
+        // sm_90, and general-p per-tensor norms are taken from the engine's exact path anyway
+        params.per_tensor_out[t] = empty ? 0.0 : norm_from_acc(kind, params.p, acc) * m;
       }
       if (!empty) thread_total = Fold<total_mode>::combine(thread_total, tensor_contribution(kind, acc));
     }
