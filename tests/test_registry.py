@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import HAS_CUDA
@@ -158,3 +160,28 @@ def test_triton_is_not_reported_available_on_a_cpu_machine_without_the_interpret
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+def test_a_backend_module_that_fails_to_import_is_unavailable_with_the_reason(monkeypatch):
+    """A missing optional dependency: the backend is unavailable, and says why."""
+    monkeypatch.setitem(backends._REGISTRY, "torch", ("fusedclip_no_such_module", "TorchBackend"))
+    monkeypatch.setattr(backends, "_instances", {})
+    reason = fusedclip.available_backends("cpu")["torch"]
+    assert isinstance(reason, str) and "fusedclip_no_such_module" in reason
+
+
+def test_a_bug_in_a_backend_module_surfaces(monkeypatch):
+    """Anything but an import failure is a bug: it propagates instead of reading as unavailable."""
+    import types
+
+    broken = types.ModuleType("fusedclip_broken_backend")
+
+    def explode():
+        raise ZeroDivisionError("a bug in the backend")
+
+    broken.TorchBackend = explode
+    monkeypatch.setitem(sys.modules, "fusedclip_broken_backend", broken)
+    monkeypatch.setitem(backends._REGISTRY, "torch", ("fusedclip_broken_backend", "TorchBackend"))
+    monkeypatch.setattr(backends, "_instances", {})
+    with pytest.raises(ZeroDivisionError, match="a bug in the backend"):
+        fusedclip.available_backends("cpu")

@@ -52,8 +52,10 @@ def _load(name: str) -> Backend | str:
             module_name, class_name = _REGISTRY[name]
             try:
                 backend: Backend | str = getattr(importlib.import_module(module_name), class_name)()
-            except Exception as error:  # an optional dependency missing or broken
+            except (ImportError, OSError) as error:  # an optional dependency not installed, a library not loadable
                 backend = f"{type(error).__name__}: {error}"
+            # anything else is a bug in the backend's module: it propagates, so that it is never
+            # mistaken for "unavailable" and silently replaced by the automatic choice
             _instances[name] = backend
         return _instances[name]
 
