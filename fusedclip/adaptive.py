@@ -83,6 +83,18 @@ def _unit_norms(tensor: Tensor, dims: tuple[int, ...] | None) -> Tensor:
     return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=_OPMATH.get(tensor.dtype, tensor.dtype))
 
 
+def _saturate(value: Tensor) -> Tensor:
+    """``value``, at most its dtype's largest finite value (NaN stays NaN)."""
+    return torch.clamp(value, max=torch.finfo(value.dtype).max)
+
+
+def _saturating_square(deviation: Tensor) -> Tensor:
+    """``deviation ** 2``, saturated: the squared deviation of finite norms above ~1e154 (float64)
+    would be inf, and an inf variance would switch ZClip's clipping off for good; saturated (here and
+    in the averages built from it), it decays again with the moving average."""
+    return _saturate(deviation * deviation)
+
+
 def _coefficient(total: Tensor, threshold: Tensor) -> Tensor:
     """torch's coefficient against a device-side threshold; no threshold yet (NaN) means no cap.
 
@@ -243,14 +255,14 @@ class Clipper:
         warmup.index_copy_(0, slot, torch.where(in_warmup & finite, total, kept).reshape(1))
         completes = in_warmup & finite & (count == self.warmup_steps - 1)
         warm_mean = warmup.mean()  # used only once the buffer is full (NaN before)
-        warm_var = ((warmup - warm_mean) ** 2).mean()
+        warm_var = _saturate((_saturating_square(warmup - warm_mean) / warmup.numel()).sum())
         std = var.sqrt()
         z = (total - mean) / (std + CLIP_EPS)
         spike = z > self.z_threshold
         z_threshold = torch.where(spike, mean + (self.z_threshold**2 / z) * std, torch.full_like(total, math.inf))
         clipped = torch.minimum(total, z_threshold)
         new_mean = self.alpha * mean + (1 - self.alpha) * clipped
-        new_var = self.alpha * var + (1 - self.alpha) * (clipped - new_mean) ** 2
+        new_var = _saturate(self.alpha * var + (1 - self.alpha) * _saturating_square(clipped - new_mean))
         updates = finite & ~in_warmup
         mean.copy_(torch.where(completes, warm_mean, torch.where(updates, new_mean, mean)))
         var.copy_(torch.where(completes, warm_var, torch.where(updates, new_var, var)))

@@ -503,3 +503,24 @@ def test_the_dtype_check_catches_promotion_over_complex_dtypes():
 
     with pytest.raises(AssertionError, match="complex"):
         _check_result_dtypes(dtypes, broken)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_zclip_keeps_clipping_after_finite_norms_whose_squares_overflow(broken, monkeypatch):
+    """float64 grads with max norms ~1e200 (a 2-norm of such grads overflows, as torch's does):
+    squared deviations overflow float64, yet the variance stays finite (saturated) and a later spike
+    is still clipped; the plain square is shown to fail."""
+    if broken:
+        monkeypatch.setattr(adaptive, "_saturate", lambda value: value)  # plain squares and sums
+    param = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    clipper = Clipper([param], mode="zclip", warmup_steps=3, max_norm=1e300, norm_type=math.inf)
+    gen = torch.Generator().manual_seed(0)
+    for scale in [1e200, 3e200, 2e200, 9e199, 4e200, 2e200]:  # warm-up, then ordinary steps
+        param.grad = torch.rand(4, generator=gen, dtype=torch.float64) * scale
+        clipper()
+    param.grad = torch.full((4,), 1e210, dtype=torch.float64)  # a spike: z far above the threshold
+    clipper()
+    spike_norm_after = float(param.grad.abs().max())
+    # clipped to a finite threshold near the running norms: neither passed through nor zeroed
+    clipped_sensibly = math.isfinite(float(clipper.state["var"])) and 0 < spike_norm_after < 1e205
+    assert clipped_sensibly != broken  # an inf variance lets the spike through or zeroes it
