@@ -28,6 +28,21 @@ finite norms only, exactly as if the non-finite steps had not happened (those st
 clipped: an inf norm gives coefficient 0 and a NaN norm NaN grads, as in torch, and they are
 counted in ``nonfinite_steps``). Which norms were finite is known only on the device, so every
 such choice is a ``torch.where`` and a step never waits for the device.
+
+Skipping a step (``skip="nonfinite"`` or ``"spike"``): each call also sets :attr:`Clipper.found_inf`,
+a 0-d float32 device tensor (1.0: skip this step, 0.0: take it), computed on the device from the
+statistics as they were before this step, and counts flagged steps in ``skipped_steps``. The rule:
+
+* always (both settings): a non-finite total norm (inf or NaN);
+* ``"spike"``, modes ``"norm"``, ``"autoclip"``, ``"agc"``: a total norm above ``skip_factor`` times
+  the EMA of the finite norms before this one (``ema_norm``; from the second finite norm on);
+* ``"spike"``, mode ``"zclip"``: a z-score ``(norm - mean) / (std + eps)`` above ``skip_z``, against
+  ZClip's moving averages before this step (after the warm-up only).
+
+The grads are clipped as without ``skip``, and a flagged norm still enters the statistics as any
+finite norm does (so a lasting rise of the norm's level stops being flagged after some steps instead
+of being skipped for ever). :meth:`Clipper.step` hands the flag to a fused torch optimizer, whose
+kernel then leaves parameters and state unchanged (see :func:`fusedclip.optim.step_unless_flagged`).
 """
 
 from __future__ import annotations
@@ -47,6 +62,10 @@ from .inputs import check_max_norm, no_grads_result
 from .norm_type import parse_norm_type
 
 MODES = ("norm", "autoclip", "zclip", "agc")
+SKIPS = (None, "nonfinite", "spike")
+#: state tensors a state dict may lack (states saved before they existed, or without ``skip``) and
+#: may hold although this Clipper lacks them (states saved with ``skip``, loaded without): 0-d counts
+_OPTIONAL_STATE = frozenset({"skipped_steps"})
 #: name fragments of final layers that AGC leaves alone (NFNets exclude the classifier)
 _DEFAULT_AGC_EXCLUDE = ("head", "classifier", "lm_head")
 #: AGC's unit-wise norms are L2 norms
@@ -120,6 +139,9 @@ class Clipper:
         ema_decay: decay of the reported EMA of the total norm.
         top_k: how many parameters ``summary()`` lists by gradient norm.
         backend: the fusedclip backend (None: automatic).
+        skip, skip_factor, skip_z: which steps to flag in :attr:`found_inf` for skipping (None: none,
+            ``"nonfinite"``, ``"spike"``; the rule is in the module docstring), the factor over the
+            EMA norm and the z-score above which ``"spike"`` flags a step.
     """
 
     def __init__(
@@ -140,6 +162,9 @@ class Clipper:
         ema_decay: float = 0.99,
         top_k: int = 5,
         backend: str | None = None,
+        skip: str | None = None,
+        skip_factor: float = 10.0,
+        skip_z: float = 6.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown Clipper mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -151,6 +176,10 @@ class Clipper:
             raise ValueError("alpha and ema_decay must lie strictly between 0 and 1")
         if z_threshold <= 0 or agc_clipping <= 0 or agc_eps <= 0:
             raise ValueError("z_threshold, agc_clipping and agc_eps must be positive")
+        if skip not in SKIPS:
+            raise ValueError(f"unknown skip {skip!r}; choose one of {SKIPS}")
+        if not (math.isfinite(skip_factor) and skip_factor >= 1.0 and math.isfinite(skip_z) and skip_z > 0):
+            raise ValueError(f"skip_factor must be finite and >= 1, skip_z finite and > 0; got {skip_factor}, {skip_z}")
         self.named = _named(parameters)
         self.mode = mode
         self.max_norm = float(check_max_norm(max_norm))
@@ -166,6 +195,9 @@ class Clipper:
         self.ema_decay = float(ema_decay)
         self.top_k = int(top_k)
         self.backend = backend
+        self.skip = skip
+        self.skip_factor = float(skip_factor)
+        self.skip_z = float(skip_z)
         self.steps = 0
         self.device = self.named[0][1].device
         zeros = lambda *shape: torch.zeros(shape, dtype=ACC_DTYPE, device=self.device)  # noqa: E731
@@ -185,6 +217,12 @@ class Clipper:
             self.state["warmup"] = torch.full((self.warmup_steps,), math.nan, dtype=ACC_DTYPE, device=self.device)
             self.state["mean"] = zeros()
             self.state["var"] = zeros()
+        if skip is not None:
+            self.state["skipped_steps"] = zeros()
+        #: 1.0 when the latest call flagged its step for skipping (always 0.0 without ``skip``); the
+        #: same tensor every step, as ``found_inf`` of a fused optimizer (see :meth:`step`)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._flag_fresh = False  # a call since the last step()
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
 
     # -- one step ----------------------------------------------------------------------------
@@ -193,8 +231,10 @@ class Clipper:
         """Clip the current grads once; returns the total norm before clipping (no host sync)."""
         positions = tuple(i for i, (_, p) in enumerate(self.named) if p.grad is not None)
         grads = [self.named[i][1].grad for i in positions]
+        self._flag_fresh = True
         if not grads:
             self.steps += 1
+            self.found_inf.zero_()  # nothing to skip: the optimizer has nothing to update
             return no_grads_result()  # as clip_grad_norm_ without grads
         call = ops.prepare(grads, requested_backend(self.backend))
         if self.mode == "agc":
@@ -202,6 +242,7 @@ class Clipper:
             coef = torch.where(any_clipped, 0.0, 1.0).to(ACC_DTYPE)  # counts as clipped when any unit was
             self.state["threshold"].fill_(self.agc_clipping)
             exact_total = total_from_accumulator(result.acc, _L2)
+            self._flag(exact_total)
         else:
             result, per_tensor, coef, exact_total = self._norm_step(call)
         self._record(exact_total, per_tensor, positions, coef)
@@ -214,6 +255,7 @@ class Clipper:
         fixed = self.max_norm if self.mode == "norm" else None
         result, per_tensor = ops.total_norm(call, self.norm, fixed, per_tensor=True)
         total = total_from_accumulator(result.acc, self.norm, result.scale)
+        self._flag(total)  # before the thresholds update the statistics it reads
         if self.mode == "norm":
             coef = result.coef
             self.state["threshold"].fill_(self.max_norm)
@@ -223,6 +265,40 @@ class Clipper:
             coef = _coefficient(total, threshold)
         ops.scale_(call, coef)
         return result, per_tensor, coef, total
+
+    def _flag(self, total: Tensor) -> None:
+        """Set :attr:`found_inf` for this step's unrounded total norm and count it; reads the
+        statistics as they were before this step. Device work only."""
+        if self.skip is None:
+            return
+        state = self.state
+        flag = ~torch.isfinite(total)
+        if self.skip == "spike":
+            seen = state["finite_steps"]  # finite norms before this one
+            if self.mode == "zclip":
+                z = (total - state["mean"]) / (state["var"].sqrt() + CLIP_EPS)
+                flag |= (seen >= self.warmup_steps) & (z > self.skip_z)
+            else:
+                flag |= (seen > 0) & (total > self.skip_factor * state["ema_norm"])
+        self.found_inf.copy_(flag)
+        state["skipped_steps"].add_(flag.to(ACC_DTYPE))
+
+    def step(self, optimizer: torch.optim.Optimizer, *, sync: bool = False) -> Any:
+        """``optimizer.step()``, skipped when the latest call flagged its step (:attr:`found_inf`).
+
+        A torch optimizer built with ``fused=True`` (Adam, AdamW, SGD, Adagrad) gets the flag as
+        its ``found_inf`` and skips inside its kernel: parameters and state stay as they were, no
+        host sync. Any other optimizer has no such input (zeroing grads is no skip: Adam's moments
+        and step count would still move), so it needs ``sync=True``: the flag is read on the host
+        (one sync) and ``step()`` is called only when it is 0. Not for use with a ``GradScaler``
+        (whose ``step`` sets ``found_inf`` itself). Call the Clipper once before every ``step``.
+        """
+        from .optim import step_unless_flagged
+
+        if not self._flag_fresh:
+            raise RuntimeError("Clipper.step(optimizer) needs a Clipper call (clipper()) since the last step")
+        self._flag_fresh = False
+        return step_unless_flagged(optimizer, self.found_inf, sync=sync)
 
     def _autoclip_threshold(self, total: Tensor) -> Tensor:
         """The percentile of the last ``history_size`` finite norms, this one included (NaN: none yet).
@@ -319,6 +395,7 @@ class Clipper:
             "threshold": float(state["threshold"]),
             "clipped_fraction": float(state["clipped_steps"]) / steps,
             "nonfinite_steps": int(state["nonfinite_steps"]),
+            "skipped_steps": int(state["skipped_steps"]) if "skipped_steps" in state else 0,
             "top_params": [(self.named[i][0], float(v)) for v, i in zip(values.tolist(), indices.tolist())],
         }
 
@@ -329,7 +406,9 @@ class Clipper:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`. The whole state is checked first (keys, mode, step
         count, every tensor's type, shape, dtype, device and values); a refused state raises
-        ``TypeError``/``ValueError`` and changes nothing."""
+        ``TypeError``/``ValueError`` and changes nothing. ``skipped_steps`` may be missing (a state
+        saved without ``skip``: counted from 0) or present although this Clipper does not skip
+        (checked, then dropped)."""
         steps, tensors = self._checked_state(state_dict)
         # nothing below can fail: same shapes, dtypes and devices
         for key, value in tensors.items():
@@ -353,9 +432,13 @@ class Clipper:
         tensors = state_dict["tensors"]
         if not isinstance(tensors, Mapping):
             raise TypeError(f"state_dict['tensors'] must be a mapping; got {type(tensors).__name__}")
-        _check_keys("state_dict['tensors']", tensors, set(self.state))
+        _check_keys("state_dict['tensors']", tensors, set(self.state), _OPTIONAL_STATE)
         values: dict[str, Tensor] = {}
-        for key, expected in self.state.items():
+        expected_shapes = {key: value.shape for key, value in self.state.items()}
+        expected_shapes.update({key: torch.Size(()) for key in _OPTIONAL_STATE})
+        for key, shape in expected_shapes.items():
+            if key not in tensors:
+                continue  # an optional count this state does not hold: 0
             value = tensors[key]
             what = f"state tensor {key!r}"
             if not isinstance(value, Tensor):
@@ -365,11 +448,13 @@ class Clipper:
                     f"{what} must be a dense real floating-point tensor with data; got dtype {value.dtype},"
                     f" layout {value.layout}, device {value.device}"
                 )
-            if value.shape != expected.shape:
-                raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(expected.shape)}")
+            if value.shape != shape:
+                raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(shape)}")
             values[key] = value.detach().to(device="cpu", dtype=ACC_DTYPE, copy=True)
         self._check_values(steps, values)
-        return steps, {key: value.to(self.device) for key, value in values.items()}
+        for key in _OPTIONAL_STATE & set(self.state):
+            values.setdefault(key, torch.zeros((), dtype=ACC_DTYPE))
+        return steps, {key: value.to(self.device) for key, value in values.items() if key in self.state}
 
     def _check_values(self, steps: int, values: dict[str, Tensor]) -> None:
         """Values a run of this Clipper can produce (float64 CPU copies; a load may synchronise)."""
@@ -383,7 +468,7 @@ class Clipper:
             require(bool((torch.isnan(v) | (v >= 0)).all()), f"state tensor {key!r} holds a negative norm")
 
         counts = {}
-        for key in ("clipped_steps", "nonfinite_steps", "finite_steps"):
+        for key in ("clipped_steps", "nonfinite_steps", "finite_steps", *sorted(_OPTIONAL_STATE & set(values))):
             v = float(values[key])
             require(math.isfinite(v) and v >= 0 and v == int(v), f"state tensor {key!r} must hold a count >= 0; got {v}")
             require(v <= steps, f"state tensor {key!r} counts {v:g} steps, more than the {steps} steps taken")
@@ -413,8 +498,10 @@ class Clipper:
                 require(math.isfinite(v) and v >= 0, f"state tensor {key!r} must be finite and >= 0; got {v}")
 
 
-def _check_keys(what: str, mapping: Mapping[str, Any], expected: set[str]) -> None:
+def _check_keys(what: str, mapping: Mapping[str, Any], expected: set[str], optional: Iterable[str] = ()) -> None:
+    """``mapping``'s keys are ``expected``, give or take the ``optional`` ones."""
     keys = set(mapping)
-    if keys != expected:
-        missing, unexpected = sorted(map(str, expected - keys)), sorted(map(str, keys - expected))
+    optional = set(optional)
+    missing, unexpected = sorted(map(str, expected - optional - keys)), sorted(map(str, keys - expected - optional))
+    if missing or unexpected:
         raise ValueError(f"{what} has missing keys {missing} and unexpected keys {unexpected}; expected {sorted(expected)}")

@@ -22,6 +22,9 @@ coefficient to 24 bits.
 Limits: only torch optimizers constructed with ``fused=True``; the coefficient is applied as a
 division by ``1 / coefficient`` inside the optimizer, which may round differently from a
 multiplication in the last bit; a custom optimizer that does not honour ``grad_scale`` is refused.
+
+:func:`step_unless_flagged` (what :meth:`fusedclip.Clipper.step` calls) skips a step on a device
+flag the same way ``GradScaler`` does: a fused optimizer's ``found_inf``.
 """
 
 from __future__ import annotations
@@ -143,3 +146,62 @@ def clip_and_step_(
     finally:
         _clear_grad_scale(optimizer)
     return result.total
+
+
+def _init_sgd_momentum_(optimizer: torch.optim.Optimizer) -> None:
+    """Give fused SGD's missing momentum buffers the value 0 before a step that may be skipped.
+
+    Without a buffer fused SGD takes its first step (``buf = grad``) in buffers it allocates
+    uninitialised; when that step is skipped on ``found_inf`` they stay garbage and later steps use
+    them. With dampening 0, ``momentum * 0 + grad`` is ``grad`` exactly, so a zero buffer gives the
+    same first step; with dampening it would not (``(1 - dampening) * grad``), which is refused.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        missing = [p for p in group["params"] if p.grad is not None and optimizer.state[p].get("momentum_buffer") is None]
+        if not missing:
+            continue
+        if group["dampening"] != 0:
+            raise ValueError(
+                "fused SGD with momentum and dampening cannot skip its first step on the device (its first"
+                " momentum buffer would be left uninitialised); take the first step with sync=True"
+            )
+        for p in missing:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+@torch.no_grad()
+def step_unless_flagged(optimizer: torch.optim.Optimizer, found_inf: Tensor, *, sync: bool = False) -> Any:
+    """``optimizer.step()`` unless ``found_inf`` (a 0-d float32 tensor) is 1.0.
+
+    A torch optimizer built with ``fused=True`` gets ``found_inf`` as the attribute ``GradScaler``
+    sets: its kernel leaves parameters and state unchanged when it is 1 (Adam's step count is
+    incremented and decremented again), without a host sync. Fused SGD with momentum gets zero
+    momentum buffers before its first step (the same first step; see :func:`_init_sgd_momentum_`).
+
+    Other optimizers have no device-side skip (zeroing the grads is not one: Adam's moments and step
+    count still move), so they are refused unless ``sync=True``, which reads the flag on the host
+    (one sync) and calls ``step()`` only when it is 0. ``sync=True`` with a fused optimizer still
+    skips on the device.
+    """
+    if found_inf.dim() != 0 or found_inf.dtype != torch.float32:
+        raise ValueError(f"found_inf must be a 0-d float32 tensor; got shape {tuple(found_inf.shape)}, {found_inf.dtype}")
+    fused = bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
+    if not fused:
+        if not sync:
+            raise ValueError(
+                f"{type(optimizer).__name__} (fused={optimizer.defaults.get('fused')!r}) cannot skip a step on a device"
+                f" flag; build it with fused=True, or pass sync=True to read the flag on the host (one sync per step)"
+            )
+        return None if bool(found_inf) else optimizer.step()
+    if hasattr(optimizer, "found_inf"):
+        raise RuntimeError("the optimizer already has a found_inf (is a GradScaler stepping it?)")
+    _init_sgd_momentum_(optimizer)
+    optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+    try:
+        return optimizer.step()
+    finally:
+        del optimizer.found_inf  # type: ignore[attr-defined]
