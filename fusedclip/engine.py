@@ -3,16 +3,17 @@
 Everything between the validated arguments of a public function and the backends happens here:
 
 * :func:`prepare` plans the grads (:mod:`fusedclip.plan`), groups them by device, picks a backend
-  per device and attaches the reducers that make the norm global: a process group (``group=``) and,
-  for DTensor grads, the mesh dimensions each grad is sharded over (:mod:`fusedclip.distributed`);
+  per device and attaches the reducer that makes the norm global: over a process group
+  (``group=``) and, for DTensor grads, over their meshes (:mod:`fusedclip.distributed`);
 * :func:`total_norm` runs one norm pass: per device an accumulator (or, for one device and nothing to
-  reduce, the backend's own fused finish), devices combined on the first device, each part reduced
-  by its reducer, parts combined, the call's reducer applied, then total and coefficient finished
-  on the device;
+  reduce, the backend's own fused finish), devices combined on the first device per part, then the
+  parts' accumulators combined by the call's reducer (one collective) or locally, then total and
+  coefficient finished on the device;
 * :func:`scale_` and :func:`clamp_` write every grad, after checking that all can be written.
 
-A reducer is any ``reduce(acc, norm) -> acc`` that combines a float64 accumulator of ``norm``
-across processes (SUM, MAX or MIN as the norm needs); see :class:`fusedclip.distributed.GroupReducer`.
+A reducer is any ``reduce(part_accs, norm) -> acc`` that combines the float64 accumulators of a
+call's parts into the global one across processes (SUM, MAX or MIN as the norm needs); see
+:class:`fusedclip.distributed.PartsReduction`.
 Nothing here validates arguments (the public functions do, once) and nothing synchronises with
 the host except :func:`raise_if_nonfinite`.
 """
@@ -38,8 +39,8 @@ from .backends.base import (
 from .norm_type import NormSpec
 from .plan import PLANS, Plan, all_plain, check_writable, result_dtype_of
 
-#: combines a float64 accumulator of a norm across processes
-Reducer = Callable[[Tensor, NormSpec], Tensor]
+#: combines the float64 accumulators of a call's parts (in order) into the global accumulator
+PartsReducer = Callable[[list[Tensor], NormSpec], Tensor]
 #: turns the local total of DTensor grads into the DTensor torch returns
 Wrap = Callable[[Tensor, NormSpec], Tensor]
 
@@ -51,22 +52,21 @@ def is_dtensor(tensor: object) -> bool:
 
 @dataclass
 class Part:
-    """Grads whose accumulators are reduced together: their plan, a backend per device, and the
-    reducer over the processes that hold the other shards of these grads (None: nothing to reduce)."""
+    """Grads whose accumulators are combined on this process first (the call's reducer says how
+    each part enters the reduction): their plan and a backend per device."""
 
     plan: Plan
     works: list[tuple[Backend, DeviceWork]]
-    reducer: Reducer | None = None
 
 
 @dataclass
 class PreparedCall:
-    """The grads of one call, planned: one part for plain grads; one per group of DTensor grads
-    sharded over the same mesh dimensions."""
+    """The grads of one call, planned: one part for plain grads; for DTensor grads one per set of
+    mesh ranks (and whether this rank is the representative replica), plus one for plain grads."""
 
     parts: list[Part]
     result_dtype: torch.dtype  # torch's promotion over the grads' real dtypes
-    reducer: Reducer | None = None  # after the parts are combined: the process group (group=)
+    reducer: PartsReducer | None = None  # the parts' accumulators to the global one (None: combined locally)
     wrap: Wrap | None = None  # DTensor grads: the total as torch returns it
 
     @property
@@ -88,16 +88,16 @@ class PreparedCall:
     @property
     def direct(self) -> bool:
         """One device and nothing to reduce or wrap: the backend finishes the norm itself."""
-        return self.reducer is None and self.wrap is None and len(self.parts) == 1 and len(self.parts[0].works) == 1 and self.parts[0].reducer is None
+        return self.reducer is None and self.wrap is None and len(self.parts) == 1 and len(self.parts[0].works) == 1
 
 
-def _part(grads: list[Tensor], backend: str | None, foreach: bool | None, reducer: Reducer | None) -> Part:
+def _part(grads: list[Tensor], backend: str | None, foreach: bool | None) -> Part:
     plan = PLANS.plan_for(grads)
     works = [
         (resolve_backend(backend, device_plan), DeviceWork(device_plan, device_plan.grads(grads), foreach))
         for device_plan in plan.devices
     ]
-    return Part(plan, works, reducer)
+    return Part(plan, works)
 
 
 def prepare(
@@ -115,19 +115,19 @@ def prepare(
     their local shards; with ``for_norm`` their mesh dimensions become reducers (and a Partial
     placement is refused), without it (scaling, clamping) the shards are only written.
     """
-    group_reducer = None
-    if group is not None:
-        from .distributed import GroupReducer
-
-        group_reducer = GroupReducer([group])
     if all_plain(grads) or not any(map(is_dtensor, grads)):
-        part = _part(grads, backend, foreach, None)
-        return PreparedCall([part], part.plan.result_dtype, group_reducer)
+        part = _part(grads, backend, foreach)
+        reducer = None
+        if group is not None:
+            from .distributed import group_reducer
+
+            reducer = group_reducer(group)
+        return PreparedCall([part], part.plan.result_dtype, reducer)
     from .distributed import dtensor_parts
 
-    shards, wrap = dtensor_parts(grads, for_norm)
-    parts = [_part(local, backend, foreach, reducer) for local, reducer in shards]
-    return PreparedCall(parts, result_dtype_of(part.plan.result_dtype for part in parts), group_reducer, wrap)
+    shards, reducer, wrap = dtensor_parts(grads, for_norm, group)
+    parts = [_part(local, backend, foreach) for local in shards]
+    return PreparedCall(parts, result_dtype_of(part.plan.result_dtype for part in parts), reducer, wrap)
 
 
 # -- the norm ------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def _accumulate(
     call: PreparedCall, norm: NormSpec, per_tensor: Tensor | None = None, scale: Tensor | None = None
 ) -> Tensor:
     """The call's float64 accumulator of ``norm`` on its first device: every device's accumulator,
-    combined per part and reduced by the part's reducer, parts combined, the call's reducer applied.
+    combined per part, then the parts combined by the call's reducer (across processes) or locally.
     ``per_tensor`` (one part only) receives every grad's norm."""
     first = call.first_device
     accs = []
@@ -165,9 +165,10 @@ def _accumulate(
                 positions = torch.tensor(work.plan.positions, dtype=torch.int64, device=first)
                 per_tensor.index_copy_(0, positions, local.to(first))  # type: ignore[union-attr]
         acc = device_accs[0] if len(device_accs) == 1 else combine_accumulators(device_accs, norm)
-        accs.append(acc if part.reducer is None else part.reducer(acc, norm))
-    acc = accs[0] if len(accs) == 1 else combine_accumulators(accs, norm)
-    return acc if call.reducer is None else call.reducer(acc, norm)
+        accs.append(acc)
+    if call.reducer is not None:
+        return call.reducer(accs, norm)
+    return accs[0] if len(accs) == 1 else combine_accumulators(accs, norm)
 
 
 def _per_tensor_exact(call: PreparedCall, norm: NormSpec, per_tensor: Tensor) -> None:
