@@ -131,12 +131,22 @@ class PartsReduction:
     """The reducer of :class:`fusedclip.engine.PreparedCall`: turns the local accumulators of the
     call's parts into the global accumulator (see the module docstring for what goes where)."""
 
-    def __init__(self, contributions: list[_Contribution], blocks: list[_Block], group: Any = None) -> None:
+    def __init__(
+        self, contributions: list[_Contribution], blocks: list[_Block], group: Any = None, sharded: bool = False
+    ) -> None:
         self.contributions = tuple(contributions)
         self.blocks = tuple(blocks)
         self.group = group  # summed over after the blocks (group= with DTensor grads)
+        self.sharded = sharded  # some DTensor grad is sharded along a mesh dimension
 
     def __call__(self, accs: list[Tensor], norm: NormSpec) -> Tensor:
+        if norm.kind is NormKind.COUNT and self.sharded:
+            # a tensor counts once if any of its shards holds a non-zero element: summing per-shard
+            # counts would count it once per such shard, a silently wrong result
+            raise ValueError(
+                "norm_type=0 (the number of gradients with a non-zero element) is not supported for"
+                " sharded DTensor gradients; use p = 1, 2 or inf, or redistribute them to Replicate"
+            )
         values: list[Tensor | None] = [None] * len(self.blocks)
         local = []
         for acc, contribution in zip(accs, self.contributions):
@@ -194,6 +204,7 @@ def dtensor_parts(
     block_of: dict[tuple[Any, ...], int] = {}
     parts: dict[_Contribution, list[Tensor]] = {}
     first_mesh = None
+    sharded = False
     for index, grad in enumerate(grads):
         if not is_dtensor(grad):
             parts.setdefault(_Contribution(None), []).append(grad)
@@ -212,11 +223,12 @@ def dtensor_parts(
             groups = tuple(mesh.get_group(dim) for dim in range(mesh.ndim))
             block_of[key] = len(blocks)
             blocks.append(_Block(ranks, groups))
+        sharded = sharded or any(_is_sharded(placement) for placement in grad.placements)
         coordinate = mesh.get_coordinate()
         representative = coordinate is not None and all(
             coordinate[dim] == 0 for dim, placement in enumerate(grad.placements) if not _is_sharded(placement)
         )
         parts.setdefault(_Contribution(block_of[key], representative), []).append(grad.to_local())
-    reducer = PartsReduction(list(parts), blocks, group)
+    reducer = PartsReduction(list(parts), blocks, group, sharded)
     wrap = None if first_mesh is None else functools.partial(_wrap_like_torch, mesh=first_mesh)
     return list(parts.values()), reducer, wrap

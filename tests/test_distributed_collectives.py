@@ -121,6 +121,22 @@ def _two_process_case(rank, world_size):
     assert count == 1, count
     torch.testing.assert_close(total, torch.nn.utils.get_total_norm(full[:world_size]), rtol=2e-6, atol=0)
 
+    # p = 0 counts tensors with a non-zero element: exact for replicated DTensors, refused for
+    # sharded ones (summed per-shard counts would count a tensor once per shard), grads untouched
+    replicated = []
+    for g in full:
+        p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(g), other, [Replicate()]))
+        p.grad = distribute_tensor(g.clone(), other, [Replicate()])
+        replicated.append(p)
+    total = fusedclip.clip_grad_norm_(replicated, 1e9, 0.0)
+    assert float(total.to_local()) == float(torch.nn.utils.get_total_norm(full, 0.0)) == 3.0
+    sharded = torch.nn.Parameter(distribute_tensor(torch.zeros_like(full[0]), mesh, [Shard(0)]))
+    sharded.grad = distribute_tensor(full[0].clone(), mesh, [Shard(0)])
+    before = sharded.grad.to_local().clone()
+    with pytest.raises(ValueError, match="norm_type=0"):
+        fusedclip.clip_grad_norm_([sharded], 1e-3, 0.0)
+    assert torch.equal(sharded.grad.to_local(), before)
+
 
 def test_fsdp2_mixed_meshes_and_group_take_one_collective():
     _launch(_two_process_case, 2)
