@@ -453,7 +453,7 @@ class Clipper:
             values[key] = value.detach().to(device="cpu", dtype=ACC_DTYPE, copy=True)
         self._check_values(steps, values)
         for key in _OPTIONAL_STATE & set(self.state):
-            values.setdefault(key, torch.zeros((), dtype=ACC_DTYPE))
+            values.setdefault(key, torch.zeros((), dtype=ACC_DTYPE, device="cpu"))
         return steps, {key: value.to(self.device) for key, value in values.items() if key in self.state}
 
     def _check_values(self, steps: int, values: dict[str, Tensor]) -> None:

@@ -394,7 +394,7 @@ def test_the_property_catches_a_broken_overlap_check(monkeypatch: pytest.MonkeyP
 
 
 def _random_search(backend: str) -> None:
-    @settings(max_examples=200, deadline=None, database=None, phases=(Phase.generate,),
+    @settings(max_examples=200, deadline=None, database=None, phases=(Phase.generate,), derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(cases(backend).filter(lambda case: not case.refused()))
     def prop(case: Case) -> None:
