@@ -146,10 +146,13 @@ def assert_no_worse_than_torch(
     """Fail unless ``actual`` is as close to ``ideal`` as torch's ``theirs``, plus a slack.
 
     The slack is ``slack_ulps`` ulps of ``actual``'s dtype (rounding once may land one ulp the
-    other way where torch happens to be exact) plus ``accumulation_ulps`` ulps of ``precision``
-    (the accumulation the design promises: float32, or float64 for float64 grads, whose classical
-    error bound grows with log2 of the element count). Non-finite ideals must be matched exactly
-    (NaN where the ideal is NaN, the same infinity).
+    other way where torch happens to be exact) plus a relative error of ``accumulation_ulps`` times
+    the machine epsilon of ``precision`` (the accumulation the design promises: float32, or float64
+    for float64 grads, whose error grows with log2 of the element count). The accumulation term is
+    relative, not in ulps of each value: a clipped grad inherits the total's relative error through
+    the coefficient, and one ulp is between half and all of ``eps * |value|`` depending on where
+    the value lies in its binade. Non-finite ideals must be matched exactly (NaN where the ideal is
+    NaN, the same infinity).
     """
     assert actual.shape == ideal.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ideal.shape)}"
     a = actual.detach().cpu().to(torch.float64)
@@ -165,7 +168,7 @@ def assert_no_worse_than_torch(
     unit = ulp(i, actual.dtype)
     allowed = torch.maximum(err_torch, unit) + slack_ulps * unit
     if precision is not None and accumulation_ulps:
-        allowed = allowed + accumulation_ulps * ulp(i, precision)
+        allowed = allowed + accumulation_ulps * torch.finfo(precision).eps * i.abs()
     allowed = torch.where(torch.isnan(allowed), torch.zeros_like(allowed), allowed)
     too_far = finite & ~(err <= allowed)
     bad = bad_nan | bad_inf | too_far

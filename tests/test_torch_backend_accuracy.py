@@ -254,3 +254,77 @@ def test_bf16_per_tensor_norms_are_torchs_bits(p, foreach):
     assert torch.equal(per_tensor[-1], torch.linalg.vector_norm(extra, p))
     exact = torch.linalg.vector_norm(torch.cat([theirs.double(), extra.double()]), p)
     assert abs(float(total) - float(exact)) <= 4 * 2**-24 * float(exact)
+
+
+def float32_chunk_violation(result: torch.Tensor, grads: list[torch.Tensor], p: float) -> str | None:
+    """None when a float32 total is within ``4 + log2(n)`` float32 epsilons (relative) plus half an
+    ulp of the exact total: what a cascade sum of each float32 chunk delivers, independent of how
+    the grads are packed into chunks. A sum accumulated along the chunk exceeds it on large chunks.
+    """
+    exact = torch.linalg.vector_norm(torch.cat([g.reshape(-1).double() for g in grads]), p).item()
+    count = sum(g.numel() for g in grads)
+    bound = (4 + math.log2(count)) * 2.0**-23 * exact + 2.0**-24 * exact
+    error = abs(float(result) - exact)
+    if error <= bound:
+        return None
+    return f"p={p:g}, {len(grads)} grads, {count} elements: error {error / exact:.3g} relative > {bound / exact:.3g}"
+
+
+@st.composite
+def chunked_sets(draw):
+    """float32 (first) and fp16 grads from 1 to 300,000 elements, up to ~2.4M in all: small grads
+    packed together into chunks, large ones reduced where they lie, fp16 ones converted."""
+    specs = draw(
+        st.lists(
+            st.tuples(st.sampled_from([torch.float32, torch.float16]), st.integers(1, 300_000)),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    small = draw(st.integers(0, 2000))  # how many small grads of 1-500 elements join them
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 500, (small,), generator=generator).tolist()
+    grads = [torch.rand(n, generator=generator) + 1 for n in [specs[0][1], *sizes]]  # float32 first
+    grads += [(torch.rand(n, generator=generator) + 1).to(dtype) for dtype, n in specs[1:]]
+    return grads
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0], ids=lambda p: f"p{p:g}")
+def test_cpu_float32_chunks_are_summed_as_accurately_as_a_cascade(p):
+    """The torch backend's CPU path packs small grads into float32 chunks of up to 1M elements and
+    reduces large float32 grads where they lie: either way the total stays within log2(n) + 4
+    epsilons of the exact one, and never farther from it than torch's own total (which is exact per
+    small tensor but not on large ones)."""
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(grads=chunked_sets())
+    def check(grads):
+        ours = fusedclip.get_total_norm(grads, p, backend="torch")
+        assert ours.dtype == torch.float32
+        problem = float32_chunk_violation(ours, grads, p)
+        assert problem is None, problem
+        theirs = torch.nn.utils.get_total_norm(grads, p)
+        exact = torch.linalg.vector_norm(torch.cat([g.reshape(-1).double() for g in grads]), p).item()
+        assert abs(float(ours) - exact) <= abs(float(theirs) - exact) + 2.0**-23 * exact
+
+    check()
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0], ids=lambda p: f"p{p:g}")
+def test_the_chunk_check_catches_a_sum_along_the_chunk(monkeypatch, p):
+    """The planted bug: chunks reduced by ``torch.linalg.vector_norm`` (accumulation along the tensor
+    on CPUs) instead of a cascade sum. A million equal values (their rounding errors add up along
+    the chunk instead of cancelling) packed from a thousand small grads, and one large grad reduced
+    where it lies, both break the check; the real backend passes on both."""
+    from fusedclip.backends import torch_backend
+
+    packed = [torch.full((1000,), 1.1) for _ in range(1000)]
+    direct = [torch.full((1 << 20,), 1.1)]
+    for grads in (packed, direct):
+        assert float32_chunk_violation(fusedclip.get_total_norm(grads, p, backend="torch"), grads, p) is None
+    monkeypatch.setattr(
+        torch_backend, "_chunk_norm", lambda values, scratch, order: torch.linalg.vector_norm(values, order).double()
+    )
+    for grads in (packed, direct):
+        assert float32_chunk_violation(fusedclip.get_total_norm(grads, p, backend="torch"), grads, p) is not None
