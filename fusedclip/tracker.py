@@ -1,44 +1,74 @@
 """Gradient norms accumulated during backward, while each grad is still hot in cache.
 
-:class:`NormTracker` registers a ``register_post_accumulate_grad_hook`` on every parameter. Each
-time autograd has accumulated a parameter's grad, the hook computes that grad's own norm on the
-device (no host synchronisation) and writes it into the parameter's slot of a small per-device
-vector, overwriting the slot's previous value. After backward, :meth:`NormTracker.result` reduces
-the slots (one tiny op per device) and finishes total and coefficient exactly as
+:class:`NormTracker` computes every grad's own norm on the device as soon as the grad is final, with
+no host synchronisation, and keeps it as a 0-d tensor. After backward, :meth:`NormTracker.result`
+stacks and reduces them (a few tiny ops per device) and finishes total and coefficient exactly as
 :func:`fusedclip.clip_grad_norm_` does (:func:`fusedclip.backends.base.finish`), so clipping costs
 no extra pass over gradient memory: with ``clip_and_step_(optimizer, max_norm, tracker=tracker)``
 a training step is backward (with hooks) plus one fused optimizer step that applies the folded
 coefficient.
 
+Where the norms are taken:
+
+* Single process (or a plain list of parameters): a ``register_post_accumulate_grad_hook`` on every
+  leaf parameter with at least ``min_numel`` elements. Smaller tensors get no hook: a hook costs a
+  Python call and a kernel launch (about 10 µs on a CPU) whatever the size, more than rereading a
+  small grad in the one fused pass :meth:`result` makes over every grad it has no value for.
+* ``DistributedDataParallel``: given the DDP module, the tracker registers a DDP communication hook
+  (:meth:`NormTracker.ddp_comm_hook`) wrapping DDP's all-reduce (or a hook you pass as
+  ``comm_hook``). When a bucket's reduction completes (the future's ``then``), the norms of its
+  parameters' segments of the reduced flat buffer are taken in one ``_foreach_norm``: the norms of
+  the averaged grads DDP then writes into ``.grad``. No post-accumulate hooks are registered.
+
 Semantics (tested against ``torch.nn.utils.clip_grad_norm_`` computed after backward):
 
 * The result is the norm of every tracked tensor's ``.grad`` *as it is when* :meth:`result` *runs*,
-  exactly the set ``clip_grad_norm_(params)`` would see. Hook values are only a cache: at the hook
-  the grad's identity (a weak reference), ``_version`` and ``data_ptr()`` are recorded, and at
-  :meth:`result` (host-side checks, no device synchronisation) any grad whose record does not
-  match — modified in place afterwards (user edits, DDP's all-reduce, ``zero_grad(set_to_none=False)``),
-  replaced, or never seen by a hook (frozen or non-leaf tensors, a grad assigned by hand) — is
-  recomputed in one fused pass (:func:`fusedclip.get_norms`) over those grads only. A parameter
-  without a grad counts nothing, whatever its slot held.
-* Gradient accumulation: the post-accumulate hook sees the accumulated grad, and each micro-batch's
-  hook overwrites the slot, so only the final grad counts.
-* Step boundary: :meth:`result` consumes the step (slots zeroed, records dropped, both on the
-  device or host without a sync); :meth:`reset` discards a step without computing it. Call
-  :meth:`result` (or ``clip_and_step_(..., tracker=)``) once per optimizer step.
+  exactly the set ``clip_grad_norm_(params)`` would see. Hook values are only a cache: with each
+  value the grad's identity (a weak reference), ``_version`` and ``data_ptr()`` are recorded, and at
+  :meth:`result` (host-side checks, no device synchronisation) any grad whose record does not match
+  (modified in place afterwards, replaced, ``zero_grad(set_to_none=False)``, or never seen by a hook:
+  small, frozen or non-leaf tensors, a grad assigned by hand) is recomputed in one fused pass
+  (:func:`fusedclip.engine.total_norm`) over those grads only. A parameter without a grad counts
+  nothing.
+* Gradient accumulation: the post-accumulate hook sees the accumulated grad and replaces the
+  previous value, so only the final grad counts. Under DDP, micro-batches in ``no_sync()`` run no
+  communication hook; the final, synchronised micro-batch reduces the accumulated grads and only
+  its buckets count.
+* DDP records: a bucket's value is taken before DDP copies the reduced buffer into ``.grad``, so the
+  records are made at the end of backward, in an autograd final callback that runs after DDP's own
+  (DDP's writes bump the grads' versions). A grad counts from its bucket only if DDP wrote it in
+  that backward (its version or identity changed since the end of the backward pass proper) or it is
+  a view of the reduced segment itself (``gradient_as_bucket_view=True``); otherwise it is
+  recomputed. That covers ``find_unused_parameters`` (a globally unused parameter keeps its old grad
+  and is recomputed; one without a grad counts nothing), ``static_graph`` (its first iteration
+  reduces inside DDP's finalisation, so that step recomputes) and edits after backward (version).
+* Step boundary: :meth:`result` consumes the step (every record dropped, host-side only);
+  :meth:`reset` discards a step without computing it. Call :meth:`result` (or
+  ``clip_and_step_(..., tracker=)``) once per optimizer step.
 * Tied weights: parameters are deduplicated by identity (as ``model.parameters()`` is), so a weight
   used twice counts once; autograd accumulates its two contributions before the one hook call.
-* DDP: the hook runs before DDP's all-reduce, which then rewrites the grads in place (bumping their
-  version), so hook values would be stale. Given a ``DistributedDataParallel`` module, the tracker
-  registers no hooks and :meth:`result` makes the full pass; given its parameters directly, the
-  version check catches the all-reduce and recomputes every grad (correct, but the hooks are wasted
-  work). A DDP communication hook computing the norm from the reduced buckets is not implemented.
+* Given a DDP module's parameters rather than the module, the post-accumulate hooks run before the
+  all-reduce and the version check catches DDP's writes: correct, but the hooks are wasted work.
 * FSDP2 / DTensor parameters are not supported: refused at construction, and a DTensor grad
   reaching a hook raises.
 
-Accuracy: each grad's norm is accumulated by ``torch.linalg.vector_norm`` in float32 (float64 for
-float64 grads; the real dtype of complex grads) and the per-tensor norms are combined in float64 and
-rounded once — the accuracy contract of fusedclip's ``torch`` backend (a tensor whose norm exceeds
-float32's range gives inf, as torch's own clipping does). Norm orders: 2, 1 and inf.
+Communication hooks: ``NormTracker(ddp)`` registers the tracker's hook around torch's
+``allreduce_hook`` with DDP's process group (what DDP does without a hook, up to the order of the
+division by the world size). ``NormTracker(ddp, comm_hook=hook, comm_state=state)`` wraps any hook
+whose future's value is the flat reduced bucket DDP copies into the grads: ``fp16_compress_hook``,
+``bf16_compress_hook`` (the norm is then of the decompressed grads DDP writes), or your own. DDP
+accepts one communication hook per model, so a model that already has one is refused: build the
+tracker with that hook as ``comm_hook`` instead, or pass ``register_comm_hook=False`` and register
+``tracker.ddp_comm_hook(your_hook)`` yourself. Hooks that return something other than the reduced
+bucket (PowerSGD's state-dependent hooks do return it; check yours), DDP's builtin C++ hooks and
+``mixed_precision=`` (which registers its own hook) are not supported. DDP cannot unregister a
+communication hook: after :meth:`remove` the tracker's hook passes the inner one through.
+
+Accuracy: each grad's norm is accumulated by ``torch.linalg.vector_norm`` (``_foreach_norm`` for
+DDP buckets) in float32 (float64 for float64 grads; the real dtype of complex grads) and the
+per-tensor norms are combined in float64 and rounded once: the accuracy contract of fusedclip's
+``torch`` backend (a tensor whose norm exceeds float32's range gives inf, as torch's own clipping
+does). Norm orders: 2, 1 and inf.
 
 Limits: writes that bypass autograd's version counter cannot be seen. Notably
 ``GradScaler.unscale_`` (torch's ``_amp_foreach_non_finite_check_and_unscale_`` does not bump the
@@ -46,30 +76,46 @@ grads' versions, on CPU or CUDA), ``grad.data.mul_(...)`` and a fused optimizer'
 write-back. After such a write call :meth:`NormTracker.invalidate` (everything is recomputed), or
 better, with AMP, skip ``unscale_`` and pass the scaler's inverse scale as ``result(max_norm,
 grad_scale=...)``. A fused optimizer's write-back happens after :meth:`result`, which drops every
-record, so it is harmless. Each hook call costs a Python call and one small kernel
-(tens of microseconds on a CPU), so the tracker pays off only for large tensors: see
-``benchmarks/results/tracker_cpu.md``.
+record, so it is harmless. Whether the tracker pays off depends on the hardware and on tensor
+sizes: see ``benchmarks/results/tracker_cpu.md``.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import engine
+from .backends import requested_backend
 from .backends.base import ACC_DTYPE, NormResult, combine_accumulators, finish
 from .inputs import check_max_norm
 from .norm_type import NormKind, NormSpec, parse_norm_type
 from .plan import result_dtype_of
 
-__all__ = ["NormTracker"]
+__all__ = ["NormTracker", "DEFAULT_MIN_NUMEL"]
 
 _SUPPORTED = (1.0, 2.0, math.inf)
+
+#: tensors with fewer elements get no post-accumulate hook by default (recomputed at ``result``)
+DEFAULT_MIN_NUMEL = 1 << 16
+
+#: the dtype a grad's norm is accumulated and kept in (complex: vector_norm's own real dtype)
+_NORM_DTYPE: dict[torch.dtype, torch.dtype | None] = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.complex64: None,
+    torch.complex128: None,
+}
+
+#: a comm hook: (state, bucket) -> future of the reduced flat bucket
+CommHook = Callable[[Any, Any], "torch.futures.Future[Tensor]"]
 
 
 def _is_dtensor(tensor: object) -> bool:
@@ -93,16 +139,43 @@ def _reduce(norms: Tensor, norm: NormSpec) -> Tensor:
     return norms.sum()
 
 
+def _queue_final_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the current backward's graph task ends (after the callbacks already
+    queued). Raises RuntimeError outside a backward."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
+
+
+class _BucketLayout:
+    """What a DDP bucket's reduced flat buffer holds, computed once per bucket layout."""
+
+    __slots__ = ("indices", "offsets", "lengths", "contiguous", "ok")
+
+    def __init__(self, indices: list[int], offsets: list[int], lengths: list[int], ok: bool) -> None:
+        self.indices = indices
+        self.offsets = offsets
+        self.lengths = lengths
+        self.contiguous = all(offsets[i] == sum(lengths[:i]) for i in range(len(offsets)))
+        self.ok = ok
+
+
 class NormTracker:
     """Accumulate every grad's norm during backward; finish total and coefficient after it.
 
     Args:
-        model_or_params: an ``nn.Module`` (its ``parameters()``) or an iterable of tensors. Duplicates
-            are counted once. Hooks go on leaf tensors that require grad; every other tensor is
-            still counted (recomputed at :meth:`result`) when it has a grad.
+        model_or_params: an ``nn.Module`` (its ``parameters()``), a ``DistributedDataParallel``
+            module (norms from its reduced buckets, see the module docstring) or an iterable of
+            tensors. Duplicates are counted once. Every tracked tensor with a grad counts at
+            :meth:`result`, hooked or not.
         norm_type: 2, 1 or inf (other orders raise ``NotImplementedError``: use
             :func:`fusedclip.clip_grad_norm_`).
         backend: the fusedclip backend for the recomputation pass (None: automatic).
+        min_numel: tensors with fewer elements get no post-accumulate hook (their grads are read in
+            :meth:`result`'s fused pass, which is cheaper for them than a hook call). 0 hooks
+            every tensor. Not used for DDP, whose buckets are reduced whole.
+        comm_hook: DDP only: the communication hook to wrap (default: torch's ``allreduce_hook``).
+        comm_state: DDP only: its state (default: the DDP module's process group).
+        register_comm_hook: DDP only: register the wrapped hook on the module (False: call
+            ``ddp.register_comm_hook(state, tracker.ddp_comm_hook(hook))`` yourself).
 
     Use::
 
@@ -113,15 +186,39 @@ class NormTracker:
             optimizer.zero_grad()
     """
 
-    def __init__(self, model_or_params: torch.nn.Module | Iterable[Tensor], norm_type: float | str = 2.0, *, backend: str | None = None) -> None:
+    def __init__(
+        self,
+        model_or_params: torch.nn.Module | Iterable[Tensor],
+        norm_type: float | str = 2.0,
+        *,
+        backend: str | None = None,
+        min_numel: int = DEFAULT_MIN_NUMEL,
+        comm_hook: CommHook | None = None,
+        comm_state: Any = None,
+        register_comm_hook: bool = True,
+    ) -> None:
         norm = parse_norm_type(norm_type)
         if norm.p not in _SUPPORTED:
             raise NotImplementedError(
                 f"NormTracker supports norm_type 2, 1 and inf; got {norm}. Use fusedclip.clip_grad_norm_ after backward instead."
             )
+        if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+            raise ValueError(f"min_numel must be a non-negative int; got {min_numel!r}")
         self.norm: NormSpec = norm
-        self.backend = backend
+        self.backend = requested_backend(backend)
+        self.min_numel = min_numel
         is_module = isinstance(model_or_params, torch.nn.Module)
+        ddp = model_or_params if is_module and _is_ddp(model_or_params) else None
+        if ddp is None and (comm_hook is not None or comm_state is not None):
+            raise ValueError("comm_hook and comm_state apply to a DistributedDataParallel module only")
+        if comm_hook is not None and not callable(comm_hook):
+            raise TypeError(f"comm_hook must be callable; got {type(comm_hook).__name__}")
+        if ddp is not None and register_comm_hook and getattr(ddp, "_comm_hooks", None):
+            raise ValueError(
+                "this DistributedDataParallel module already has a communication hook and DDP takes only one:"
+                " build the tracker before registering it, passing it as NormTracker(ddp, comm_hook=hook,"
+                " comm_state=state), or pass register_comm_hook=False and register tracker.ddp_comm_hook(hook)"
+            )
         raw = list(model_or_params.parameters() if is_module else model_or_params)  # type: ignore[union-attr]
         seen: set[int] = set()
         params: list[Tensor] = []
@@ -134,70 +231,172 @@ class NormTracker:
                 seen.add(id(param))
                 params.append(param)
         self.params: list[Tensor] = params
-        #: why no hooks are registered (None: tracking)
-        self.untracked_reason: str | None = "DistributedDataParallel module: grads change in the all-reduce after the hooks" if is_module and _is_ddp(model_or_params) else None
         n = len(params)
-        self._refs: list[Any] = [None] * n  # weakref to the grad the slot was computed from
-        self._versions: list[int] = [0] * n
-        self._ptrs: list[int] = [0] * n
-        self._written: list[Tensor | None] = [None] * n  # the slot view last written this step
-        self._slots: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self._views: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        #: per parameter: (norm value, weakref to the grad, its _version, its data_ptr) or None
+        self._records: list[tuple[Tensor, Any, int, int] | None] = [None] * n
         self._handles: list[Any] = []
-        if self.untracked_reason is None:
-            for index, param in enumerate(params):
-                if param.requires_grad and param.is_leaf:
-                    self._handles.append(param.register_post_accumulate_grad_hook(self._make_hook(index)))
+        #: why no post-accumulate hooks are registered (None: hooking)
+        self.untracked_reason: str | None = None
+        # DDP state
+        self._ddp = ddp
+        self._comm_active = False
+        self._index_of = {id(param): index for index, param in enumerate(params)}
+        self._layouts: dict[tuple[int, ...], _BucketLayout] = {}
+        self._generation = 0
+        self._pending: dict[int, tuple[int, Tensor, int]] = {}  # index -> (generation, value, segment ptr)
+        self._before: list[tuple[Any, int]] = [(None, 0)] * n
+        if ddp is not None:
+            self.untracked_reason = "DistributedDataParallel module: norms come from its communication hook"
+            if register_comm_hook:
+                state = ddp.process_group if comm_state is None else comm_state
+                ddp.register_comm_hook(state, self.ddp_comm_hook(comm_hook))
+            return
+        for index, param in enumerate(params):
+            if param.requires_grad and param.is_leaf and param.numel() >= min_numel:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._make_hook(index)))
 
     # -- during backward ---------------------------------------------------------------------------
 
     @property
     def tracking(self) -> bool:
-        """True while hooks are registered."""
-        return bool(self._handles)
+        """True while hooks (post-accumulate or communication) compute norms during backward."""
+        return bool(self._handles) or self._comm_active
 
-    def _slot_views(self, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
-        key = (device, dtype)
-        views = self._views.get(key)
-        if views is None:
-            slots = torch.zeros(len(self.params), dtype=dtype, device=device)
-            self._slots[key] = slots
-            views = self._views[key] = list(slots.unbind())
-        return views
+    @property
+    def hooked(self) -> int:
+        """How many parameters carry a post-accumulate hook."""
+        return len(self._handles)
 
-    def _make_hook(self, index: int):
+    def _make_hook(self, index: int) -> Callable[[Tensor], None]:
         order = self.norm.p
-        refs, versions, ptrs, written = self._refs, self._versions, self._ptrs, self._written
+        records = self._records
         strided = torch.strided
+        plain = Tensor
+        norm_dtypes = _NORM_DTYPE
         vector_norm = torch.linalg.vector_norm
+        ref = weakref.ref
 
         def hook(param: Tensor) -> None:
             grad = param.grad
             if grad is None or grad.layout is not strided or grad.numel() == 0:
-                refs[index] = None  # recomputed (or skipped) at result()
+                records[index] = None  # recomputed (or skipped) at result()
                 return
-            if _is_dtensor(grad):
+            if type(grad) is not plain and _is_dtensor(grad):
                 raise NotImplementedError("NormTracker does not support DTensor grads (FSDP2); use fusedclip.clip_grad_norm_")
             dtype = grad.dtype
-            if dtype.is_complex:
-                norm_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
-            else:
-                norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            view = self._slot_views(grad.device, norm_dtype)[index]
-            previous = written[index]
-            if previous is not None and previous is not view:
-                previous.zero_()
-            with torch.no_grad():
-                if dtype.is_complex:
-                    vector_norm(grad, order, out=view)
-                else:
-                    vector_norm(grad, order, dtype=norm_dtype, out=view)
-            written[index] = view
-            refs[index] = weakref.ref(grad)
-            versions[index] = grad._version
-            ptrs[index] = grad.data_ptr()
+            if dtype not in norm_dtypes:
+                records[index] = None
+                return
+            source = grad.detach() if grad.requires_grad else grad  # create_graph=True backward
+            value = vector_norm(source, order, dtype=norm_dtypes[dtype])
+            records[index] = (value, ref(grad), grad._version, grad.data_ptr())
 
         return hook
+
+    def ddp_comm_hook(self, inner: CommHook | None = None) -> Callable[[Any, Any], torch.futures.Future[Tensor]]:
+        """A DDP communication hook that runs ``inner`` (default: torch's ``allreduce_hook``) and,
+        when its future completes, takes the norm of each parameter's segment of the reduced bucket
+        (on the device, no host synchronisation). Register it with
+        ``ddp.register_comm_hook(state, tracker.ddp_comm_hook(inner))``, where ``state`` is
+        ``inner``'s state (the process group for torch's default hooks). ``inner``'s future must
+        hold the flat reduced bucket that DDP copies into the grads."""
+        if self._ddp is None:
+            raise ValueError("ddp_comm_hook needs a tracker built from a DistributedDataParallel module")
+        if inner is None:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            inner = allreduce_hook
+        self._comm_active = True
+        tracker = self
+
+        def fusedclip_norm_tracker_hook(state, bucket):  # no annotations: DDP compares them with real types
+            if not tracker._comm_active or isinstance(bucket, tuple):
+                return inner(state, bucket)
+            generation = tracker._arm(bucket)
+            layout = tracker._layout(bucket) if generation >= 0 else None
+            fut = inner(state, bucket)
+            if layout is None or not layout.ok:
+                return fut
+            return fut.then(lambda done: tracker._bucket_reduced(done, layout, generation))
+
+        return fusedclip_norm_tracker_hook
+
+    def _arm(self, bucket: Any) -> int:
+        """At the first bucket of a backward (DDP launches buckets in index order): a new generation
+        and the final callbacks that record the grads DDP writes. -1: not inside a backward."""
+        if bucket.index() == 0:
+            self._generation += 1
+            generation = self._generation
+            try:
+                _queue_final_callback(lambda: self._end_of_backward(generation))
+            except RuntimeError:
+                self._generation += 1  # nothing of this reduction is ever committed
+                return -1
+        return self._generation
+
+    def _layout(self, bucket: Any) -> _BucketLayout:
+        params = bucket.parameters()
+        key = tuple(id(param) for param in params)
+        layout = self._layouts.get(key)
+        if layout is None:
+            buffer = bucket.buffer()
+            indices = [self._index_of.get(id(param), -1) for param in params]
+            ok = all(index >= 0 for index in indices) and buffer.layout is torch.strided and buffer.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+            offsets: list[int] = []
+            lengths: list[int] = []
+            if ok:
+                size = buffer.element_size()
+                for grad in bucket.gradients():
+                    offsets.append((grad.data_ptr() - buffer.data_ptr()) // size)
+                    lengths.append(grad.numel())
+                ok = len(offsets) == len(indices)
+            layout = self._layouts[key] = _BucketLayout(indices, offsets, lengths, ok)
+        return layout
+
+    def _bucket_reduced(self, done: Any, layout: _BucketLayout, generation: int) -> Tensor:
+        """``then`` of a bucket's reduction: every segment's norm; returns the reduced bucket."""
+        value = done.value()
+        flat = value[0] if isinstance(value, (list, tuple)) else value
+        if flat.layout is torch.strided and flat.is_contiguous() and flat.dtype in _NORM_DTYPE and flat.numel() >= sum(layout.lengths):
+            flat = flat.detach().view(-1)
+            if layout.contiguous:
+                segments = list(flat[: sum(layout.lengths)].split(layout.lengths))
+            else:
+                segments = [flat.narrow(0, offset, length) for offset, length in zip(layout.offsets, layout.lengths)]
+            norms = torch._foreach_norm(segments, self.norm.p, dtype=_NORM_DTYPE[flat.dtype])
+            base = flat.data_ptr()
+            size = flat.element_size()
+            pending = self._pending
+            for index, offset, norm in zip(layout.indices, layout.offsets, norms):
+                pending[index] = (generation, norm, base + offset * size)
+        return value
+
+    def _end_of_backward(self, generation: int) -> None:
+        """First final callback: runs before DDP's finalisation (queued earlier than it is); notes
+        each grad's identity and version, then queues :meth:`_commit` to run after DDP's writes."""
+        if generation != self._generation:
+            return
+        self._before = [(param.grad, param.grad._version if param.grad is not None else 0) for param in self.params]
+        _queue_final_callback(lambda: self._commit(generation))
+
+    def _commit(self, generation: int) -> None:
+        """Second final callback, after DDP copied the reduced buckets into the grads: a bucket value
+        becomes a record for each grad DDP wrote (or that is a view of the reduced segment)."""
+        if generation != self._generation:
+            return
+        records, before, params = self._records, self._before, self.params
+        ref = weakref.ref
+        for index, (gen, value, segment) in list(self._pending.items()):
+            if gen != generation:
+                continue
+            grad = params[index].grad
+            old, old_version = before[index]
+            if grad is not None and (grad is not old or grad._version != old_version or grad.data_ptr() == segment):
+                records[index] = (value, ref(grad), grad._version, grad.data_ptr())
+            else:
+                records[index] = None
+        self._pending.clear()
+        self._before = [(None, 0)] * len(params)
 
     # -- after backward ----------------------------------------------------------------------------
 
@@ -212,8 +411,8 @@ class NormTracker:
         inverse scale while the grads are still scaled): the grads count as ``s * grad``, the total
         is ``s`` times theirs and ``coef`` is the factor for the stored grads (as in
         :func:`fusedclip.backends.base.finish`). No host synchronisation. Without grads: ``total`` is
-        ``tensor(0.)`` and ``coef`` 1. The slots are zeroed and every record dropped, so the next
-        backward starts a new step.
+        ``tensor(0.)`` and ``coef`` 1. Every record is dropped, so the next backward starts a new
+        step.
         """
         if max_norm is not None:
             max_norm = check_max_norm(max_norm)
@@ -223,58 +422,60 @@ class NormTracker:
             self.reset()
 
     def _result(self, max_norm: float | Tensor | None, grad_scale: Tensor | None) -> NormResult:
-        written = self._written
+        records = self._records
         dtypes: list[torch.dtype] = []
         first: torch.device | None = None
+        several = False
+        trusted: list[Tensor] = []
         stale: list[Tensor] = []
-        counted: set[tuple[torch.device, torch.dtype]] = set()
         for index, param in enumerate(self.params):
             grad = param.grad
-            if grad is not None:
-                dtypes.append(grad.dtype)
-                if first is None:
-                    first = grad.device
-            if grad is not None and self._record_matches(index, grad):
-                view = written[index]
-                counted.add((grad.device, torch.float64 if view.dtype == torch.float64 else torch.float32))  # type: ignore[union-attr]
+            if grad is None:
                 continue
-            slot = written[index]
-            if slot is not None:  # a hook value this grad no longer has: it must not count
-                slot.zero_()
-            if grad is not None:
+            dtypes.append(grad.dtype)
+            if first is None:
+                first = grad.device
+            elif not several and grad.device != first:
+                several = True
+            if self._record_matches(index, grad):
+                trusted.append(records[index][0])  # type: ignore[index]
+            else:
                 stale.append(grad)
         if first is None:
             total = torch.tensor(0.0, device=torch.get_default_device())  # torch's result without grads
             coef = None if max_norm is None else torch.ones((), dtype=ACC_DTYPE, device=total.device)
             return NormResult(total, coef, torch.zeros((), dtype=ACC_DTYPE, device=total.device))
-        accs = [_reduce(self._slots[key].to(ACC_DTYPE), self.norm).to(first) for key in self._slots if key in counted]
+        accs: list[Tensor] = []
+        if trusted:
+            if several:
+                by_device: dict[torch.device, list[Tensor]] = {}
+                for value in trusted:
+                    by_device.setdefault(value.device, []).append(value)
+                groups = list(by_device.values())
+            else:
+                groups = [trusted]
+            for group in groups:
+                accs.append(_reduce(torch.stack(group).to(ACC_DTYPE), self.norm).to(first))
         if stale:
-            from .clip import get_norms
-
-            _, per_tensor = get_norms(stale, self.norm.p, backend=self.backend)
-            accs.append(_reduce(per_tensor.to(ACC_DTYPE), self.norm).to(first))
+            accs.append(engine.total_norm(engine.prepare(stale, self.backend), self.norm).acc.to(first))
         acc = accs[0] if len(accs) == 1 else combine_accumulators(accs, self.norm)
         return finish(acc, self.norm, max_norm, result_dtype_of(dtypes), grad_scale)
 
     def _record_matches(self, index: int, grad: Tensor) -> bool:
-        """True when the slot was computed from ``grad`` as it is now (same object, same version,
+        """True when the value was computed from ``grad`` as it is now (same object, same version,
         same memory): host-side attribute reads only."""
-        ref = self._refs[index]
-        return ref is not None and ref() is grad and grad._version == self._versions[index] and grad.data_ptr() == self._ptrs[index]
+        record = self._records[index]
+        return record is not None and record[1]() is grad and grad._version == record[2] and grad.data_ptr() == record[3]
 
     def invalidate(self) -> None:
         """Distrust every hook value of this step: :meth:`result` recomputes every grad. Call it
         after writes autograd's version counter does not see (``GradScaler.unscale_``,
         ``grad.data`` edits)."""
-        self._refs[:] = [None] * len(self.params)
+        self._records[:] = [None] * len(self.params)
 
     def reset(self) -> None:
-        """Discard this step's hook values (slots zeroed on the device, records dropped)."""
-        for slots in self._slots.values():
-            slots.zero_()
-        n = len(self.params)
-        self._refs[:] = [None] * n
-        self._written[:] = [None] * n
+        """Discard this step's hook values (host-side records only)."""
+        self._records[:] = [None] * len(self.params)
 
     @torch.no_grad()
     def clip_(self, max_norm: float | Tensor) -> Tensor:
@@ -287,10 +488,12 @@ class NormTracker:
         return result.total
 
     def remove(self) -> None:
-        """Remove the hooks (the tracker then recomputes every grad at :meth:`result`)."""
+        """Remove the post-accumulate hooks and turn the communication hook into a pass-through
+        (DDP cannot unregister it); the tracker then recomputes every grad at :meth:`result`."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._comm_active = False
 
     def __enter__(self) -> NormTracker:
         return self
@@ -299,7 +502,12 @@ class NormTracker:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "tracking" if self.tracking else f"not tracking ({self.untracked_reason or 'no hooks'})"
+        if self._comm_active:
+            state = "tracking DDP buckets"
+        elif self._handles:
+            state = f"tracking {len(self._handles)} hooked"
+        else:
+            state = f"not tracking ({self.untracked_reason or 'no hooks'})"
         return f"<NormTracker p={self.norm} params={len(self.params)} {state}>"
 
 
