@@ -21,6 +21,20 @@ Modes:
   gradient norm is capped at ``agc_clipping * max(|unit weights|, agc_eps)``; parameters whose
   name contains one of ``agc_exclude`` (final layers) are left alone. Unit-wise norms are per row,
   not per tensor, so this mode runs on torch ops.
+* ``"adagc"``: per-tensor adaptive clipping (AdaGC, Wang et al., 2025, arXiv 2502.11034): each tensor
+  keeps an EMA ``gamma`` of its own clipped norm and is scaled down to ``adagc_lambda * gamma`` when
+  its norm exceeds that; during the first ``warmup_steps`` finite norms the tensors are clipped
+  together at ``max_norm`` and ``gamma`` is the minimum of the clipped norms. The exact rule is in
+  :func:`fusedclip.groups.adagc_rule`. The coefficients are per tensor (``torch._foreach_mul_``).
+
+Parameter groups: ``Clipper([{"params": ..., "mode": ..., <options>}, ...])`` clips each group by
+its own mode and options (the Clipper's keyword arguments are the defaults), ``"mode": None``
+excludes a group from clipping (its grads are never written; its norms are still reported and a
+non-finite norm in it still flags a step for skipping). All groups come from the one norm pass over
+every grad: a group's total is the p-norm of its tensors' norms, computed on the device. Per-group
+statistics are in ``state["groups.<k>.<key>"]`` and ``summary()["groups"]``; the Clipper-wide ones
+(``last_norm``, ``ema_norm``, ...) are those of the total over all grads, and a step counts as
+clipped when any group clipped. See :mod:`fusedclip.groups` for what a group may set.
 
 Non-finite norms (inf or NaN: an overflow in one step) never enter any statistic: AutoClip's
 history, ZClip's warm-up and moving averages and the reported ``ema_norm`` are computed over the
@@ -33,9 +47,11 @@ Skipping a step (``skip="nonfinite"`` or ``"spike"``): each call also sets :attr
 a 0-d float32 device tensor (1.0: skip this step, 0.0: take it), computed on the device from the
 statistics as they were before this step, and counts flagged steps in ``skipped_steps``. The rule:
 
-* always (both settings): a non-finite total norm (inf or NaN);
-* ``"spike"``, modes ``"norm"``, ``"autoclip"``, ``"agc"``: a total norm above ``skip_factor`` times
-  the EMA of the finite norms before this one (``ema_norm``; from the second finite norm on);
+* always (both settings): a non-finite total norm (inf or NaN); with groups, a non-finite total
+  over all grads or of any group, excluded groups included;
+* ``"spike"``, modes ``"norm"``, ``"autoclip"``, ``"agc"``, ``"adagc"``: a total norm above
+  ``skip_factor`` times the EMA of the finite norms before this one (``ema_norm``; from the second
+  finite norm on); with groups, each clipped group's total against its own EMA;
 * ``"spike"``, mode ``"zclip"``: a z-score ``(norm - mean) / (std + eps)`` above ``skip_z``, against
   ZClip's moving averages before this step (after the warm-up only).
 
@@ -55,13 +71,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops
+from . import engine, ops
 from .backends import requested_backend
 from .backends.base import ACC_DTYPE, CLIP_EPS, clip_coefficient, total_from_accumulator
+from .groups import GROUP_MODES, GROUP_OPTIONS, GroupSpec, adagc_rule, combine_norms, parse_groups
+from .groups import threshold_coefficient as _coefficient
 from .inputs import check_max_norm, no_grads_result
-from .norm_type import parse_norm_type
+from .norm_type import NormKind, parse_norm_type
+from .plan import check_writable, real_dtype
 
-MODES = ("norm", "autoclip", "zclip", "agc")
+MODES = GROUP_MODES
 SKIPS = (None, "nonfinite", "spike")
 #: state tensors a state dict may lack (states saved before they existed, or without ``skip``) and
 #: may hold although this Clipper lacks them (states saved with ``skip``, loaded without): 0-d counts
@@ -114,191 +133,101 @@ def _saturating_square(deviation: Tensor) -> Tensor:
     return _saturate(deviation * deviation)
 
 
-def _coefficient(total: Tensor, threshold: Tensor) -> Tensor:
-    """torch's coefficient against a device-side threshold; no threshold yet (NaN) means no cap.
+def _agc_clip_(
+    items: list[tuple[str, Tensor]], grads: list[Tensor], clipping: float, eps: float, exclude: tuple[str, ...], device: torch.device
+) -> Tensor:
+    """AGC on these ``(name, parameter)`` items and their grads, in place; returns (0-d bool, on
+    ``device``) whether any unit was clipped."""
+    any_clipped = torch.zeros((), dtype=torch.bool, device=device)
+    for (name, param), grad in zip(items, grads):
+        if any(fragment in name for fragment in exclude):
+            continue
+        dims = tuple(range(1, grad.dim())) if grad.dim() > 1 else None
+        weight_norm = _unit_norms(param.detach(), dims)
+        grad_norm = _unit_norms(grad, dims)
+        limit = weight_norm.clamp(min=eps) * clipping
+        over = grad_norm > limit
+        factor = torch.where(over, limit / grad_norm.clamp(min=1e-6), torch.ones_like(grad_norm))
+        grad.mul_(factor)
+        any_clipped |= over.any()
+    return any_clipped
 
-    A +inf total still gives coefficient 0 and NaN stays NaN, exactly as with a fixed threshold.
-    """
-    threshold = torch.nan_to_num(threshold, nan=math.inf)
-    coef = clip_coefficient(total, threshold)
-    return torch.where(torch.isposinf(total), torch.zeros_like(coef), coef)
+
+def _scale_each_(grads: list[Tensor], coefs: Tensor) -> None:
+    """``grads[i] *= coefs[i]`` in one ``torch._foreach_mul_`` with 0-d device tensors (no host read).
+
+    Each coefficient is used in float32 (float64 for float64 and complex128 grads), as torch's
+    ``clip_grad_norm_`` uses its coefficient: a float32 grad's product is rounded once, a
+    float16/bfloat16 one may also round the coefficient to the grad's dtype first (on CUDA)."""
+    wide, narrow = coefs, coefs.to(torch.float32)
+    factors = []
+    for k, grad in enumerate(grads):
+        factor = (wide if real_dtype(grad.dtype) == torch.float64 else narrow)[k]
+        factors.append(factor if factor.device == grad.device else factor.to(grad.device))
+    torch._foreach_mul_(grads, factors)
 
 
-class Clipper:
-    """Stateful gradient clipping with on-device statistics; see the module docstring for modes.
+def _split_groups(parameters: Any) -> tuple[Any, bool]:
+    """(``parameters``, materialised when an iterable, and whether it is a list of group dicts)."""
+    if isinstance(parameters, Mapping):
+        raise TypeError("parameters is a dict; a parameter group must be inside a list: Clipper([group, ...])")
+    if isinstance(parameters, (Tensor, str, bytes)) or not isinstance(parameters, Iterable):
+        return parameters, False  # _named accepts a tensor, and refuses the rest with its message
+    items = list(parameters)
+    dicts = [isinstance(item, Mapping) for item in items]
+    if any(dicts) and not all(dicts):
+        raise TypeError("parameters mixes parameter groups (dicts) with parameters; put every parameter in a group")
+    return items, bool(items) and all(dicts)
 
-    Args:
-        parameters: ``model.named_parameters()`` (names are used for ``agc_exclude`` and the top-k
-            report), an iterable of parameters, or a single tensor.
-        mode: ``"norm"``, ``"autoclip"``, ``"zclip"`` or ``"agc"``.
-        max_norm: the threshold of ``"norm"``; the cap during the warm-up of ``"zclip"``.
-        norm_type: the norm's order (all modes but ``"agc"``, which uses unit-wise L2 norms).
-        percentile, history_size: AutoClip's percentile (0-100) and how many norms it remembers.
-        alpha, z_threshold, warmup_steps: ZClip's EMA factor, z-score threshold and warm-up length.
-        agc_clipping, agc_eps, agc_exclude: AGC's lambda, epsilon and excluded name fragments.
-        ema_decay: decay of the reported EMA of the total norm.
-        top_k: how many parameters ``summary()`` lists by gradient norm.
-        backend: the fusedclip backend (None: automatic).
-        skip, skip_factor, skip_z: which steps to flag in :attr:`found_inf` for skipping (None: none,
-            ``"nonfinite"``, ``"spike"``; the rule is in the module docstring), the factor over the
-            EMA norm and the z-score above which ``"spike"`` flags a step.
-    """
 
-    def __init__(
-        self,
-        parameters: Iterable[Any],
-        mode: str = "norm",
-        *,
-        max_norm: float = 1.0,
-        norm_type: float | str = 2.0,
-        percentile: float = 10.0,
-        history_size: int = 10_000,
-        alpha: float = 0.97,
-        z_threshold: float = 2.5,
-        warmup_steps: int = 25,
-        agc_clipping: float = 0.01,
-        agc_eps: float = 1e-3,
-        agc_exclude: Iterable[str] = _DEFAULT_AGC_EXCLUDE,
-        ema_decay: float = 0.99,
-        top_k: int = 5,
-        backend: str | None = None,
-        skip: str | None = None,
-        skip_factor: float = 10.0,
-        skip_z: float = 6.0,
-    ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown Clipper mode {mode!r}; choose one of {', '.join(MODES)}")
-        if not 0.0 <= percentile <= 100.0:
-            raise ValueError(f"percentile must be in [0, 100]; got {percentile}")
-        if history_size < 1 or warmup_steps < 1 or top_k < 0:
-            raise ValueError("history_size and warmup_steps must be >= 1 and top_k >= 0")
-        if not (0.0 < alpha < 1.0 and 0.0 < ema_decay < 1.0):
-            raise ValueError("alpha and ema_decay must lie strictly between 0 and 1")
-        if z_threshold <= 0 or agc_clipping <= 0 or agc_eps <= 0:
-            raise ValueError("z_threshold, agc_clipping and agc_eps must be positive")
-        if skip not in SKIPS:
-            raise ValueError(f"unknown skip {skip!r}; choose one of {SKIPS}")
-        if not (math.isfinite(skip_factor) and skip_factor >= 1.0 and math.isfinite(skip_z) and skip_z > 0):
-            raise ValueError(f"skip_factor must be finite and >= 1, skip_z finite and > 0; got {skip_factor}, {skip_z}")
-        self.named = _named(parameters)
-        self.mode = mode
-        self.max_norm = float(check_max_norm(max_norm))
-        self.norm = parse_norm_type(norm_type)
-        self.percentile = float(percentile)
-        self.history_size = int(history_size)
-        self.alpha = float(alpha)
-        self.z_threshold = float(z_threshold)
-        self.warmup_steps = int(warmup_steps)
-        self.agc_clipping = float(agc_clipping)
-        self.agc_eps = float(agc_eps)
-        self.agc_exclude = tuple(agc_exclude)
-        self.ema_decay = float(ema_decay)
-        self.top_k = int(top_k)
-        self.backend = backend
-        self.skip = skip
-        self.skip_factor = float(skip_factor)
-        self.skip_z = float(skip_z)
-        self.steps = 0
-        self.device = self.named[0][1].device
-        zeros = lambda *shape: torch.zeros(shape, dtype=ACC_DTYPE, device=self.device)  # noqa: E731
-        # statistics and adaptive state: device tensors only
-        self.state: dict[str, Tensor] = {
-            "last_norm": zeros(),
-            "ema_norm": zeros(),
-            "clipped_steps": zeros(),
-            "nonfinite_steps": zeros(),
-            "finite_steps": zeros(),  # norms that enter the statistics
-            "param_norms": zeros(len(self.named)),
-            "threshold": torch.full((), math.nan, dtype=ACC_DTYPE, device=self.device),
-        }
-        if mode == "autoclip":
-            self.state["history"] = torch.full((self.history_size,), math.nan, dtype=ACC_DTYPE, device=self.device)
-        if mode == "zclip":
-            self.state["warmup"] = torch.full((self.warmup_steps,), math.nan, dtype=ACC_DTYPE, device=self.device)
-            self.state["mean"] = zeros()
-            self.state["var"] = zeros()
-        if skip is not None:
-            self.state["skipped_steps"] = zeros()
-        #: 1.0 when the latest call flagged its step for skipping (always 0.0 without ``skip``); the
-        #: same tensor every step, as ``found_inf`` of a fused optimizer (see :meth:`step`)
-        self.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._flag_fresh = False  # a call since the last step()
-        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+def _check_group_options(spec: GroupSpec) -> None:
+    """The ranges the Clipper checks for its own options, for a group's (types too: they come from
+    a dict); normalises ``max_norm`` and ``agc_exclude``. Raises before any tensor is touched."""
+    where = f"parameter group {spec.name!r}: "
+    options = spec.options
+    for key in sorted(GROUP_OPTIONS - {"agc_exclude", "max_norm"}):
+        value = options[key]
+        integral = key in ("history_size", "warmup_steps")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if integral else numbers.Real):
+            raise TypeError(f"{where}{key} must be {'an int' if integral else 'a number'}; got {value!r}")
+    options["max_norm"] = float(check_max_norm(options["max_norm"]))
+    exclude = options["agc_exclude"]
+    if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
+        raise TypeError(f"{where}agc_exclude must be an iterable of name fragments (str); got {exclude!r}")
+    options["agc_exclude"] = tuple(exclude)
+    if not all(isinstance(fragment, str) for fragment in options["agc_exclude"]):
+        raise TypeError(f"{where}agc_exclude must hold str name fragments; got {options['agc_exclude']!r}")
+    checks = [
+        (0.0 <= options["percentile"] <= 100.0, "percentile must be in [0, 100]"),
+        (options["history_size"] >= 1 and options["warmup_steps"] >= 1, "history_size and warmup_steps must be >= 1"),
+        (0.0 < options["alpha"] < 1.0 and 0.0 < options["ema_decay"] < 1.0, "alpha and ema_decay must lie strictly between 0 and 1"),
+        (min(options["z_threshold"], options["agc_clipping"], options["agc_eps"]) > 0, "z_threshold, agc_clipping and agc_eps must be positive"),
+        (math.isfinite(options["skip_factor"]) and options["skip_factor"] >= 1.0, "skip_factor must be finite and >= 1"),
+        (math.isfinite(options["skip_z"]) and options["skip_z"] > 0, "skip_z must be finite and > 0"),
+        (math.isfinite(options["adagc_lambda"]) and options["adagc_lambda"] >= 1.0, "adagc_lambda must be finite and >= 1"),
+        (0.0 < options["adagc_beta"] < 1.0, "adagc_beta must lie strictly between 0 and 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(where + message)
 
-    # -- one step ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def __call__(self) -> Tensor:
-        """Clip the current grads once; returns the total norm before clipping (no host sync)."""
-        positions = tuple(i for i, (_, p) in enumerate(self.named) if p.grad is not None)
-        grads = [self.named[i][1].grad for i in positions]
-        self._flag_fresh = True
-        if not grads:
-            self.steps += 1
-            self.found_inf.zero_()  # nothing to skip: the optimizer has nothing to update
-            return no_grads_result()  # as clip_grad_norm_ without grads
-        call = ops.prepare(grads, requested_backend(self.backend))
-        if self.mode == "agc":
-            result, per_tensor, any_clipped = self._agc_step(call, positions, grads)
-            coef = torch.where(any_clipped, 0.0, 1.0).to(ACC_DTYPE)  # counts as clipped when any unit was
-            self.state["threshold"].fill_(self.agc_clipping)
-            exact_total = total_from_accumulator(result.acc, _L2)
-            self._flag(exact_total)
-        else:
-            result, per_tensor, coef, exact_total = self._norm_step(call)
-        self._record(exact_total, per_tensor, positions, coef)
-        self.steps += 1
-        # the norm pass rounds the total to the grads' promoted real dtype, as clip_grad_norm_ does
-        return result.total
 
-    def _norm_step(self, call: ops.Call) -> tuple[Any, Tensor, Tensor, Tensor]:
-        """(norm pass result, per-tensor norms, coefficient applied, unrounded float64 total)."""
-        fixed = self.max_norm if self.mode == "norm" else None
-        result, per_tensor = ops.total_norm(call, self.norm, fixed, per_tensor=True)
-        total = total_from_accumulator(result.acc, self.norm, result.scale)
-        self._flag(total)  # before the thresholds update the statistics it reads
-        if self.mode == "norm":
-            coef = result.coef
-            self.state["threshold"].fill_(self.max_norm)
-        else:
-            threshold = self._autoclip_threshold(total) if self.mode == "autoclip" else self._zclip_threshold(total)
-            self.state["threshold"].copy_(threshold)
-            coef = _coefficient(total, threshold)
-        ops.scale_(call, coef)
-        return result, per_tensor, coef, total
+class _ModeRules:
+    """The adaptive rules and statistics shared by a :class:`Clipper` and each of its groups: they
+    read the options (``max_norm``, ``percentile``...), ``mode``, ``steps`` and ``state`` of ``self``."""
 
-    def _flag(self, total: Tensor) -> None:
-        """Set :attr:`found_inf` for this step's unrounded total norm and count it; reads the
-        statistics as they were before this step. Device work only."""
-        if self.skip is None:
-            return
-        state = self.state
-        flag = ~torch.isfinite(total)
-        if self.skip == "spike":
-            seen = state["finite_steps"]  # finite norms before this one
-            if self.mode == "zclip":
-                z = (total - state["mean"]) / (state["var"].sqrt() + CLIP_EPS)
-                flag |= (seen >= self.warmup_steps) & (z > self.skip_z)
-            else:
-                flag |= (seen > 0) & (total > self.skip_factor * state["ema_norm"])
-        self.found_inf.copy_(flag)
-        state["skipped_steps"].add_(flag.to(ACC_DTYPE))
-
-    def step(self, optimizer: torch.optim.Optimizer, *, sync: bool = False) -> Any:
-        """``optimizer.step()``, skipped when the latest call flagged its step (:attr:`found_inf`).
-
-        A torch optimizer built with ``fused=True`` (Adam, AdamW, SGD, Adagrad) gets the flag as
-        its ``found_inf`` and skips inside its kernel: parameters and state stay as they were, no
-        host sync. Any other optimizer has no such input (zeroing grads is no skip: Adam's moments
-        and step count would still move), so it needs ``sync=True``: the flag is read on the host
-        (one sync) and ``step()`` is called only when it is 0. Not for use with a ``GradScaler``
-        (whose ``step`` sets ``found_inf`` itself). Call the Clipper once before every ``step``.
-        """
-        from .optim import step_unless_flagged
-
-        if not self._flag_fresh:
-            raise RuntimeError("Clipper.step(optimizer) needs a Clipper call (clipper()) since the last step")
-        self._flag_fresh = False
-        return step_unless_flagged(optimizer, self.found_inf, sync=sync)
+    mode: str | None
+    state: dict[str, Tensor]
+    steps: int
+    max_norm: float
+    percentile: float
+    history_size: int
+    alpha: float
+    z_threshold: float
+    warmup_steps: int
+    ema_decay: float
+    skip_factor: float
+    skip_z: float
 
     def _autoclip_threshold(self, total: Tensor) -> Tensor:
         """The percentile of the last ``history_size`` finite norms, this one included (NaN: none yet).
@@ -344,27 +273,19 @@ class Clipper:
         var.copy_(torch.where(completes, warm_var, torch.where(updates, new_var, var)))
         return torch.where(in_warmup, torch.full_like(total, self.max_norm), z_threshold)
 
-    def _agc_step(self, call: ops.Call, positions: tuple[int, ...], grads: list[Tensor]) -> tuple[Any, Tensor, Tensor]:
-        """Unit-wise clipping; returns the norm pass result and per-tensor L2 norms of the grads
-        before clipping, and whether any unit was clipped."""
-        result, per_tensor = ops.total_norm(call, _L2, per_tensor=True)
-        any_clipped = torch.zeros((), dtype=torch.bool, device=self.device)
-        for i, grad in zip(positions, grads):
-            name, param = self.named[i]
-            if any(fragment in name for fragment in self.agc_exclude):
-                continue
-            dims = tuple(range(1, grad.dim())) if grad.dim() > 1 else None
-            weight_norm = _unit_norms(param.detach(), dims)
-            grad_norm = _unit_norms(grad, dims)
-            limit = weight_norm.clamp(min=self.agc_eps) * self.agc_clipping
-            over = grad_norm > limit
-            factor = torch.where(over, limit / grad_norm.clamp(min=1e-6), torch.ones_like(grad_norm))
-            grad.mul_(factor)
-            any_clipped |= over.any()
-        return result, per_tensor, any_clipped
+    def _spike(self, total: Tensor) -> Tensor:
+        """Whether ``total`` is a spike by the mode's rule (see the module docstring), against the
+        statistics before this step; 0-d bool on the device."""
+        state = self.state
+        seen = state["finite_steps"]  # finite norms before this one
+        if self.mode == "zclip":
+            z = (total - state["mean"]) / (state["var"].sqrt() + CLIP_EPS)
+            return (seen >= self.warmup_steps) & (z > self.skip_z)
+        return (seen > 0) & (total > self.skip_factor * state["ema_norm"])
 
-    def _record(self, total: Tensor, per_tensor: Tensor, positions: tuple[int, ...], coef: Tensor) -> None:
-        """Statistics of this step; ``total`` is the unrounded float64 norm."""
+    def _record_statistics(self, total: Tensor, clipped: Tensor) -> None:
+        """Last norm, its EMA over finite norms, and the step counts, for the unrounded float64
+        ``total`` of this step; ``clipped``: 0-d bool, whether this step scaled anything down."""
         state = self.state
         finite = torch.isfinite(total)
         state["last_norm"].copy_(total)
@@ -372,9 +293,386 @@ class Clipper:
         ema = state["ema_norm"]
         moved = ema * self.ema_decay + total * (1 - self.ema_decay)
         ema.copy_(torch.where(finite, torch.where(state["finite_steps"] == 0, total, moved), ema))
-        state["clipped_steps"].add_((coef < 1).to(ACC_DTYPE))
+        state["clipped_steps"].add_(clipped.to(ACC_DTYPE))
         state["nonfinite_steps"].add_((~finite).to(ACC_DTYPE))
         state["finite_steps"].add_(finite.to(ACC_DTYPE))
+
+
+class _Group(_ModeRules):
+    """One parameter group of a grouped :class:`Clipper`: its options, mode and device state."""
+
+    def __init__(self, clipper: Clipper, spec: GroupSpec) -> None:
+        self.clipper = clipper
+        self.name = spec.name
+        self.mode = spec.mode
+        self.members = spec.members
+        options = spec.options
+        self.max_norm = float(options["max_norm"])
+        self.percentile = float(options["percentile"])
+        self.history_size = int(options["history_size"])
+        self.alpha = float(options["alpha"])
+        self.z_threshold = float(options["z_threshold"])
+        self.warmup_steps = int(options["warmup_steps"])
+        self.agc_clipping = float(options["agc_clipping"])
+        self.agc_eps = float(options["agc_eps"])
+        self.agc_exclude = tuple(options["agc_exclude"])
+        self.adagc_lambda = float(options["adagc_lambda"])
+        self.adagc_beta = float(options["adagc_beta"])
+        self.ema_decay = float(options["ema_decay"])
+        self.skip_factor = float(options["skip_factor"])
+        self.skip_z = float(options["skip_z"])
+        device = clipper.device
+        nan = lambda *shape: torch.full(shape, math.nan, dtype=ACC_DTYPE, device=device)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(shape, dtype=ACC_DTYPE, device=device)  # noqa: E731
+        self.state: dict[str, Tensor] = {
+            "last_norm": zeros(),
+            "ema_norm": zeros(),
+            "clipped_steps": zeros(),
+            "nonfinite_steps": zeros(),
+            "finite_steps": zeros(),
+            "threshold": nan(),  # NaN: no single threshold (yet, or ever: excluded, adagc after warm-up)
+        }
+        if self.mode == "autoclip":
+            self.state["history"] = nan(self.history_size)
+        if self.mode == "zclip":
+            self.state["warmup"] = nan(self.warmup_steps)
+            self.state["mean"] = zeros()
+            self.state["var"] = zeros()
+        if self.mode == "adagc":
+            self.state["tensor_ema"] = nan(len(self.members))  # NaN: no finite non-zero norm seen yet
+
+    @property
+    def steps(self) -> int:  # type: ignore[override]
+        """The Clipper's calls so far (a bound on the group's own finite norms)."""
+        return self.clipper.steps
+
+    def clip_(self, total: Tensor, norms: Tensor, slots: Tensor, items: list[tuple[str, Tensor]], grads: list[Tensor]) -> Tensor:
+        """Clip the group's present ``grads`` (``items``: their ``(name, parameter)``, ``slots``: their
+        places among the group's members, ``norms``: their norms, ``total``: the group's norm, both
+        before clipping) and record the statistics; returns whether anything was scaled down (0-d
+        bool). Device work only."""
+        state, mode = self.state, self.mode
+        total, norms = total.to(self.clipper.device), norms.to(self.clipper.device)
+        if mode is None:
+            clipped = torch.zeros((), dtype=torch.bool, device=total.device)
+        elif mode == "agc":
+            clipped = _agc_clip_(items, grads, self.agc_clipping, self.agc_eps, self.agc_exclude, total.device)
+            state["threshold"].fill_(self.agc_clipping)
+        elif mode == "adagc":
+            gamma_all = state["tensor_ema"]
+            in_warmup = state["finite_steps"] < self.warmup_steps
+            coefs, gamma = adagc_rule(
+                norms, gamma_all.index_select(0, slots), total, in_warmup,
+                max_norm=self.max_norm, lam=self.adagc_lambda, beta=self.adagc_beta,
+            )  # fmt: skip
+            gamma_all.index_copy_(0, slots, gamma)
+            threshold = state["threshold"]  # max_norm in the warm-up; afterwards per tensor (NaN here)
+            threshold.copy_(torch.where(in_warmup, torch.full_like(threshold, self.max_norm), torch.full_like(threshold, math.nan)))
+            _scale_each_(grads, coefs)
+            clipped = (coefs < 1).any()
+        else:
+            if mode == "norm":
+                state["threshold"].fill_(self.max_norm)
+                coef = clip_coefficient(total, self.max_norm)
+            else:
+                threshold = self._autoclip_threshold(total) if mode == "autoclip" else self._zclip_threshold(total)
+                state["threshold"].copy_(threshold)
+                coef = _coefficient(total, threshold)
+            self.clipper._scale_(grads, coef)
+            clipped = coef < 1
+        self._record_statistics(total, clipped)
+        return clipped
+
+
+class Clipper(_ModeRules):
+    """Stateful gradient clipping with on-device statistics; see the module docstring for modes.
+
+    Args:
+        parameters: ``model.named_parameters()`` (names are used for ``agc_exclude`` and the top-k
+            report), an iterable of parameters, or a single tensor; or a list of parameter groups,
+            dicts with ``"params"`` (any of the former), an optional ``"name"``, ``"mode"`` (None:
+            not clipped) and the options below that the group's mode reads (see
+            :mod:`fusedclip.groups`); the keyword arguments are then the groups' defaults.
+        mode: ``"norm"``, ``"autoclip"``, ``"zclip"``, ``"agc"`` or ``"adagc"`` (with groups, also
+            None: groups that set no mode are not clipped).
+        max_norm: the threshold of ``"norm"``; the cap during the warm-up of ``"zclip"`` and ``"adagc"``.
+        norm_type: the norm's order (all modes but ``"agc"``, which uses unit-wise L2 norms).
+        percentile, history_size: AutoClip's percentile (0-100) and how many norms it remembers.
+        alpha, z_threshold, warmup_steps: ZClip's EMA factor, z-score threshold and warm-up length
+            (the warm-up length of ``"adagc"`` too).
+        agc_clipping, agc_eps, agc_exclude: AGC's lambda, epsilon and excluded name fragments.
+        adagc_lambda, adagc_beta: AdaGC's relative threshold (>= 1) and EMA factor.
+        ema_decay: decay of the reported EMA of the total norm.
+        top_k: how many parameters ``summary()`` lists by gradient norm.
+        backend: the fusedclip backend (None: automatic).
+        skip, skip_factor, skip_z: which steps to flag in :attr:`found_inf` for skipping (None: none,
+            ``"nonfinite"``, ``"spike"``; the rule is in the module docstring), the factor over the
+            EMA norm and the z-score above which ``"spike"`` flags a step.
+    """
+
+    def __init__(
+        self,
+        parameters: Tensor | Iterable[Any],
+        mode: str | None = "norm",
+        *,
+        max_norm: float = 1.0,
+        norm_type: float | str = 2.0,
+        percentile: float = 10.0,
+        history_size: int = 10_000,
+        alpha: float = 0.97,
+        z_threshold: float = 2.5,
+        warmup_steps: int = 25,
+        agc_clipping: float = 0.01,
+        agc_eps: float = 1e-3,
+        agc_exclude: Iterable[str] = _DEFAULT_AGC_EXCLUDE,
+        adagc_lambda: float = 1.05,
+        adagc_beta: float = 0.98,
+        ema_decay: float = 0.99,
+        top_k: int = 5,
+        backend: str | None = None,
+        skip: str | None = None,
+        skip_factor: float = 10.0,
+        skip_z: float = 6.0,
+    ) -> None:
+        items, grouped = _split_groups(parameters)
+        if mode not in MODES and not (grouped and mode is None):
+            raise ValueError(f"unknown Clipper mode {mode!r}; choose one of {', '.join(MODES)}")
+        if not 0.0 <= percentile <= 100.0:
+            raise ValueError(f"percentile must be in [0, 100]; got {percentile}")
+        if history_size < 1 or warmup_steps < 1 or top_k < 0:
+            raise ValueError("history_size and warmup_steps must be >= 1 and top_k >= 0")
+        if not (0.0 < alpha < 1.0 and 0.0 < ema_decay < 1.0):
+            raise ValueError("alpha and ema_decay must lie strictly between 0 and 1")
+        if z_threshold <= 0 or agc_clipping <= 0 or agc_eps <= 0:
+            raise ValueError("z_threshold, agc_clipping and agc_eps must be positive")
+        if skip not in SKIPS:
+            raise ValueError(f"unknown skip {skip!r}; choose one of {SKIPS}")
+        if not (math.isfinite(skip_factor) and skip_factor >= 1.0 and math.isfinite(skip_z) and skip_z > 0):
+            raise ValueError(f"skip_factor must be finite and >= 1, skip_z finite and > 0; got {skip_factor}, {skip_z}")
+        if not (math.isfinite(adagc_lambda) and adagc_lambda >= 1.0 and 0.0 < adagc_beta < 1.0):
+            raise ValueError(f"adagc_lambda must be finite and >= 1, adagc_beta in (0, 1); got {adagc_lambda}, {adagc_beta}")
+        agc_exclude = tuple(agc_exclude)  # an iterator would serve only its first reader
+        defaults = dict(
+            mode=mode, max_norm=max_norm, percentile=percentile, history_size=history_size, alpha=alpha,
+            z_threshold=z_threshold, warmup_steps=warmup_steps, agc_clipping=agc_clipping, agc_eps=agc_eps,
+            agc_exclude=agc_exclude, adagc_lambda=adagc_lambda, adagc_beta=adagc_beta, ema_decay=ema_decay,
+            skip_factor=skip_factor, skip_z=skip_z,
+        )  # fmt: skip
+        specs: list[GroupSpec] | None = None
+        if grouped:
+            self.named, specs = parse_groups(items, defaults)
+        else:
+            self.named = _named(items)
+            if mode == "adagc":  # per-tensor coefficients: the group machinery, one group of everything
+                specs = [GroupSpec("all", mode, tuple(range(len(self.named))), {k: defaults[k] for k in GROUP_OPTIONS})]
+        for spec in specs or ():
+            _check_group_options(spec)
+        self.mode = "groups" if grouped else mode
+        self.max_norm = float(check_max_norm(max_norm))
+        self.norm = parse_norm_type(norm_type)
+        self.percentile = float(percentile)
+        self.history_size = int(history_size)
+        self.alpha = float(alpha)
+        self.z_threshold = float(z_threshold)
+        self.warmup_steps = int(warmup_steps)
+        self.agc_clipping = float(agc_clipping)
+        self.agc_eps = float(agc_eps)
+        self.agc_exclude = tuple(agc_exclude)
+        self.adagc_lambda = float(adagc_lambda)
+        self.adagc_beta = float(adagc_beta)
+        self.ema_decay = float(ema_decay)
+        self.top_k = int(top_k)
+        self.backend = backend
+        self.skip = skip
+        self.skip_factor = float(skip_factor)
+        self.skip_z = float(skip_z)
+        self.steps = 0
+        self.device = self.named[0][1].device
+        zeros = lambda *shape: torch.zeros(shape, dtype=ACC_DTYPE, device=self.device)  # noqa: E731
+        # statistics and adaptive state: device tensors only
+        self.state: dict[str, Tensor] = {
+            "last_norm": zeros(),
+            "ema_norm": zeros(),
+            "clipped_steps": zeros(),
+            "nonfinite_steps": zeros(),
+            "finite_steps": zeros(),  # norms that enter the statistics
+            "param_norms": zeros(len(self.named)),
+            "threshold": torch.full((), math.nan, dtype=ACC_DTYPE, device=self.device),
+        }
+        if mode == "autoclip":
+            self.state["history"] = torch.full((self.history_size,), math.nan, dtype=ACC_DTYPE, device=self.device)
+        if mode == "zclip":
+            self.state["warmup"] = torch.full((self.warmup_steps,), math.nan, dtype=ACC_DTYPE, device=self.device)
+            self.state["mean"] = zeros()
+            self.state["var"] = zeros()
+        if skip is not None:
+            self.state["skipped_steps"] = zeros()
+        #: the parameter groups (None: the whole Clipper is one group of its mode, as before groups)
+        self.groups: list[_Group] | None = None
+        if specs is not None:
+            if self.norm.kind is NormKind.COUNT and any(spec.mode == "adagc" for spec in specs):
+                raise ValueError("mode 'adagc' needs a norm that scales with the grads; norm_type=0 counts non-zero tensors")
+            self.groups = [_Group(self, spec) for spec in specs]
+            # the groups' state, in the Clipper's (state_dict and load_state_dict see one flat dict)
+            for k, group in enumerate(self.groups):
+                self.state.update({f"groups.{k}.{key}": value for key, value in group.state.items()})
+            # parameter index -> (group, place among the group's members)
+            self._member_of = {i: (g, slot) for g, group in enumerate(self.groups) for slot, i in enumerate(group.members)}
+            self._layouts: dict[tuple[int, ...], list[tuple[Tensor, Tensor, list[int]] | None]] = {}
+        #: 1.0 when the latest call flagged its step for skipping (always 0.0 without ``skip``); the
+        #: same tensor every step, as ``found_inf`` of a fused optimizer (see :meth:`step`)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._flag_fresh = False  # a call since the last step()
+        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+
+    # -- one step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self) -> Tensor:
+        """Clip the current grads once; returns the total norm before clipping (no host sync)."""
+        positions = tuple(i for i, (_, p) in enumerate(self.named) if p.grad is not None)
+        grads = [self.named[i][1].grad for i in positions]
+        self._flag_fresh = True
+        if not grads:
+            self.steps += 1
+            self.found_inf.zero_()  # nothing to skip: the optimizer has nothing to update
+            return no_grads_result()  # as clip_grad_norm_ without grads
+        call = ops.prepare(grads, requested_backend(self.backend))
+        if self.groups is not None:
+            result = self._grouped_step(call, positions, grads)
+            self.steps += 1
+            return result.total
+        if self.mode == "agc":
+            result, per_tensor, any_clipped = self._agc_step(call, positions, grads)
+            coef = torch.where(any_clipped, 0.0, 1.0).to(ACC_DTYPE)  # counts as clipped when any unit was
+            self.state["threshold"].fill_(self.agc_clipping)
+            exact_total = total_from_accumulator(result.acc, _L2)
+            self._flag(exact_total)
+        else:
+            result, per_tensor, coef, exact_total = self._norm_step(call)
+        self._record(exact_total, per_tensor, positions, coef)
+        self.steps += 1
+        # the norm pass rounds the total to the grads' promoted real dtype, as clip_grad_norm_ does
+        return result.total
+
+    def _grouped_step(self, call: ops.Call, positions: tuple[int, ...], grads: list[Tensor]) -> Any:
+        """One norm pass over every grad (with per-tensor norms), each group's total combined from
+        its tensors' norms on the device, the skip flag from all of them, then each group clipped by
+        its mode. Returns the norm pass result (its total: over all grads)."""
+        if isinstance(call, engine.PreparedCall):
+            # the groups write in several calls: refuse an unwritable grad before the first one
+            check_writable(work for _, work in call.works)
+        result, per_tensor = ops.total_norm(call, self.norm, per_tensor=True)
+        total = total_from_accumulator(result.acc, self.norm, result.scale)
+        present = []
+        for group, layout in zip(self.groups, self._layout(positions, per_tensor.device)):  # type: ignore[arg-type]
+            if layout is None:
+                continue  # no grad in this group this step: its state stays as it is
+            rows, slots, local = layout
+            norms = per_tensor.index_select(0, rows)
+            present.append((group, combine_norms(norms, self.norm), norms, slots, local))
+        self._flag_groups(total, [(group, group_total) for group, group_total, *_ in present])
+        any_clipped = torch.zeros((), dtype=torch.bool, device=self.device)
+        for group, group_total, norms, slots, local in present:
+            items = [self.named[positions[j]] for j in local]
+            clipped = group.clip_(group_total, norms, slots, items, [grads[j] for j in local])
+            any_clipped = any_clipped | clipped
+        self._record(total, per_tensor, positions, torch.where(any_clipped, 0.0, 1.0).to(ACC_DTYPE))
+        return result
+
+    def _layout(self, positions: tuple[int, ...], device: torch.device) -> list[tuple[Tensor, Tensor, list[int]] | None]:
+        """Per group, for these grads: (rows of its grads in the per-tensor norms, their places among
+        the group's members, both int64 on ``device``; their indices in ``grads``), None without
+        grads. Cached per set of positions (a handful: which parameters have grads)."""
+        layout = self._layouts.get(positions)
+        if layout is None:
+            rows: list[list[int]] = [[] for _ in self.groups]  # type: ignore[union-attr]
+            slots: list[list[int]] = [[] for _ in self.groups]  # type: ignore[union-attr]
+            for j, i in enumerate(positions):
+                g, slot = self._member_of[i]
+                rows[g].append(j)
+                slots[g].append(slot)
+            as_index = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+            layout = [(as_index(r), as_index(s), r) if r else None for r, s in zip(rows, slots)]
+            if len(self._layouts) >= 64:  # bounded: grads appearing and vanishing in many patterns
+                self._layouts.clear()
+            self._layouts[positions] = layout
+        return layout
+
+    def _flag_groups(self, total: Tensor, totals: list[tuple[_Group, Tensor]]) -> None:
+        """:meth:`_flag` for a grouped step: the total over all grads or any group's total non-finite
+        (excluded groups included), or, with ``"spike"``, a clipped group's spike by its mode's rule
+        against its statistics before this step. Device work only."""
+        if self.skip is None:
+            return
+        flag = ~torch.isfinite(total.to(self.device))
+        for group, group_total in totals:
+            group_total = group_total.to(self.device)
+            flag = flag | ~torch.isfinite(group_total)
+            if self.skip == "spike" and group.mode is not None:
+                flag = flag | group._spike(group_total)
+        self.found_inf.copy_(flag)
+        self.state["skipped_steps"].add_(flag.to(ACC_DTYPE))
+
+    def _scale_(self, grads: list[Tensor], coef: Tensor) -> None:
+        """Multiply these grads by the 0-d ``coef`` in one engine scale call."""
+        ops.scale_(ops.prepare(grads, requested_backend(self.backend)), coef)
+
+    def _norm_step(self, call: ops.Call) -> tuple[Any, Tensor, Tensor, Tensor]:
+        """(norm pass result, per-tensor norms, coefficient applied, unrounded float64 total)."""
+        fixed = self.max_norm if self.mode == "norm" else None
+        result, per_tensor = ops.total_norm(call, self.norm, fixed, per_tensor=True)
+        total = total_from_accumulator(result.acc, self.norm, result.scale)
+        self._flag(total)  # before the thresholds update the statistics it reads
+        if self.mode == "norm":
+            coef = result.coef
+            self.state["threshold"].fill_(self.max_norm)
+        else:
+            threshold = self._autoclip_threshold(total) if self.mode == "autoclip" else self._zclip_threshold(total)
+            self.state["threshold"].copy_(threshold)
+            coef = _coefficient(total, threshold)
+        ops.scale_(call, coef)
+        return result, per_tensor, coef, total
+
+    def _flag(self, total: Tensor) -> None:
+        """Set :attr:`found_inf` for this step's unrounded total norm and count it; reads the
+        statistics as they were before this step. Device work only."""
+        if self.skip is None:
+            return
+        flag = ~torch.isfinite(total)
+        if self.skip == "spike":
+            flag |= self._spike(total)
+        self.found_inf.copy_(flag)
+        self.state["skipped_steps"].add_(flag.to(ACC_DTYPE))
+
+    def step(self, optimizer: torch.optim.Optimizer, *, sync: bool = False) -> Any:
+        """``optimizer.step()``, skipped when the latest call flagged its step (:attr:`found_inf`).
+
+        A torch optimizer built with ``fused=True`` (Adam, AdamW, SGD, Adagrad) gets the flag as
+        its ``found_inf`` and skips inside its kernel: parameters and state stay as they were, no
+        host sync. Any other optimizer has no such input (zeroing grads is no skip: Adam's moments
+        and step count would still move), so it needs ``sync=True``: the flag is read on the host
+        (one sync) and ``step()`` is called only when it is 0. Not for use with a ``GradScaler``
+        (whose ``step`` sets ``found_inf`` itself). Call the Clipper once before every ``step``.
+        """
+        from .optim import step_unless_flagged
+
+        if not self._flag_fresh:
+            raise RuntimeError("Clipper.step(optimizer) needs a Clipper call (clipper()) since the last step")
+        self._flag_fresh = False
+        return step_unless_flagged(optimizer, self.found_inf, sync=sync)
+
+    def _agc_step(self, call: ops.Call, positions: tuple[int, ...], grads: list[Tensor]) -> tuple[Any, Tensor, Tensor]:
+        """Unit-wise clipping; returns the norm pass result and per-tensor L2 norms of the grads
+        before clipping, and whether any unit was clipped."""
+        result, per_tensor = ops.total_norm(call, _L2, per_tensor=True)
+        items = [self.named[i] for i in positions]
+        any_clipped = _agc_clip_(items, grads, self.agc_clipping, self.agc_eps, self.agc_exclude, self.device)
+        return result, per_tensor, any_clipped
+
+    def _record(self, total: Tensor, per_tensor: Tensor, positions: tuple[int, ...], coef: Tensor) -> None:
+        """Statistics of this step; ``total`` is the unrounded float64 norm."""
+        self._record_statistics(total, coef < 1)
+        state = self.state
         index = self._index_cache.get(positions)
         if index is None:
             index = self._index_cache[positions] = torch.tensor(positions, dtype=torch.int64, device=self.device)
@@ -387,7 +685,7 @@ class Clipper:
         steps = max(self.steps, 1)
         k = min(self.top_k, len(self.named))
         values, indices = torch.topk(torch.nan_to_num(state["param_norms"], nan=math.inf), k)
-        return {
+        summary = {
             "mode": self.mode,
             "steps": self.steps,
             "last_norm": float(state["last_norm"]),
@@ -398,10 +696,31 @@ class Clipper:
             "skipped_steps": int(state["skipped_steps"]) if "skipped_steps" in state else 0,
             "top_params": [(self.named[i][0], float(v)) for v, i in zip(values.tolist(), indices.tolist())],
         }
+        if self.groups is not None:
+            # per group: its norm's statistics; clipped_fraction counts over all the Clipper's calls
+            summary["groups"] = {
+                group.name: {
+                    "mode": group.mode,
+                    "last_norm": float(group.state["last_norm"]),
+                    "ema_norm": float(group.state["ema_norm"]),
+                    "threshold": float(group.state["threshold"]),
+                    "clipped_fraction": float(group.state["clipped_steps"]) / steps,
+                    "nonfinite_steps": int(group.state["nonfinite_steps"]),
+                }
+                for group in self.groups
+            }
+        return summary
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue identically after a restart (tensors are cloned)."""
-        return {"mode": self.mode, "steps": self.steps, "tensors": {k: v.clone() for k, v in self.state.items()}}
+        state = {"mode": self.mode, "steps": self.steps, "tensors": {k: v.clone() for k, v in self.state.items()}}
+        if self.groups is not None:
+            state["groups"] = self._group_layout()
+        return state
+
+    def _group_layout(self) -> list[dict[str, Any]]:
+        """What a grouped state must match: each group's name, mode and number of parameters."""
+        return [{"name": g.name, "mode": g.mode, "params": len(g.members)} for g in self.groups or ()]
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`. The whole state is checked first (keys, mode, step
@@ -419,10 +738,14 @@ class Clipper:
         """(step count, tensors as float64 on this Clipper's device) of a valid state; raises otherwise."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping (from Clipper.state_dict()); got {type(state_dict).__name__}")
-        _check_keys("state_dict", state_dict, {"mode", "steps", "tensors"})
+        _check_keys("state_dict", state_dict, {"mode", "steps", "tensors"} | ({"groups"} if self.groups is not None else set()))
         mode = state_dict["mode"]
         if mode != self.mode:
             raise ValueError(f"state is for mode {mode!r}, this Clipper is {self.mode!r}")
+        if self.groups is not None and state_dict["groups"] != self._group_layout():
+            raise ValueError(
+                f"state is for the parameter groups {state_dict['groups']!r}, this Clipper has {self._group_layout()!r}"
+            )
         steps = state_dict["steps"]
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
             raise TypeError(f"state_dict['steps'] must be an int; got {type(steps).__name__}")
@@ -458,44 +781,59 @@ class Clipper:
 
     def _check_values(self, steps: int, values: dict[str, Tensor]) -> None:
         """Values a run of this Clipper can produce (float64 CPU copies; a load may synchronise)."""
+        if self.groups is None:
+            _check_statistics(steps, values, "", self.history_size, self.warmup_steps)
+            return
+        _check_statistics(steps, {k: v for k, v in values.items() if not k.startswith("groups.")}, "", 1, 1)
+        for k, group in enumerate(self.groups):
+            prefix = f"groups.{k}."
+            own = {key[len(prefix) :]: v for key, v in values.items() if key.startswith(prefix)}
+            _check_statistics(steps, own, prefix, group.history_size, group.warmup_steps)
 
-        def require(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
 
-        def nonneg_or_nan(key: str) -> None:  # norms as observed: >= 0, +inf or NaN
-            v = values[key]
-            require(bool((torch.isnan(v) | (v >= 0)).all()), f"state tensor {key!r} holds a negative norm")
+def _check_statistics(steps: int, values: dict[str, Tensor], prefix: str, history_size: int, warmup_steps: int) -> None:
+    """The checks of :meth:`Clipper._check_values` on one set of statistics (the Clipper's, or one
+    group's, whose keys lack their ``prefix``; messages name the full key)."""
 
-        counts = {}
-        for key in ("clipped_steps", "nonfinite_steps", "finite_steps", *sorted(_OPTIONAL_STATE & set(values))):
-            v = float(values[key])
-            require(math.isfinite(v) and v >= 0 and v == int(v), f"state tensor {key!r} must hold a count >= 0; got {v}")
-            require(v <= steps, f"state tensor {key!r} counts {v:g} steps, more than the {steps} steps taken")
-            counts[key] = int(v)
-        require(
-            counts["finite_steps"] + counts["nonfinite_steps"] <= steps,
-            f"finite_steps + nonfinite_steps ({counts['finite_steps']} + {counts['nonfinite_steps']}) exceed steps ({steps})",
-        )
-        for key in ("last_norm", "param_norms", "threshold"):
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    def nonneg_or_nan(key: str) -> None:  # norms as observed: >= 0, +inf or NaN
+        v = values[key]
+        require(bool((torch.isnan(v) | (v >= 0)).all()), f"state tensor {prefix + key!r} holds a negative norm")
+
+    counts = {}
+    for key in ("clipped_steps", "nonfinite_steps", "finite_steps", *sorted(_OPTIONAL_STATE & set(values))):
+        v = float(values[key])
+        require(math.isfinite(v) and v >= 0 and v == int(v), f"state tensor {prefix + key!r} must hold a count >= 0; got {v}")
+        require(v <= steps, f"state tensor {prefix + key!r} counts {v:g} steps, more than the {steps} steps taken")
+        counts[key] = int(v)
+    require(
+        counts["finite_steps"] + counts["nonfinite_steps"] <= steps,
+        f"{prefix}finite_steps + {prefix}nonfinite_steps ({counts['finite_steps']} + {counts['nonfinite_steps']})"
+        f" exceed steps ({steps})",
+    )
+    for key in ("last_norm", "param_norms", "threshold", "tensor_ema"):
+        if key in values:
             nonneg_or_nan(key)
-        ema = float(values["ema_norm"])
-        require(math.isfinite(ema) and ema >= 0, f"state tensor 'ema_norm' must be finite and >= 0; got {ema}")
-        buffers = {"history": self.history_size, "warmup": self.warmup_steps}
-        for key, size in buffers.items():
-            if key not in values:
-                continue
-            v = values[key]
-            filled = min(counts["finite_steps"], size)  # slots filled so far, from the first
-            require(
-                bool(torch.isfinite(v[:filled]).all() and (v[:filled] >= 0).all() and torch.isnan(v[filled:]).all()),
-                f"state tensor {key!r} must hold {filled} finite norms >= 0 (one per finite step so far, up to {size})"
-                f" followed by NaN",
-            )
-        for key in ("mean", "var"):
-            if key in values:
-                v = float(values[key])
-                require(math.isfinite(v) and v >= 0, f"state tensor {key!r} must be finite and >= 0; got {v}")
+    ema = float(values["ema_norm"])
+    require(math.isfinite(ema) and ema >= 0, f"state tensor {prefix + 'ema_norm'!r} must be finite and >= 0; got {ema}")
+    buffers = {"history": history_size, "warmup": warmup_steps}
+    for key, size in buffers.items():
+        if key not in values:
+            continue
+        v = values[key]
+        filled = min(counts["finite_steps"], size)  # slots filled so far, from the first
+        require(
+            bool(torch.isfinite(v[:filled]).all() and (v[:filled] >= 0).all() and torch.isnan(v[filled:]).all()),
+            f"state tensor {prefix + key!r} must hold {filled} finite norms >= 0 (one per finite step so far, up to {size})"
+            f" followed by NaN",
+        )
+    for key in ("mean", "var"):
+        if key in values:
+            v = float(values[key])
+            require(math.isfinite(v) and v >= 0, f"state tensor {prefix + key!r} must be finite and >= 0; got {v}")
 
 
 def _check_keys(what: str, mapping: Mapping[str, Any], expected: set[str], optional: Iterable[str] = ()) -> None:
