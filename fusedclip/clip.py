@@ -123,7 +123,9 @@ def get_norms(
         ``(total, per_tensor)``: ``total`` as :func:`get_total_norm` returns it; ``per_tensor`` a
         1-d tensor with one norm per input tensor (for ``norm_type=0`` its count of non-zero
         elements), unrounded in float32 (float64 when any tensor is float64 or complex128), on
-        the first tensor's device. With ``group``, the total is global and the per-tensor norms local.
+        the first tensor's device. For DTensor grads (FSDP2, HSDP, tensor parallel) each norm is
+        that of the whole unsharded tensor, the same on every rank, from the same all-reduce as
+        the total. With ``group``, the total is global and plain tensors' norms local.
     """
     tensors = check_tensors(as_list(tensors, "tensors"), "tensors")
     norm = parse_norm_type(norm_type)

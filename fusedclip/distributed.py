@@ -22,20 +22,37 @@ What is reduced over which group:
   the one mesh or group whose rank set contains all others (over each dimension of that mesh in
   turn when it has several dimensions); else (rank sets that no single group covers) each rank set
   is reduced over its own mesh.
-* Plain (non-DTensor) grads are local: with ``group=`` and no DTensor grads they are summed over
-  ``group`` in the same way (one collective); without ``group=`` they are added after the reduction.
-* ``group=`` together with DTensor grads: the DTensor totals are global over their meshes first,
-  then the call's local total (DTensor totals plus plain grads) is summed over ``group``. That is a
-  second collective: this rank cannot know the meshes of the other members of ``group``, so their
-  shards cannot be placed in one vector.
+* Plain (non-DTensor) grads are local: without ``group=`` they are added after the reduction.
+* Per-tensor norms (:func:`fusedclip.get_norms`): every grad of a block adds one row to the
+  block's entries in the same vector (the grads in call order, so every rank has the same layout;
+  non-representative replicas hold the neutral element), so each DTensor grad's norm is that of
+  the whole unsharded tensor with no collective of its own. Plain grads' norms stay local.
+* ``group=``: the ranks of ``group`` hold different parameters (pipeline stages, model-parallel
+  pieces); the result is the norm over the distinct grads of all of them, DTensors counted over
+  their whole meshes once. When every mesh of this rank lies inside ``group`` (``group`` is the
+  world, or contains the meshes), each rank's local shards (replicas neutral) and plain grads are
+  summed over ``group`` in one collective, which counts every distinct shard once. When a mesh
+  reaches outside ``group`` (a pipeline group with one rank per stage), the meshes are reduced
+  first and then the totals over ``group`` (a mesh shared by several members of ``group`` counts
+  once: only its lowest rank there contributes): two collectives, see :class:`PartsReduction`.
+  ``group`` must not contain two ranks holding replicas of the same parameters on different
+  meshes (e.g. sibling data-parallel submeshes of FSDP x TP): each would count.
+  Per-tensor norms with ``group=`` and DTensor grads take the two-collective path (their rows need
+  the meshes' ranks only).
+* Every rank must see the same kind of layout (the same blocks in the same order, SPMD): the
+  vector's layout and the collectives chosen depend on it.
 
 MAX/MIN reductions may drop NaN (gloo's and NCCL's max/min are plain comparisons), so NaN travels
 as a flag in the same vector: ``[values with NaN replaced by the neutral element, +-flags]``,
 all-reduced with the same MAX (MIN: flags negated) operation.
 
-General p (not 0, 1, 2, +-inf) sums ``(|x| / M)^p`` relative to one norm scale ``M`` for all ranks
-(see :mod:`fusedclip.backends.base`): the MAX (MIN for p < 0) of ``|x|`` must be all-reduced before
-any rank can form its sum, so general p takes two collectives (the scale, then the sum).
+General p (not 0, 1, 2, +-inf) sums ``(|x| / M')^p`` relative to a norm scale ``M`` (see
+:mod:`fusedclip.backends.base`). Each rank computes its own local scale ``m`` and its sum ``S``
+relative to it (two local passes, no communication) and writes the pair ``(m, S)`` into its own
+slot of the vector (zeros in the other ranks' slots): a SUM all-reduce then gathers every rank's
+pairs exactly, and every rank combines those of its block's ranks to the common scale ``M`` (max
+``m``, min for p < 0) as ``sum of (m' / M')^p * S``, which cannot overflow (see
+:func:`_combine_scaled`). One collective, of ``2 x ranks`` values per total or per-tensor row.
 
 The collectives are functional (``torch.distributed._functional_collectives``): visible to
 ``CommDebugMode`` and traceable by ``torch.compile``. :mod:`fusedclip.engine` applies the reducer.
@@ -52,14 +69,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .backends.base import combine_accumulators
-from .engine import PartsReducer, Wrap, is_dtensor
+from .backends.base import scale_norm, total_from_accumulator, usable_norm_scale
+from .engine import PartsReducer, Reduced, Wrap, is_dtensor
 from .norm_type import NormKind, NormSpec
 
 
 def _neutral(norm: NormSpec) -> float:
     """The identity of the norm's reduction over |x| values: +inf for min, else 0."""
     return math.inf if norm.kind is NormKind.MIN else 0.0
+
+
+def _neutral_row(norm: NormSpec, general: bool) -> list[float]:
+    """A row that changes nothing when combined: the neutral accumulator, or for a general p the
+    pair (neutral norm scale, sum 0)."""
+    return [_neutral(scale_norm(norm)), 0.0] if general else [_neutral(norm)]
 
 
 def _all_reduce(vec: Tensor, norm: NormSpec, groups: tuple[Any, ...]) -> Tensor:
@@ -82,6 +105,48 @@ def _all_reduce(vec: Tensor, norm: NormSpec, groups: tuple[Any, ...]) -> Tensor:
     return reduce(vec, "sum")
 
 
+def _combine_scaled(pairs: Tensor, p: float, dim: int = 0) -> Tensor:
+    """Pairs ``(m, S)`` along ``dim`` (last axis: norm scale ``m`` and the sum ``S`` of ``(|x| / m')^p``)
+    combined into one pair relative to their common scale ``M`` (max ``m``, min for p < 0):
+    ``(M, sum of (m' / M')^p * S)``. Every ratio ``m' / M'`` is at most 1 for p > 0 (at least 1 for
+    p < 0), so nothing overflows; a term that underflows is below ``M'^p`` by more than float64's
+    range, negligible against the largest one. An empty sum (``S == 0``) adds exactly nothing."""
+    scales, sums = pairs[..., 0], pairs[..., 1]
+    common = scales.amax(dim, keepdim=True) if p > 0 else scales.amin(dim, keepdim=True)
+    ratio = (usable_norm_scale(scales) / usable_norm_scale(common)).pow(p)
+    terms = torch.where(sums == 0, torch.zeros_like(sums), ratio * sums)
+    return torch.stack([common.squeeze(dim), terms.sum(dim)], -1)
+
+
+def _combine_rows(rows: Tensor, norm: NormSpec, general: bool) -> Tensor:
+    """Rows ``(n, ..., w)`` combined along the first axis as the norm combines accumulators."""
+    if general:
+        return _combine_scaled(rows, norm.p)
+    if norm.kind is NormKind.MAX:
+        return rows.amax(0)
+    if norm.kind is NormKind.MIN:
+        return rows.amin(0)
+    return rows.sum(0)
+
+
+def _to_accumulators(norms: Tensor, norm: NormSpec, general: bool) -> Tensor:
+    """Per-tensor norms (1-D) as rows ``(n, w)`` that add up across shards: ``|x|^p`` sums for
+    p = 1, 2 (the square of a 2-norm), the value itself for max, min and counts; for a general p the
+    pair ``(n, (n / n')^p)``, exact for any norm ``n``."""
+    if general:
+        return torch.stack([norms, (norms / usable_norm_scale(norms)).pow(norm.p)], -1)
+    if norm.kind is NormKind.SUM_POW and norm.p == 2.0:
+        norms = norms * norms
+    return norms.reshape(-1, 1)
+
+
+def _from_accumulators(rows: Tensor, norm: NormSpec, general: bool) -> Tensor:
+    """The norms of accumulator rows ``(n, w)`` (1-D, float64)."""
+    if general:
+        return total_from_accumulator(rows[:, 1], norm, rows[:, 0])
+    return total_from_accumulator(rows[:, 0], norm)
+
+
 @dataclass(frozen=True)
 class _Block:
     """Accumulators summed over one set of ranks: ``groups`` all-reduced in turn sum over exactly
@@ -100,8 +165,44 @@ class _Contribution:
     representative: bool = True
 
 
-def _reduce_blocks(values: list[Tensor], blocks: list[_Block], norm: NormSpec) -> list[Tensor]:
-    """Every block's value reduced over its ranks, in one collective where one group covers all."""
+def _reduce_over(
+    values: list[Tensor], blocks: list[_Block], union: tuple[int, ...], groups: tuple[Any, ...], norm: NormSpec, general: bool
+) -> list[Tensor]:
+    """Every block's rows ``(k, w)`` reduced over its ranks by one all-reduce over ``groups`` (which
+    sum over ``union``, a superset of every block's ranks).
+
+    Simple norms: a block spanning ``union`` enters as is; a smaller one (a submesh) takes one slot
+    per rank of ``union`` and writes the slot of its lowest rank (sibling submeshes are disjoint, so
+    their lowest ranks differ), the others holding the neutral element. General p: every rank writes
+    its pairs into its own slot (0 elsewhere), so the sum gathers every rank's pairs exactly and each
+    rank combines those of its block's ranks to their common scale."""
+    me = dist.get_rank()
+    pieces, reads = [], []
+    offset = 0
+    for value, block in zip(values, blocks):
+        if general:
+            piece = torch.zeros((len(union), *value.shape), dtype=value.dtype, device=value.device)
+            piece[union.index(me)] = value
+            reads.append((offset, [union.index(rank) for rank in block.ranks]))
+        elif block.ranks == union:
+            piece = value.unsqueeze(0)
+            reads.append((offset, [0]))
+        else:
+            piece = torch.full((len(union), *value.shape), _neutral(norm), dtype=value.dtype, device=value.device)
+            piece[union.index(block.ranks[0])] = value
+            reads.append((offset, [union.index(block.ranks[0])]))
+        pieces.append(piece)
+        offset += piece.numel()
+    reduced = _all_reduce(torch.cat([piece.reshape(-1) for piece in pieces]), norm, groups)
+    out = []
+    for (start, slots), piece, value in zip(reads, pieces, values):
+        rows = reduced[start : start + piece.numel()].reshape(piece.shape)
+        out.append(_combine_rows(rows[slots], norm, general) if general else rows[slots[0]])
+    return out
+
+
+def _reduce_blocks(values: list[Tensor], blocks: list[_Block], norm: NormSpec, general: bool) -> list[Tensor]:
+    """Every block's rows reduced over its ranks, in one collective where one group covers all."""
     union = tuple(sorted(set().union(*(block.ranks for block in blocks))))
     carrier = next((block for block in blocks if block.ranks == union), None)
     if union == tuple(range(dist.get_world_size())):
@@ -109,37 +210,43 @@ def _reduce_blocks(values: list[Tensor], blocks: list[_Block], norm: NormSpec) -
     elif carrier is not None:
         groups = carrier.groups
     else:  # no one group spans every rank set here: each is reduced over its own mesh
-        return [_all_reduce(value.reshape(1), norm, block.groups)[0] for value, block in zip(values, blocks)]
-    pieces, reads, offset = [], [], 0
-    for value, block in zip(values, blocks):
-        if block.ranks == union:
-            pieces.append(value.reshape(1))
-            reads.append(offset)
-            offset += 1
-            continue
-        slot = union.index(block.ranks[0])  # sibling submeshes are disjoint: their lowest ranks differ
-        piece = torch.full((len(union),), _neutral(norm), dtype=value.dtype, device=value.device)
-        piece[slot] = value
-        pieces.append(piece)
-        reads.append(offset + slot)
-        offset += len(union)
-    reduced = _all_reduce(torch.cat(pieces), norm, groups)
-    return [reduced[index] for index in reads]
+        return [_reduce_over([value], [block], block.ranks, block.groups, norm, general)[0] for value, block in zip(values, blocks)]
+    return _reduce_over(values, blocks, union, groups, norm, general)
 
 
 class PartsReduction:
     """The reducer of :class:`fusedclip.engine.PreparedCall`: turns the local accumulators of the
-    call's parts into the global accumulator (see the module docstring for what goes where)."""
+    call's parts (and optionally their per-tensor norms) into the global ones (see the module
+    docstring for what goes where).
+
+    ``positions[i]``: where part ``i``'s grads sit in the call (None: one part, in call order).
+    """
 
     def __init__(
-        self, contributions: list[_Contribution], blocks: list[_Block], group: Any = None, sharded: bool = False
+        self,
+        contributions: list[_Contribution],
+        blocks: list[_Block],
+        positions: list[list[int]] | None = None,
+        group: Any = None,
+        sharded: bool = False,
     ) -> None:
         self.contributions = tuple(contributions)
         self.blocks = tuple(blocks)
-        self.group = group  # summed over after the blocks (group= with DTensor grads)
+        self.positions = [list(p) for p in positions] if positions is not None else None
+        self.group = group
+        self.group_ranks = _ranks_of(group) if group is not None else None
         self.sharded = sharded  # some DTensor grad is sharded along a mesh dimension
+        # the grads of each block, in call order: the layout of its per-tensor rows on every rank
+        self.block_positions: list[list[int]] = [[] for _ in blocks]
+        for contribution, part_positions in zip(contributions, self.positions or [[]]):
+            if contribution.block is not None:
+                self.block_positions[contribution.block].extend(part_positions)
+        for block_positions in self.block_positions:
+            block_positions.sort()
 
-    def __call__(self, accs: list[Tensor], norm: NormSpec) -> Tensor:
+    def __call__(
+        self, accs: list[Tensor], norm: NormSpec, *, scales: list[Tensor] | None = None, per_tensor: list[Tensor] | None = None
+    ) -> Reduced:
         if norm.kind is NormKind.COUNT and self.sharded:
             # a tensor counts once if any of its shards holds a non-zero element: summing per-shard
             # counts would count it once per such shard, a silently wrong result
@@ -147,22 +254,63 @@ class PartsReduction:
                 "norm_type=0 (the number of gradients with a non-zero element) is not supported for"
                 " sharded DTensor gradients; use p = 1, 2 or inf, or redistribute them to Replicate"
             )
-        values: list[Tensor | None] = [None] * len(self.blocks)
-        local = []
-        for acc, contribution in zip(accs, self.contributions):
-            if contribution.block is None:
-                local.append(acc)
-                continue
-            if not contribution.representative:
-                acc = torch.full_like(acc, _neutral(norm))
-            previous = values[contribution.block]
-            values[contribution.block] = acc if previous is None else combine_accumulators([previous, acc], norm)
-        reduced = _reduce_blocks(values, list(self.blocks), norm) if self.blocks else []  # type: ignore[arg-type]
-        parts = reduced + local
-        total = parts[0] if len(parts) == 1 else combine_accumulators(parts, norm)
-        if self.group is not None:
-            total = _all_reduce(total.reshape(1), norm, (self.group,))[0]
-        return total
+        general = scales is not None
+        device = accs[0].device
+        neutral = torch.tensor(_neutral_row(norm, general), dtype=accs[0].dtype, device=device)
+        totals = [torch.stack([scale, acc]) if general else acc.reshape(1) for acc, scale in zip(accs, scales or accs)]
+        # every block's rows: its total, then (with per_tensor) one row per grad of the block in call order
+        block_rows = []
+        for index, block_positions in enumerate(self.block_positions):
+            rows = neutral.repeat(1 + (len(block_positions) if per_tensor is not None else 0), 1)
+            members = [i for i, c in enumerate(self.contributions) if c.block == index and c.representative]
+            if members:
+                rows[0] = _combine_rows(torch.stack([totals[i] for i in members]), norm, general)
+            if per_tensor is not None:
+                for i in members:
+                    within = torch.tensor([block_positions.index(p) + 1 for p in self.positions[i]], device=device)  # type: ignore[index]
+                    rows[within] = _to_accumulators(per_tensor[i], norm, general)
+            block_rows.append(rows)
+        local = [totals[i] for i, c in enumerate(self.contributions) if c.block is None]
+        single_collective = self.group_ranks is not None and (
+            per_tensor is None or not self.blocks
+        ) and all(set(block.ranks) <= set(self.group_ranks) for block in self.blocks)
+        if single_collective:
+            # every mesh lies inside group: summing every rank's local shards (replicas neutral)
+            # and plain grads over group counts each distinct shard once, in one collective
+            reduced = [rows for rows in block_rows]
+            block_totals = [rows[0] for rows in block_rows]
+        else:
+            reduced = _reduce_blocks(block_rows, list(self.blocks), norm, general) if self.blocks else []
+            block_totals = [rows[0] for rows in reduced]
+            if self.group_ranks is not None:
+                # Two collectives: the meshes first, then group. This rank knows its own meshes and
+                # group, not the meshes of the other members of group (a pipeline stage's meshes
+                # span ranks outside group), so no group it knows spans every rank whose shards
+                # must be added. A mesh shared by several members of group counts once: only its
+                # lowest rank in group contributes its total.
+                me = dist.get_rank()
+                block_totals = [
+                    total if min(set(block.ranks) & set(self.group_ranks)) == me else neutral
+                    for total, block in zip(block_totals, self.blocks)
+                ]
+        total = _combine_rows(torch.stack(block_totals + local), norm, general)
+        if self.group_ranks is not None:
+            total = _reduce_over([total.unsqueeze(0)], [_Block(self.group_ranks, (self.group,))], self.group_ranks, (self.group,), norm, general)[0][0]
+        per_tensor_norms = None
+        if per_tensor is not None:
+            count = sum(len(p) for p in self.positions) if self.positions is not None else per_tensor[0].numel()
+            per_tensor_norms = torch.empty(count, dtype=accs[0].dtype, device=device)
+            for rows, block_positions in zip(reduced, self.block_positions):
+                if block_positions and not single_collective:
+                    index = torch.tensor(block_positions, device=device)
+                    per_tensor_norms[index] = _from_accumulators(rows[1:], norm, general)
+            for i, c in enumerate(self.contributions):
+                if c.block is None:  # plain grads: their own norms, local
+                    index = torch.tensor(self.positions[i] if self.positions is not None else range(count), device=device)
+                    per_tensor_norms[index] = per_tensor[i]
+        if general:
+            return Reduced(total[1], total[0], per_tensor_norms)
+        return Reduced(total[0], None, per_tensor_norms)
 
 
 def _ranks_of(group: Any) -> tuple[int, ...]:
@@ -171,11 +319,20 @@ def _ranks_of(group: Any) -> tuple[int, ...]:
 
 def group_reducer(group: Any) -> PartsReduction:
     """The reducer for plain grads split over ``group``: their accumulators summed over it."""
-    return PartsReduction([_Contribution(0)], [_Block(_ranks_of(group), (group,))])
+    return PartsReduction([_Contribution(None)], [], None, group)
 
 
 def _is_sharded(placement: Any) -> bool:
     return placement.is_shard() or type(placement).__name__ == "_StridedShard"
+
+
+def _is_representative(grad: Any) -> bool:
+    """Whether this rank's shard of a DTensor counts: it is at coordinate 0 along every mesh
+    dimension the DTensor is not sharded over (the other replicas contribute the neutral element)."""
+    coordinate = grad.device_mesh.get_coordinate()
+    return coordinate is not None and all(
+        coordinate[dim] == 0 for dim, placement in enumerate(grad.placements) if not _is_sharded(placement)
+    )
 
 
 def _wrap_like_torch(total: Tensor, norm: NormSpec, *, mesh: Any) -> Tensor:
@@ -203,11 +360,13 @@ def dtensor_parts(
     blocks: list[_Block] = []
     block_of: dict[tuple[Any, ...], int] = {}
     parts: dict[_Contribution, list[Tensor]] = {}
+    positions: dict[_Contribution, list[int]] = {}
     first_mesh = None
     sharded = False
     for index, grad in enumerate(grads):
         if not is_dtensor(grad):
             parts.setdefault(_Contribution(None), []).append(grad)
+            positions.setdefault(_Contribution(None), []).append(index)
             continue
         mesh = grad.device_mesh
         first_mesh = first_mesh if first_mesh is not None else mesh
@@ -224,11 +383,9 @@ def dtensor_parts(
             block_of[key] = len(blocks)
             blocks.append(_Block(ranks, groups))
         sharded = sharded or any(_is_sharded(placement) for placement in grad.placements)
-        coordinate = mesh.get_coordinate()
-        representative = coordinate is not None and all(
-            coordinate[dim] == 0 for dim, placement in enumerate(grad.placements) if not _is_sharded(placement)
-        )
-        parts.setdefault(_Contribution(block_of[key], representative), []).append(grad.to_local())
-    reducer = PartsReduction(list(parts), blocks, group, sharded)
+        contribution = _Contribution(block_of[key], _is_representative(grad))
+        parts.setdefault(contribution, []).append(grad.to_local())
+        positions.setdefault(contribution, []).append(index)
+    reducer = PartsReduction(list(parts), blocks, [positions[c] for c in parts], group, sharded)
     wrap = None if first_mesh is None else functools.partial(_wrap_like_torch, mesh=first_mesh)
     return list(parts.values()), reducer, wrap

@@ -11,8 +11,9 @@ Everything between the validated arguments of a public function and the backends
   coefficient finished on the device;
 * :func:`scale_` and :func:`clamp_` write every grad, after checking that all can be written.
 
-A reducer is any ``reduce(part_accs, norm) -> acc`` that combines the float64 accumulators of a
-call's parts into the global one across processes (SUM, MAX or MIN as the norm needs); see
+A reducer is any ``reduce(part_accs, norm, scales=, per_tensor=) -> Reduced`` that combines the
+float64 accumulators of a call's parts (for a general p each relative to its own part's norm scale,
+and optionally every part's per-tensor norms) into the global ones across processes; see
 :class:`fusedclip.distributed.PartsReduction`.
 Nothing here validates arguments (the public functions do, once) and nothing synchronises with
 the host except :func:`raise_if_nonfinite`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,8 +41,21 @@ from .backends.base import (
 from .norm_type import NormSpec
 from .plan import PLANS, Plan, all_plain, check_writable, result_dtype_of
 
-#: combines the float64 accumulators of a call's parts (in order) into the global accumulator
-PartsReducer = Callable[[list[Tensor], NormSpec], Tensor]
+
+
+class Reduced(NamedTuple):
+    """What a call's reducer returns: the global accumulator (for a general p relative to the global
+    norm scale ``scale``) and, when asked for, every grad's global norm in call order (float64)."""
+
+    acc: Tensor
+    scale: Tensor | None = None
+    per_tensor: Tensor | None = None
+
+
+#: ``reduce(part_accs, norm, *, scales=None, per_tensor=None) -> Reduced``: the float64 accumulators
+#: of a call's parts (in order; for a general p each relative to its part's own local norm scale in
+#: ``scales``) and optionally each part's per-tensor norms, combined across processes
+PartsReducer = Callable[..., Reduced]
 #: turns the local total of DTensor grads into the DTensor torch returns
 Wrap = Callable[[Tensor, NormSpec], Tensor]
 
@@ -145,35 +160,61 @@ def _check_norm_is_defined(call: PreparedCall, norm: NormSpec) -> None:
             )
 
 
+def _part_accumulate(
+    part: Part, norm: NormSpec, first: torch.device, per_tensor: Tensor | None = None, scale: Tensor | None = None
+) -> Tensor:
+    """One part's float64 accumulator of ``norm``, its devices combined on ``first``; ``per_tensor``
+    (float64, one slot per grad of the part, on ``first``) receives every grad's norm."""
+    device_accs = []
+    for backend, work in part.works:
+        local = per_tensor
+        if per_tensor is not None and not work.plan.whole_call:
+            local = torch.empty(work.plan.num_tensors, dtype=ACC_DTYPE, device=work.device)
+        local_scale = None if scale is None else scale.to(work.device)
+        device_accs.append(backend.accumulate(work, norm, local, scale=local_scale).to(first))
+        if local is not None and local is not per_tensor:
+            positions = torch.tensor(work.plan.positions, dtype=torch.int64, device=first)
+            per_tensor.index_copy_(0, positions, local.to(first))  # type: ignore[union-attr]
+    return device_accs[0] if len(device_accs) == 1 else combine_accumulators(device_accs, norm)
+
+
 def _accumulate(
     call: PreparedCall, norm: NormSpec, per_tensor: Tensor | None = None, scale: Tensor | None = None
 ) -> Tensor:
-    """The call's float64 accumulator of ``norm`` on its first device: every device's accumulator,
-    combined per part, then the parts combined by the call's reducer (across processes) or locally.
-    ``per_tensor`` (one part only) receives every grad's norm."""
+    """The float64 accumulator of ``norm`` of a call without a reducer (one part) on its first
+    device: every device's accumulator, combined. ``per_tensor`` receives every grad's norm."""
     first = call.first_device
-    accs = []
-    for part in call.parts:
-        device_accs = []
-        for backend, work in part.works:
-            local = per_tensor
-            if per_tensor is not None and not work.plan.whole_call:
-                local = torch.empty(work.plan.num_tensors, dtype=ACC_DTYPE, device=work.device)
-            local_scale = None if scale is None else scale.to(work.device)
-            device_accs.append(backend.accumulate(work, norm, local, scale=local_scale).to(first))
-            if local is not None and local is not per_tensor:
-                positions = torch.tensor(work.plan.positions, dtype=torch.int64, device=first)
-                per_tensor.index_copy_(0, positions, local.to(first))  # type: ignore[union-attr]
-        acc = device_accs[0] if len(device_accs) == 1 else combine_accumulators(device_accs, norm)
-        accs.append(acc)
-    if call.reducer is not None:
-        return call.reducer(accs, norm)
+    accs = [_part_accumulate(part, norm, first, per_tensor, scale) for part in call.parts]
     return accs[0] if len(accs) == 1 else combine_accumulators(accs, norm)
 
 
-def _per_tensor_exact(call: PreparedCall, norm: NormSpec, per_tensor: Tensor) -> None:
+def _part_num_grads(part: Part) -> int:
+    return sum(work.plan.num_tensors for _, work in part.works)
+
+
+def _reduce(call: PreparedCall, norm: NormSpec, per_tensor: bool) -> Reduced:
+    """The call's norm pass through its reducer: every part's local accumulator (for a general p
+    relative to the part's own local norm scale, a local pass without communication) and, with
+    ``per_tensor``, every part's per-tensor norms, handed to the reducer (one collective)."""
+    first = call.first_device
+    general = is_general_p(norm)
+    scales = [_part_accumulate(part, scale_norm(norm), first) for part in call.parts] if general else None
+    accs, norms = [], []
+    for index, part in enumerate(call.parts):
+        buffer = None
+        if per_tensor and not general:
+            buffer = torch.empty(_part_num_grads(part), dtype=ACC_DTYPE, device=first)
+        accs.append(_part_accumulate(part, norm, first, buffer, None if scales is None else scales[index]))
+        if per_tensor and general:
+            buffer = torch.empty(_part_num_grads(part), dtype=ACC_DTYPE, device=first)
+            _per_tensor_exact(part.works, norm, buffer)
+        norms.append(buffer)
+    return call.reducer(accs, norm, scales=scales, per_tensor=norms if per_tensor else None)  # type: ignore[misc]
+
+
+def _per_tensor_exact(works: list[tuple[Backend, DeviceWork]], norm: NormSpec, per_tensor: Tensor) -> None:
     """General-p per-tensor norms by the slower exact path (see ``per_tensor_norms_exact``)."""
-    for _, work in call.works:
+    for _, work in works:
         values = per_tensor_norms_exact(work.grads, norm).to(per_tensor.device)
         if work.plan.whole_call:
             per_tensor.copy_(values)
@@ -199,13 +240,20 @@ def total_norm(
     with (see :mod:`fusedclip.backends.base`).
 
     General p (not 0, 1, 2, +-inf) runs two passes: the norm scale ``M`` (max ``|x|``, min for
-    p < 0, over every device, part and process) first, then the sum of ``(|x| / M')^p``, which
-    cannot overflow or underflow. Its per-tensor norms come from ``per_tensor_norms_exact`` (a
-    scaled per-tensor sum can underflow).
+    p < 0) first, then the sum of ``(|x| / M')^p``, which cannot overflow or underflow; with a
+    reducer both passes are local (each part relative to its own scale) and the reducer brings the
+    parts to the global scale. Its per-tensor norms come from ``per_tensor_norms_exact`` (a scaled
+    per-tensor sum can underflow).
     """
-    if per_tensor is not None and call.wrap is not None:
-        raise ValueError("per-tensor norms are not available for DTensor gradients")
     _check_norm_is_defined(call, norm)
+    if call.reducer is not None:
+        reduced = _reduce(call, norm, per_tensor is not None)
+        result = finish(reduced.acc, norm, max_norm, call.result_dtype, grad_scale, reduced.scale)
+        if per_tensor is not None:
+            per_tensor.copy_(reduced.per_tensor)  # type: ignore[arg-type]
+        if call.wrap is not None:
+            result = result._replace(total=call.wrap(result.total, norm))
+        return result
     scale = _accumulate(call, scale_norm(norm)) if is_general_p(norm) else None
     exact_per_tensor = None
     if scale is not None and per_tensor is not None:
@@ -220,9 +268,7 @@ def total_norm(
         acc = _accumulate(call, norm, per_tensor, scale)
         result = finish(acc, norm, max_norm, call.result_dtype, grad_scale, scale)
     if exact_per_tensor is not None:
-        _per_tensor_exact(call, norm, exact_per_tensor)
-    if call.wrap is not None:
-        result = result._replace(total=call.wrap(result.total, norm))
+        _per_tensor_exact(call.works, norm, exact_per_tensor)
     return result
 
 

@@ -1,0 +1,149 @@
+"""Per-tensor norms of DTensor grads (fusedclip.get_norms) on gloo, against single-process torch.
+
+Every process compares each grad's norm with ``torch.linalg.vector_norm`` of the same grad of the
+unsharded model computed in one process (and, tighter, with the norm of the gathered grad), checks
+that every rank got the same values bit for bit, and counts collectives with CommDebugMode: the
+per-tensor accumulators travel in the same all-reduce as the total.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fusedclip
+import fusedclip.distributed
+from test_distributed import _launch, _params_with
+from test_distributed_collectives import _counted, _input, _mlp
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+NORM_TYPES = (2.0, 1.0, math.inf, -math.inf, 3.0, 0.5)
+
+
+def _reference_grads(extra_norm=False):
+    model = _mlp(extra_norm)
+    model(_input()).pow(2).sum().backward()
+    return [p.grad for p in model.parameters()]
+
+
+def _same_on_every_rank(tensor):
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    assert all(torch.equal(other, tensor) for other in gathered), gathered
+
+
+def _rounding_allowance(full, reference, norm_type):
+    """How far a norm of ``full`` may be from that of ``reference`` because the grads themselves
+    differ (sharded backward sums in another order): the norm of the difference (the triangle
+    inequality; for p < 1 with its quasi-norm constant; max |difference| for -inf)."""
+    order = norm_type if norm_type > 0 else math.inf
+    constant = 2.0 ** max(1.0 / norm_type - 1.0, 0.0) if norm_type > 0 else 1.0
+    return torch.linalg.vector_norm((full.double() - reference.double()), order) * constant
+
+
+def _check_norms(grads, reference, norm_type, *, rtol=2e-6):
+    """get_norms on DTensor grads against the unsharded reference; returns the collective count."""
+    (total, per_tensor), count = _counted(fusedclip.get_norms, grads, norm_type)
+    full = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]
+    expected = torch.stack([torch.linalg.vector_norm(g, norm_type) for g in reference])
+    allowance = torch.stack([_rounding_allowance(f, r, norm_type) for f, r in zip(full, reference)])
+    excess = (per_tensor.double() - expected.double()).abs() - allowance - rtol * expected.double().abs()
+    assert bool((excess <= 0).all()), (norm_type, per_tensor, expected, allowance)
+    # against the norms of their own gathered values (float64) the bound is the accumulation's
+    exact = torch.stack([torch.linalg.vector_norm(g.double(), norm_type) for g in full]).float()
+    torch.testing.assert_close(per_tensor, exact, rtol=2e-6, atol=0)
+    expected_total = torch.nn.utils.get_total_norm(reference, norm_type).double()
+    flat = [torch.cat([g.reshape(-1) for g in grads_]) for grads_ in (full, reference)]
+    total_allowance = _rounding_allowance(*flat, norm_type) + rtol * expected_total.abs()
+    assert abs(total.to_local().double() - expected_total) <= total_allowance, (norm_type, total, expected_total)
+    _same_on_every_rank(per_tensor)
+    _same_on_every_rank(total.to_local().reshape(1))
+    return count
+
+
+def _two_process_norms(rank, world_size):
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model(_input()).pow(2).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    reference = _reference_grads()
+    for norm_type in NORM_TYPES:
+        assert _check_norms(grads, reference, norm_type) == 1, norm_type
+
+    # grads on two equal but distinct meshes, sharded and replicated, plus a plain local grad
+    other = DeviceMesh("cpu", list(range(world_size)))
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randn(8, 5, generator=gen), torch.randn(6, generator=gen), torch.randn(4, 3, generator=gen)]
+    local = torch.randn(5, generator=torch.Generator().manual_seed(10))  # the same on every rank
+    layouts = [(mesh, [Shard(0)]), (other, [Replicate()]), (other, [Shard(1)])]
+    mixed = [distribute_tensor(g.clone(), m, placements) for g, (m, placements) in zip(full, layouts)] + [local.clone()]
+    for norm_type in NORM_TYPES:
+        assert _check_norms(mixed, full + [local], norm_type) == 1, norm_type
+
+    # p = 0: per-tensor counts of replicated DTensors are exact; sharded ones are refused
+    replicated = [distribute_tensor(g.clone(), other, [Replicate()]) for g in full]
+    total, per_tensor = fusedclip.get_norms(replicated, 0.0)
+    assert per_tensor.tolist() == [float(torch.count_nonzero(g)) for g in full]
+    assert float(total.to_local()) == 3.0
+    with pytest.raises(ValueError, match="norm_type=0"):
+        fusedclip.get_norms(mixed, 0.0)
+
+    # the comparison can fail: without the replica rule every replica of the replicated grad counts
+    original = fusedclip.distributed._is_representative
+    fusedclip.distributed._is_representative = lambda grad: True
+    try:
+        _, broken = fusedclip.get_norms(mixed, 1.0)
+    finally:
+        fusedclip.distributed._is_representative = original
+    torch.testing.assert_close(broken[1], world_size * full[1].abs().sum(), rtol=2e-6, atol=0)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(broken, torch.stack([g.abs().sum() for g in full + [local]]), rtol=1e-3, atol=0)
+
+
+def test_per_tensor_norms_of_dtensor_grads_two_processes():
+    _launch(_two_process_norms, 2)
+
+
+def _four_process_norms(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = _mlp(extra_norm=True)  # the LayerNorm stays on the dp submesh (replicated over tp)
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model[0], mesh=mesh["dp"])
+    fully_shard(model[2], mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    model(_input()).pow(2).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    reference = _reference_grads(extra_norm=True)
+    for norm_type in NORM_TYPES:
+        assert _check_norms(grads, reference, norm_type) == 1, norm_type
+
+    hsdp_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=hsdp_mesh)
+    fully_shard(model, mesh=hsdp_mesh)
+    model(_input()).pow(2).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    for norm_type in NORM_TYPES:
+        assert _check_norms(grads, _reference_grads(), norm_type) == 1, norm_type
+
+
+def test_per_tensor_norms_of_fsdp_tp_and_hsdp_grads_four_processes():
+    _launch(_four_process_norms, 4)
