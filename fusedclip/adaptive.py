@@ -134,7 +134,12 @@ def _saturating_square(deviation: Tensor) -> Tensor:
 
 
 def _agc_clip_(
-    items: list[tuple[str, Tensor]], grads: list[Tensor], clipping: float, eps: float, exclude: tuple[str, ...], device: torch.device
+    items: list[tuple[str, Tensor]],
+    grads: list[Tensor],
+    clipping: float,
+    eps: float,
+    exclude: tuple[str, ...],
+    device: torch.device,
 ) -> Tensor:
     """AGC on these ``(name, parameter)`` items and their grads, in place; returns (0-d bool, on
     ``device``) whether any unit was clipped."""
@@ -197,15 +202,16 @@ def _check_group_options(spec: GroupSpec) -> None:
     options["agc_exclude"] = tuple(exclude)
     if not all(isinstance(fragment, str) for fragment in options["agc_exclude"]):
         raise TypeError(f"{where}agc_exclude must hold str name fragments; got {options['agc_exclude']!r}")
+    o = options
     checks = [
-        (0.0 <= options["percentile"] <= 100.0, "percentile must be in [0, 100]"),
-        (options["history_size"] >= 1 and options["warmup_steps"] >= 1, "history_size and warmup_steps must be >= 1"),
-        (0.0 < options["alpha"] < 1.0 and 0.0 < options["ema_decay"] < 1.0, "alpha and ema_decay must lie strictly between 0 and 1"),
-        (min(options["z_threshold"], options["agc_clipping"], options["agc_eps"]) > 0, "z_threshold, agc_clipping and agc_eps must be positive"),
-        (math.isfinite(options["skip_factor"]) and options["skip_factor"] >= 1.0, "skip_factor must be finite and >= 1"),
-        (math.isfinite(options["skip_z"]) and options["skip_z"] > 0, "skip_z must be finite and > 0"),
-        (math.isfinite(options["adagc_lambda"]) and options["adagc_lambda"] >= 1.0, "adagc_lambda must be finite and >= 1"),
-        (0.0 < options["adagc_beta"] < 1.0, "adagc_beta must lie strictly between 0 and 1"),
+        (0.0 <= o["percentile"] <= 100.0, "percentile must be in [0, 100]"),
+        (o["history_size"] >= 1 and o["warmup_steps"] >= 1, "history_size and warmup_steps must be >= 1"),
+        (0.0 < o["alpha"] < 1.0 and 0.0 < o["ema_decay"] < 1.0, "alpha and ema_decay must lie strictly between 0 and 1"),
+        (min(o["z_threshold"], o["agc_clipping"], o["agc_eps"]) > 0, "z_threshold, agc_clipping and agc_eps must be positive"),
+        (math.isfinite(o["skip_factor"]) and o["skip_factor"] >= 1.0, "skip_factor must be finite and >= 1"),
+        (math.isfinite(o["skip_z"]) and o["skip_z"] > 0, "skip_z must be finite and > 0"),
+        (math.isfinite(o["adagc_lambda"]) and o["adagc_lambda"] >= 1.0, "adagc_lambda must be finite and >= 1"),
+        (0.0 < o["adagc_beta"] < 1.0, "adagc_beta must lie strictly between 0 and 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -346,7 +352,9 @@ class _Group(_ModeRules):
         """The Clipper's calls so far (a bound on the group's own finite norms)."""
         return self.clipper.steps
 
-    def clip_(self, total: Tensor, norms: Tensor, slots: Tensor, items: list[tuple[str, Tensor]], grads: list[Tensor]) -> Tensor:
+    def clip_(
+        self, total: Tensor, norms: Tensor, slots: Tensor, items: list[tuple[str, Tensor]], grads: list[Tensor]
+    ) -> Tensor:
         """Clip the group's present ``grads`` (``items``: their ``(name, parameter)``, ``slots``: their
         places among the group's members, ``norms``: their norms, ``total``: the group's norm, both
         before clipping) and record the statistics; returns whether anything was scaled down (0-d
@@ -367,7 +375,8 @@ class _Group(_ModeRules):
             )  # fmt: skip
             gamma_all.index_copy_(0, slots, gamma)
             threshold = state["threshold"]  # max_norm in the warm-up; afterwards per tensor (NaN here)
-            threshold.copy_(torch.where(in_warmup, torch.full_like(threshold, self.max_norm), torch.full_like(threshold, math.nan)))
+            warm, after = torch.full_like(threshold, self.max_norm), torch.full_like(threshold, math.nan)
+            threshold.copy_(torch.where(in_warmup, warm, after))
             _scale_each_(grads, coefs)
             clipped = (coefs < 1).any()
         else:
@@ -517,7 +526,9 @@ class Clipper(_ModeRules):
             for k, group in enumerate(self.groups):
                 self.state.update({f"groups.{k}.{key}": value for key, value in group.state.items()})
             # parameter index -> (group, place among the group's members)
-            self._member_of = {i: (g, slot) for g, group in enumerate(self.groups) for slot, i in enumerate(group.members)}
+            self._member_of = {
+                i: (g, slot) for g, group in enumerate(self.groups) for slot, i in enumerate(group.members)
+            }
             self._layouts: dict[tuple[int, ...], list[tuple[Tensor, Tensor, list[int]] | None]] = {}
         #: 1.0 when the latest call flagged its step for skipping (always 0.0 without ``skip``); the
         #: same tensor every step, as ``found_inf`` of a fused optimizer (see :meth:`step`)
@@ -580,9 +591,10 @@ class Clipper(_ModeRules):
         return result
 
     def _layout(self, positions: tuple[int, ...], device: torch.device) -> list[tuple[Tensor, Tensor, list[int]] | None]:
-        """Per group, for these grads: (rows of its grads in the per-tensor norms, their places among
-        the group's members, both int64 on ``device``; their indices in ``grads``), None without
-        grads. Cached per set of positions (a handful: which parameters have grads)."""
+        """Per group, for these grads: (rows of its grads in the per-tensor norms, int64 on ``device``,
+        the norms' device; their places among the group's members, int64 on the Clipper's device, where
+        the group's state lives; their indices in ``grads``), None without grads. Cached per set of
+        positions (a handful: which parameters have grads)."""
         layout = self._layouts.get(positions)
         if layout is None:
             rows: list[list[int]] = [[] for _ in self.groups]  # type: ignore[union-attr]
@@ -591,8 +603,16 @@ class Clipper(_ModeRules):
                 g, slot = self._member_of[i]
                 rows[g].append(j)
                 slots[g].append(slot)
-            as_index = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
-            layout = [(as_index(r), as_index(s), r) if r else None for r, s in zip(rows, slots)]
+            layout = [
+                (
+                    torch.tensor(r, dtype=torch.int64, device=device),
+                    torch.tensor(s, dtype=torch.int64, device=self.device),
+                    r,
+                )
+                if r
+                else None
+                for r, s in zip(rows, slots)
+            ]
             if len(self._layouts) >= 64:  # bounded: grads appearing and vanishing in many patterns
                 self._layouts.clear()
             self._layouts[positions] = layout

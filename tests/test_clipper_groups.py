@@ -213,12 +213,13 @@ class _RefAdaGC:
         return coefs
 
 
-def _check_adagc(p, warmup, lam, beta, max_norm, scales, absent):
+def _check_adagc(p, warmup, lam, beta, max_norm, scales, absent, dtype=torch.float32):
     """Run an adagc group (next to an excluded one) over ``scales[step][i]`` (grad scale of tensor
     i; inf puts an inf in it, 0 makes it all zeros) with tensors ``absent`` (step, i) having no grad;
     compare grads and gamma with :class:`_RefAdaGC` every step. Raises AssertionError otherwise."""
     n = len(scales[0])
-    params = _params(n + 1, seed=1)
+    params = _params(n + 1, seed=1, dtype=dtype)
+    rtol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2.0**-7}[dtype]
     clipper = Clipper(
         [
             {"params": params[:n], "mode": "adagc", "max_norm": max_norm, "warmup_steps": warmup, "adagc_lambda": lam, "adagc_beta": beta},
@@ -232,18 +233,19 @@ def _check_adagc(p, warmup, lam, beta, max_norm, scales, absent):
             if (step, i) in absent:
                 params[i].grad = None
                 continue
-            g = _grad(params[i].shape, step, i, 1.0 if scale == math.inf else scale)
+            g = _grad(params[i].shape, step, i, 1.0 if scale == math.inf else scale, dtype)
             if scale == math.inf:
                 g.view(-1)[0] = math.inf
             params[i].grad = g
-        params[n].grad = _grad(params[n].shape, step, n, 50.0)
+        params[n].grad = _grad(params[n].shape, step, n, 50.0, dtype)
         before = [None if q.grad is None else q.grad.double().clone() for q in params]
         coefs = ref.coefficients(before[:n])
         clipper()
         where = f"step {step} (p={p}, warmup={warmup}, scales={row})"
         for i in range(n):
             if coefs[i] is not None:
-                torch.testing.assert_close(params[i].grad.double(), before[i] * coefs[i], rtol=2e-6, atol=1e-30, equal_nan=True, msg=where)
+                expected = before[i] * coefs[i]
+                torch.testing.assert_close(params[i].grad.double(), expected, rtol=rtol, atol=1e-30, equal_nan=True, msg=where)
         assert torch.equal(params[n].grad.double(), before[n]), f"the excluded group was written at {where}"
         gamma = clipper.state["groups.0.tensor_ema"]
         for i in range(n):
@@ -267,6 +269,13 @@ def test_adagc_matches_the_reference_through_warm_up_spikes_inf_zero_and_missing
     ]
     for p in (2.0, 1.0, math.inf):
         _check_adagc(p, 3, 1.05, 0.9, 5.0, scales, absent={(1, 2), (5, 0)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_adagc_coefficients_per_dtype(dtype):
+    """float64 grads are scaled by the float64 coefficient; bfloat16 ones round once more (on the CPU)."""
+    scales = [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 30.0, 1.0], [1.0, 1.0, math.inf], [1.0, 1.0, 1.0]]
+    _check_adagc(2.0, 2, 1.05, 0.9, 4.0, scales, absent={(4, 1)}, dtype=dtype)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
