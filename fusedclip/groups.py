@@ -78,7 +78,9 @@ def _named_items(params: Any, where: str, start: int) -> list[tuple[str, Tensor]
         elif isinstance(item, Tensor):
             named.append((f"param{start + len(named)}", item))
         else:
-            raise TypeError(f"{where}['params'][{index}] is a {type(item).__name__}; expected a Tensor or a (name, Tensor) pair")
+            raise TypeError(
+                f"{where}['params'][{index}] is a {type(item).__name__}; expected a Tensor or a (name, Tensor) pair"
+            )
     return named
 
 
@@ -104,7 +106,9 @@ def parse_groups(
             raise TypeError(f"{where} is a {type(group).__name__}; every group must be a dict with 'params'")
         keys = set(map(str, group))
         for key in sorted(keys & set(CLIPPER_WIDE)):
-            raise ValueError(f"{where} sets {key!r}, an option of the whole Clipper ({CLIPPER_WIDE[key]}); pass it to Clipper(...)")
+            raise ValueError(
+                f"{where} sets {key!r}, an option of the whole Clipper ({CLIPPER_WIDE[key]}); pass it to Clipper(...)"
+            )
         unknown = sorted(keys - COMMON_KEYS - GROUP_OPTIONS)
         if unknown:
             raise ValueError(
@@ -122,7 +126,9 @@ def parse_groups(
         where = f"parameter group {name!r}"
         mode = group.get("mode", defaults["mode"])
         if mode is not None and (not isinstance(mode, str) or mode not in GROUP_MODES):
-            raise ValueError(f"{where} has unknown mode {mode!r}; choose one of {', '.join(GROUP_MODES)} or None (not clipped)")
+            raise ValueError(
+                f"{where} has unknown mode {mode!r}; choose one of {', '.join(GROUP_MODES)} or None (not clipped)"
+            )
         options = sorted(keys - COMMON_KEYS)
         unused = [key for key in options if key not in MODE_OPTIONS[mode]]
         if unused and mode is None:
