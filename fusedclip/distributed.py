@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,10 +327,37 @@ def _is_sharded(placement: Any) -> bool:
     return placement.is_shard() or type(placement).__name__ == "_StridedShard"
 
 
-def _is_representative(grad: Any) -> bool:
+@dataclass(frozen=True)
+class _MeshInfo:
+    ranks: tuple[int, ...]  # every rank of the mesh, sorted
+    groups: tuple[Any, ...]  # the process group of each mesh dimension
+    coordinate: tuple[int, ...] | None  # this rank's coordinate in the mesh
+
+
+#: id(mesh) -> (weak reference to the mesh, its info): reading a DeviceMesh's ranks, groups and
+#: coordinate costs far more than a clipping call's arithmetic, and meshes live for the whole run
+_MESH_INFO: dict[int, tuple[Any, _MeshInfo]] = {}
+
+
+def _mesh_info(mesh: Any) -> _MeshInfo:
+    """The ranks, groups and coordinate of a DeviceMesh, read once per mesh object."""
+    cached = _MESH_INFO.get(id(mesh))
+    if cached is not None and cached[0]() is mesh:
+        return cached[1]
+    coordinate = mesh.get_coordinate()
+    info = _MeshInfo(
+        tuple(sorted(mesh.mesh.flatten().tolist())),
+        tuple(mesh.get_group(dim) for dim in range(mesh.ndim)),
+        None if coordinate is None else tuple(coordinate),
+    )
+    key = id(mesh)
+    _MESH_INFO[key] = (weakref.ref(mesh, lambda _, key=key: _MESH_INFO.pop(key, None)), info)
+    return info
+
+
+def _is_representative(grad: Any, coordinate: tuple[int, ...] | None) -> bool:
     """Whether this rank's shard of a DTensor counts: it is at coordinate 0 along every mesh
     dimension the DTensor is not sharded over (the other replicas contribute the neutral element)."""
-    coordinate = grad.device_mesh.get_coordinate()
     return coordinate is not None and all(
         coordinate[dim] == 0 for dim, placement in enumerate(grad.placements) if not _is_sharded(placement)
     )
@@ -376,14 +404,13 @@ def dtensor_parts(
                     f"gradient {index} is a DTensor with a Partial placement on mesh dim {dim}: its norm"
                     " needs the reduced values; redistribute it (e.g. to Shard or Replicate) before clipping"
                 )
-        ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
-        key = (ranks, mesh.device_type)
+        info = _mesh_info(mesh)
+        key = (info.ranks, mesh.device_type)
         if key not in block_of:
-            groups = tuple(mesh.get_group(dim) for dim in range(mesh.ndim))
             block_of[key] = len(blocks)
-            blocks.append(_Block(ranks, groups))
+            blocks.append(_Block(info.ranks, info.groups))
         sharded = sharded or any(_is_sharded(placement) for placement in grad.placements)
-        contribution = _Contribution(block_of[key], _is_representative(grad))
+        contribution = _Contribution(block_of[key], _is_representative(grad, info.coordinate))
         parts.setdefault(contribution, []).append(grad.to_local())
         positions.setdefault(contribution, []).append(index)
     reducer = PartsReduction(list(parts), blocks, [positions[c] for c in parts], group, sharded)

@@ -102,7 +102,7 @@ def _two_process_norms(rank, world_size):
 
     # the comparison can fail: without the replica rule every replica of the replicated grad counts
     original = fusedclip.distributed._is_representative
-    fusedclip.distributed._is_representative = lambda grad: True
+    fusedclip.distributed._is_representative = lambda grad, coordinate: True
     try:
         _, broken = fusedclip.get_norms(mixed, 1.0)
     finally:

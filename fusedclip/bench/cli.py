@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the random grads (default: %(default)s)")
     add("--no-progress", action="store_true", help="no progress display on stderr")
     add("--list", action="store_true", help="list sets, dtypes and providers (with availability) and exit")
+    add(
+        "--distributed",
+        type=int,
+        metavar="N",
+        help="instead: time clip_grad_norm_ of torch and fusedclip on FSDP2 and FSDP x TP models in N gloo CPU"
+        " processes, with collective counts; writes DIR/distributed_gloo.md and .json with --out (--reps applies)",
+    )
     return parser
 
 
@@ -391,6 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.distributed is not None:
+        from . import distributed
+
+        command = shlex.join(["python", "-m", "fusedclip.bench", *argv])
+        return distributed.main(args.distributed, None if args.no_files else args.out, args.reps, command)
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events, streams and launches all on the measured device
