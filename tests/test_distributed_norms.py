@@ -147,3 +147,52 @@ def _four_process_norms(rank, world_size):
 
 def test_per_tensor_norms_of_fsdp_tp_and_hsdp_grads_four_processes():
     _launch(_four_process_norms, 4)
+
+
+# -- general p at the edges of float64: the one-collective scale combination ----------------------
+
+
+def _scaled_reference(grads, p):
+    """The p-norm of the concatenated grads in float64, relative to their max |x| (min for p < 0),
+    so that |x|^p neither overflows nor underflows: an independent formula for extreme p."""
+    flat = torch.cat([g.reshape(-1).double() for g in grads]).abs()
+    scale = flat.max() if p > 0 else flat.min()
+    return scale * ((flat / scale) ** p).sum() ** (1.0 / p)
+
+
+def _extreme_general_p(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    gen = torch.Generator().manual_seed(7)
+    # values near 1e30 on one shard and near 1e-30 on the other: |x|^p leaves float64 for p = 20
+    full = [torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen, dtype=torch.float64)]
+    full[0][:3] *= 1e30
+    full[0][3:] *= 1e-30
+    full[1] *= 1e-20
+    grads = [distribute_tensor(g.clone(), mesh, [Shard(0)]) for g in full]
+    for p in (20.0, 3.0, 0.5, 1e-3):
+        (total, per_tensor), count = _counted(fusedclip.get_norms, grads, p)
+        assert count == 1, (p, count)
+        torch.testing.assert_close(total.to_local(), _scaled_reference(full, p), rtol=1e-12, atol=0)
+        expected = torch.stack([_scaled_reference([g], p) for g in full])
+        torch.testing.assert_close(per_tensor, expected, rtol=1e-12, atol=0)
+        _same_on_every_rank(per_tensor)
+    # the comparison can fail: the pairs summed without bringing them to the common scale
+    original = fusedclip.distributed._combine_scaled
+
+    def unscaled(pairs, p, dim=0):
+        scales, sums = pairs[..., 0], pairs[..., 1]
+        return torch.stack([scales.amax(dim), sums.sum(dim)], -1)
+
+    fusedclip.distributed._combine_scaled = unscaled
+    try:
+        broken = fusedclip.get_total_norm(grads, 20.0).to_local()
+    finally:
+        fusedclip.distributed._combine_scaled = original
+    assert not torch.isclose(broken, _scaled_reference(full, 20.0), rtol=1e-3)
+
+
+def test_general_p_at_float64_extremes_in_one_collective():
+    _launch(_extreme_general_p, 2)
