@@ -24,7 +24,7 @@ def test_main_prints_a_table_per_model_with_every_variant(tmp_path, capsys):
 
 
 def test_run_returns_every_variant_and_the_ratio_definition():
-    (res,) = ts.run(["small-linears"], "tiny", 2, min_numel=0)
+    (res,) = ts.run(["small-linears"], "tiny", 2, min_numel=0, clock="cpu")
     assert res.tensors == 6 and res.hooked == 6 and res.rounds == 2
     assert list(res.times) == list(ts.VARIANTS)
     for t in res.times.values():
@@ -57,5 +57,7 @@ def test_bad_arguments():
         ts.main(["--models", "resnet"])
     with pytest.raises(ValueError, match="unknown model"):
         ts.run(["resnet"], "tiny", 1)
+    with pytest.raises(ValueError, match="clock"):
+        ts.bench_model("lstm", "tiny", 1, clock="sundial")
     with pytest.raises(ValueError, match="rounds"):
         ts.run(["lstm"], "tiny", 0)

@@ -184,15 +184,20 @@ class ModelResult:
         return self.overhead(variant) / torch_over if torch_over > 0 else float("nan")
 
 
-def _step(variant: str, model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, params: list[torch.Tensor], min_numel: int, device: torch.device) -> tuple[float, float]:
+#: the clocks a step can be timed with: wall time, or the process's CPU time (every thread's), which a
+#: loaded machine's descheduling does not inflate (use it with ``--threads 1`` on a shared CPU)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _step(variant: str, model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, params: list[torch.Tensor], min_numel: int, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     tracker = fusedclip.NormTracker(model, min_numel=min_numel) if variant == "tracker" else None  # untimed
     try:
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.zero_grad(set_to_none=True)
         model(batch).backward()
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = clock()
         if variant == "none":
             opt.step()
         elif variant == "torch":
@@ -206,16 +211,20 @@ def _step(variant: str, model: nn.Module, opt: torch.optim.Optimizer, batch: tor
         else:
             fusedclip.clip_and_step_(opt, MAX_NORM, tracker=tracker)
         _sync(device)
-        t2 = time.perf_counter()
+        t2 = clock()
     finally:
         if tracker is not None:
             tracker.remove()
     return t1 - t0, t2 - t1
 
 
-def bench_model(name: str, size: str, rounds: int, *, min_numel: int = DEFAULT_MIN_NUMEL, device: torch.device | str = "cpu", variants: Sequence[str] = VARIANTS) -> ModelResult:
-    """Time every variant on one model: one warm-up step each, then ``rounds`` rounds in rotating order."""
+def bench_model(name: str, size: str, rounds: int, *, min_numel: int = DEFAULT_MIN_NUMEL, device: torch.device | str = "cpu", variants: Sequence[str] = VARIANTS, clock: str = "wall") -> ModelResult:
+    """Time every variant on one model: one warm-up step each, then ``rounds`` rounds in rotating
+    order, with ``clock`` (a key of :data:`CLOCKS`)."""
     device = torch.device(device)
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; choose from {', '.join(CLOCKS)}")
+    timer = CLOCKS[clock]
     model, batch = make_model(name, size, device)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
@@ -224,12 +233,12 @@ def bench_model(name: str, size: str, rounds: int, *, min_numel: int = DEFAULT_M
     probe.remove()
     variants = list(variants)
     for variant in variants:  # warm-up: optimizer state, plan caches, allocator
-        _step(variant, model, opt, batch, params, min_numel, device)
+        _step(variant, model, opt, batch, params, min_numel, device, timer)
     samples: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     for r in range(rounds):
         shift = r % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            samples[variant].append(_step(variant, model, opt, batch, params, min_numel, device))
+            samples[variant].append(_step(variant, model, opt, batch, params, min_numel, device, timer))
     result = ModelResult(name, size, len(params), sum(p.numel() for p in params), hooked, rounds)
     for variant, ts in samples.items():
         result.times[variant] = dict(
@@ -240,7 +249,7 @@ def bench_model(name: str, size: str, rounds: int, *, min_numel: int = DEFAULT_M
     return result
 
 
-def run(models: Sequence[str] = ("gpt2", "lstm"), size: str = "small", rounds: int = 7, *, min_numel: int = DEFAULT_MIN_NUMEL, device: torch.device | str = "cpu", progress: Callable[[str], Any] | None = None) -> list[ModelResult]:
+def run(models: Sequence[str] = ("gpt2", "lstm"), size: str = "small", rounds: int = 7, *, min_numel: int = DEFAULT_MIN_NUMEL, device: torch.device | str = "cpu", clock: str = "wall", progress: Callable[[str], Any] | None = None) -> list[ModelResult]:
     """Benchmark each model in turn (see the module docstring); ``progress`` gets a line per model."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1; got {rounds}")
@@ -253,7 +262,7 @@ def run(models: Sequence[str] = ("gpt2", "lstm"), size: str = "small", rounds: i
     for name in models:
         if progress is not None:
             progress(f"{name} ({size}) ...")
-        results.append(bench_model(name, size, rounds, min_numel=min_numel, device=device))
+        results.append(bench_model(name, size, rounds, min_numel=min_numel, device=device, clock=clock))
     return results
 
 
@@ -287,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     parser.add_argument("--min-numel", type=int, default=DEFAULT_MIN_NUMEL, help=f"the tracker's min_numel (default: {DEFAULT_MIN_NUMEL})")
     parser.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help="wall time, or the process's CPU time (steadier on a loaded machine; use with --threads 1)")
     parser.add_argument("--out", default=None, help="also write the markdown report to this file")
     return parser
 
@@ -305,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = (
         f"command: {' '.join(['python -m fusedclip.bench.training_step', *(argv if argv is not None else sys.argv[1:])])}\n"
-        f"torch {torch.__version__}; device {args.device}; threads {torch.get_num_threads()}; cpus {os.cpu_count()}; load at start {load}\n"
+        f"torch {torch.__version__}; device {args.device}; clock {args.clock}; threads {torch.get_num_threads()}; cpus {os.cpu_count()}; load at start {load}\n"
     )
     started = time.perf_counter()
-    results = run(args.models, args.size, args.rounds, min_numel=args.min_numel, device=args.device, progress=lambda line: print(line, file=sys.stderr))
+    results = run(args.models, args.size, args.rounds, min_numel=args.min_numel, device=args.device, clock=args.clock, progress=lambda line: print(line, file=sys.stderr))
     end_load = os.getloadavg() if hasattr(os, "getloadavg") else None
     report = header + "\n" + format_markdown(results) + f"\nwall {time.perf_counter() - started:.1f} s; load at end {end_load}\n"
     print(report)
