@@ -241,3 +241,20 @@ def test_clip_and_step_tracker_refusals():
             NormTracker(net, p)
     with pytest.raises(TypeError):
         NormTracker([1.0])
+
+
+def test_small_tensors_get_no_hook_and_still_count():
+    torch.manual_seed(6)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    sizes = [p.numel() for p in net.parameters()]  # 4096, 64, 192, 3
+    tracker = NormTracker(net, min_numel=192)
+    assert tracker.hooked == sum(n >= 192 for n in sizes) == 2
+    net(torch.randn(5, 64)).pow(2).sum().backward()
+    assert [r is not None for r in tracker._records] == [n >= 192 for n in sizes]  # hooks ran on the big ones only
+    assert_matches_torch(tracker, list(net.parameters()))
+    assert NormTracker(net).hooked == 0  # the default threshold leaves these tiny tensors to result()
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="min_numel"):
+            NormTracker(net, min_numel=bad)
+    with pytest.raises(ValueError, match="backend"):
+        NormTracker(net, backend="no-such-backend")
