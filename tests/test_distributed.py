@@ -27,11 +27,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(fn, world_size: int, *args) -> None:
+def _launch(fn, world_size: int, *args, backend: str = "gloo") -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes of one process group
+    (gloo on the CPU; nccl with one CUDA device per rank)."""
     port = _free_port()
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(fn, rank, world_size, port, errors, args)) for rank in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(fn, rank, world_size, port, errors, args, backend)) for rank in range(world_size)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -43,10 +47,12 @@ def _launch(fn, world_size: int, *args) -> None:
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
-def _worker(fn, rank, world_size, port, errors, args):
+def _worker(fn, rank, world_size, port, errors, args, backend="gloo"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
         # Tear down together: a rank destroying its gloo group while another still exchanges with it
@@ -196,3 +202,69 @@ def _mesh_2d_case(rank, world_size):
 
 def test_2d_mesh_reduces_over_sharded_dims_only():
     _launch(_mesh_2d_case, 4)
+
+
+# -- the same checks on gloo (CPU) and, with two CUDA devices, on NCCL -----------------------------
+
+
+def _device_case(rank, world_size, device_type):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    x = torch.randn(7, 12, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(12, 33), torch.nn.GELU(), torch.nn.Linear(33, 5)).to(device)
+
+    mesh = init_device_mesh(device_type, (world_size,))
+    for norm_type in (2.0, math.inf, 3.0):
+        reference = build()
+        reference(x).pow(2).sum().backward()
+        expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.2, norm_type)
+        model = build()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        model(x).pow(2).sum().backward()
+        with CommDebugMode() as mode:
+            total = fusedclip.clip_grad_norm_(model.parameters(), 0.2, norm_type)
+        assert mode.get_total_counts() == 1, (norm_type, mode.get_total_counts())
+        assert total.to_local().device == device
+        torch.testing.assert_close(total.to_local(), expected, rtol=1e-5, atol=0)
+        for p, ref in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), ref.grad, rtol=2e-5, atol=1e-7)
+        _, per_tensor = fusedclip.get_norms([p.grad for p in model.parameters()], norm_type)
+        expected_norms = torch.stack([torch.linalg.vector_norm(p.grad, norm_type) for p in reference.parameters()])
+        torch.testing.assert_close(per_tensor, expected_norms, rtol=1e-5, atol=0)
+
+    # group= with plain grads on the device
+    full = [g.to(device) for g in _full_grads()]
+    mine = list(range(rank, len(full), world_size))
+    with CommDebugMode() as mode:
+        total = fusedclip.get_total_norm([full[i] for i in mine], 2.0, group=dist.group.WORLD)
+    assert mode.get_total_counts() == 1
+    torch.testing.assert_close(total, torch.nn.utils.get_total_norm(full), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "gloo",
+        pytest.param(
+            "nccl",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(
+                    not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+                    reason="NCCL needs two CUDA devices",
+                ),
+            ],
+        ),
+    ],
+)
+def test_fsdp2_and_group_on_each_backend(backend):
+    _launch(_device_case, 2, "cuda" if backend == "nccl" else "cpu", backend=backend)
