@@ -61,3 +61,11 @@ def test_bad_arguments():
         ts.bench_model("lstm", "tiny", 1, clock="sundial")
     with pytest.raises(ValueError, match="rounds"):
         ts.run(["lstm"], "tiny", 0)
+
+
+def test_the_benchmark_cli_runs_it(capsys):
+    """``python -m fusedclip.bench --training-step ...`` hands its options to this benchmark."""
+    from fusedclip.bench import cli
+
+    assert cli.main(["--training-step", "--size", "tiny", "--rounds", "1", "--models", "lstm"]) == 0
+    assert "## lstm (tiny)" in capsys.readouterr().out

@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: time clip_grad_norm_ of torch and fusedclip on FSDP2 and FSDP x TP models in N gloo CPU"
         " processes, with collective counts; writes DIR/distributed_gloo.md and .json with --out (--reps applies)",
     )
+    add(
+        "--training-step",
+        action="store_true",
+        help="instead: clipping's cost inside a training step (no clipping, torch, fusedclip, clip_and_step_,"
+        " NormTracker); must come first, followed by the options of python -m fusedclip.bench.training_step",
+    )
     return parser
 
 
@@ -383,6 +389,10 @@ def build_meta(
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--training-step"]:  # a separate benchmark with options of its own
+        from .training_step import main as training_step_main
+
+        return training_step_main(argv[1:])
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
