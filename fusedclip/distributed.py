@@ -54,6 +54,11 @@ pairs exactly, and every rank combines those of its block's ranks to the common 
 ``m``, min for p < 0) as ``sum of (m' / M')^p * S``, which cannot overflow (see
 :func:`_combine_scaled`). One collective, of ``2 x ranks`` values per total or per-tensor row.
 
+No call builds a device tensor from host data once a layout has been seen: neutral rows are filled
+on the device, and the index tensors of a layout (which rows a part's grads write, which slots a
+rank reads) are uploaded once and cached (:func:`_device_index`), so the steady state has no
+blocking host-to-device copy.
+
 The collectives are functional (``torch.distributed._functional_collectives``): visible to
 ``CommDebugMode`` and traceable by ``torch.compile``. :mod:`fusedclip.engine` applies the reducer.
 """
@@ -63,6 +68,8 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,10 +87,38 @@ def _neutral(norm: NormSpec) -> float:
     return math.inf if norm.kind is NormKind.MIN else 0.0
 
 
-def _neutral_row(norm: NormSpec, general: bool) -> list[float]:
-    """A row that changes nothing when combined: the neutral accumulator, or for a general p the
-    pair (neutral norm scale, sum 0)."""
-    return [_neutral(scale_norm(norm)), 0.0] if general else [_neutral(norm)]
+def _neutral_rows(count: int, norm: NormSpec, general: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``count`` rows ``(count, w)`` that change nothing when combined: the neutral accumulator, or
+    for a general p the pair (neutral norm scale, sum 0). Filled on the device (no host data)."""
+    if not general:
+        return torch.full((count, 1), _neutral(norm), dtype=dtype, device=device)
+    rows = torch.zeros((count, 2), dtype=dtype, device=device)
+    rows[:, 0].fill_(_neutral(scale_norm(norm)))
+    return rows
+
+
+#: how many index tensors :func:`_device_index` keeps (least recently used dropped first)
+_INDEX_CACHE_SIZE = 256
+_DEVICE_INDICES: OrderedDict[tuple[torch.device, tuple[int, ...]], Tensor] = OrderedDict()
+
+
+def _device_index(positions: Sequence[int], device: torch.device) -> Tensor:
+    """``positions`` as an int64 index tensor on ``device``, uploaded once per (device, positions)
+    and then reused: a layout repeats every step, and building it from a Python list on every call
+    would be a blocking host-to-device copy (a host synchronisation on CUDA). Bounded (LRU). Callers
+    only read it. Under ``torch.compile`` it is built in the traced graph instead."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(list(positions), dtype=torch.int64, device=device)
+    key = (torch.device(device), tuple(positions))
+    index = _DEVICE_INDICES.get(key)
+    if index is None:
+        index = torch.tensor(key[1], dtype=torch.int64, device=device)
+        _DEVICE_INDICES[key] = index
+        while len(_DEVICE_INDICES) > _INDEX_CACHE_SIZE:
+            _DEVICE_INDICES.popitem(last=False)
+    else:
+        _DEVICE_INDICES.move_to_end(key)
+    return index
 
 
 def _all_reduce(vec: Tensor, norm: NormSpec, groups: tuple[Any, ...]) -> Tensor:
@@ -198,7 +233,7 @@ def _reduce_over(
     out = []
     for (start, slots), piece, value in zip(reads, pieces, values):
         rows = reduced[start : start + piece.numel()].reshape(piece.shape)
-        out.append(_combine_rows(rows[slots], norm, general) if general else rows[slots[0]])
+        out.append(_combine_rows(rows[_device_index(slots, rows.device)], norm, general) if general else rows[slots[0]])
     return out
 
 
@@ -257,18 +292,19 @@ class PartsReduction:
             )
         general = scales is not None
         device = accs[0].device
-        neutral = torch.tensor(_neutral_row(norm, general), dtype=accs[0].dtype, device=device)
+        neutral = _neutral_rows(1, norm, general, accs[0].dtype, device)[0]
         totals = [torch.stack([scale, acc]) if general else acc.reshape(1) for acc, scale in zip(accs, scales or accs)]
         # every block's rows: its total, then (with per_tensor) one row per grad of the block in call order
         block_rows = []
         for index, block_positions in enumerate(self.block_positions):
-            rows = neutral.repeat(1 + (len(block_positions) if per_tensor is not None else 0), 1)
+            rows = _neutral_rows(1 + (len(block_positions) if per_tensor is not None else 0), norm, general, accs[0].dtype, device)
             members = [i for i, c in enumerate(self.contributions) if c.block == index and c.representative]
             if members:
                 rows[0] = _combine_rows(torch.stack([totals[i] for i in members]), norm, general)
             if per_tensor is not None:
+                row_of = {position: row for row, position in enumerate(block_positions, 1)}
                 for i in members:
-                    within = torch.tensor([block_positions.index(p) + 1 for p in self.positions[i]], device=device)  # type: ignore[index]
+                    within = _device_index([row_of[p] for p in self.positions[i]], device)  # type: ignore[index]
                     rows[within] = _to_accumulators(per_tensor[i], norm, general)
             block_rows.append(rows)
         local = [totals[i] for i, c in enumerate(self.contributions) if c.block is None]
@@ -303,11 +339,11 @@ class PartsReduction:
             per_tensor_norms = torch.empty(count, dtype=accs[0].dtype, device=device)
             for rows, block_positions in zip(reduced, self.block_positions):
                 if block_positions and not single_collective:
-                    index = torch.tensor(block_positions, device=device)
+                    index = _device_index(block_positions, device)
                     per_tensor_norms[index] = _from_accumulators(rows[1:], norm, general)
             for i, c in enumerate(self.contributions):
                 if c.block is None:  # plain grads: their own norms, local
-                    index = torch.tensor(self.positions[i] if self.positions is not None else range(count), device=device)
+                    index = _device_index(self.positions[i] if self.positions is not None else range(count), device)
                     per_tensor_norms[index] = per_tensor[i]
         if general:
             return Reduced(total[1], total[0], per_tensor_norms)

@@ -196,3 +196,128 @@ def _extreme_general_p(rank, world_size):
 
 def test_general_p_at_float64_extremes_in_one_collective():
     _launch(_extreme_general_p, 2)
+
+
+# -- no host data per call: every device tensor of a layout is built on the device or cached -----
+
+
+class _HostData:
+    """Counts tensors built from host data while active: ``aten.lift_fresh`` (what ``torch.tensor``,
+    ``torch.as_tensor`` and indexing with a Python list dispatch; on CUDA each is a blocking
+    host-to-device copy) through a dispatch mode, plus direct calls of ``torch.tensor`` /
+    ``torch.as_tensor`` with non-tensor data, recording where fusedclip made them."""
+
+    def __init__(self):
+        self.sites: list[str] = []
+
+    def _site(self):
+        import traceback
+
+        frames = [f for f in traceback.extract_stack()[:-2] if "/fusedclip/" in f.filename.replace("\\", "/")]
+        return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else None
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten.lift_fresh.default:
+                    outer.sites.append(outer._site() or "lift_fresh outside fusedclip")
+                return func(*args, **(kwargs or {}))
+
+        self._originals = (torch.tensor, torch.as_tensor)
+
+        def spy(real):
+            def counted(data, *args, **kwargs):
+                if not isinstance(data, torch.Tensor):
+                    outer.sites.append(outer._site() or "outside fusedclip")
+                return real(data, *args, **kwargs)
+
+            return counted
+
+        torch.tensor, torch.as_tensor = (spy(real) for real in self._originals)
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        torch.tensor, torch.as_tensor = self._originals
+
+
+def _steady_state_host_data(calls):
+    """Host-data constructions in each call's third run (two warm-up runs first)."""
+    found = {}
+    for name, call in calls:
+        call()
+        call()
+        with _HostData() as spy:
+            call()
+        found[name] = spy.sites
+    return found
+
+
+def _no_host_data(rank, world_size):
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    other = DeviceMesh("cpu", list(range(world_size)))
+    gen = torch.Generator().manual_seed(5)
+    full = [torch.randn(8, 5, generator=gen), torch.randn(6, generator=gen), torch.randn(4, 3, generator=gen)]
+    layouts = [(mesh, [Shard(0)]), (other, [Replicate()]), (mesh, [Shard(1)])]
+    local = torch.randn(5, generator=torch.Generator().manual_seed(10))
+
+    def grads():
+        return [distribute_tensor(g.clone(), m, p) for g, (m, p) in zip(full, layouts)] + [local.clone()]
+
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads()]
+
+    def clip(norm_type):
+        for param, grad in zip(params, grads()):
+            param.grad = grad
+        fusedclip.clip_grad_norm_(params, 0.5, norm_type)
+
+    dgrads = grads()
+    plain = [g.to_local().clone() for g in dgrads[:1]] + [local.clone()]
+    calls = []
+    for norm_type in (2.0, 1.0, math.inf, -math.inf, 3.0):
+        calls += [
+            (f"get_total_norm p={norm_type}", lambda p=norm_type: fusedclip.get_total_norm(dgrads, p)),
+            (f"get_norms p={norm_type}", lambda p=norm_type: fusedclip.get_norms(dgrads, p)),
+            (f"clip_grad_norm_ p={norm_type}", lambda p=norm_type: clip(p)),
+            (f"get_norms group= p={norm_type}", lambda p=norm_type: fusedclip.get_norms(dgrads, p, group=dist.group.WORLD)),
+            (f"get_total_norm plain group= p={norm_type}", lambda p=norm_type: fusedclip.get_total_norm(plain, p, group=dist.group.WORLD)),
+        ]
+    found = _steady_state_host_data(calls)
+    assert all(not sites for sites in found.values()), {name: sites for name, sites in found.items() if sites}
+
+    # the counter can fail: index tensors built from the Python lists on every call are caught
+    original = fusedclip.distributed._device_index
+    fusedclip.distributed._device_index = lambda positions, device: torch.tensor(list(positions), device=device)
+    try:
+        planted = _steady_state_host_data(calls[:2])
+    finally:
+        fusedclip.distributed._device_index = original
+    assert planted["get_norms p=2.0"] and all("distributed.py" in site for site in planted["get_norms p=2.0"]), planted
+    # ... and so is a list used as an index (it goes through lift_fresh, not torch.tensor)
+    with _HostData() as spy:
+        torch.zeros(4)[[0, 2]]
+    assert len(spy.sites) == 1, spy.sites
+
+
+def test_dtensor_calls_build_no_tensor_from_host_data_in_steady_state():
+    _launch(_no_host_data, 2)
+
+
+def test_device_index_cache_is_bounded():
+    cache = fusedclip.distributed._DEVICE_INDICES
+    cache.clear()
+    first = fusedclip.distributed._device_index([0, 2], torch.device("cpu"))
+    assert fusedclip.distributed._device_index((0, 2), torch.device("cpu")) is first
+    for n in range(2 * fusedclip.distributed._INDEX_CACHE_SIZE):
+        assert fusedclip.distributed._device_index(range(n), torch.device("cpu")).tolist() == list(range(n))
+    assert len(cache) == fusedclip.distributed._INDEX_CACHE_SIZE
+    cache.clear()
