@@ -30,6 +30,19 @@ Semantics (tested against ``torch.nn.utils.clip_grad_norm_`` computed after back
   small, frozen or non-leaf tensors, a grad assigned by hand) is recomputed in one fused pass
   (:func:`fusedclip.engine.total_norm`) over those grads only. A parameter without a grad counts
   nothing.
+* Shared grad memory (post-accumulate hooks only): the version check sees only writes made through
+  tensors that share the grad's version counter. Collectives (c10d's in-place ``all_reduce`` leaves
+  the versions of its buffer and of every view of it unchanged) and other aliases of the memory
+  (``.data``, a tensor built on the same storage) write without it. So a hook value is kept only
+  for a grad that owns its storage outright: ``grad._base is None`` and
+  ``grad.untyped_storage().nbytes() == grad.nbytes``. A grad that is a view (``_base`` set: DDP's
+  ``gradient_as_bucket_view`` buckets, a flat grad buffer you assign views of) or that covers only
+  part of its storage (autograd hands parameters concatenated or stacked in the forward slices of
+  one gradient buffer; cuDNN RNNs' weight grads may be slices of one flat buffer too, unmeasured)
+  gets no hook value and is recomputed at :meth:`result`. Ordinary grads (linear, convolution, embedding,
+  normalisation, CPU LSTM, attention weights, accumulated micro-batches) own their storage. The rule
+  is checked in the hook and again at :meth:`result`. The DDP-module route is exempt: it reads the
+  reduced bucket itself.
 * Gradient accumulation: the post-accumulate hook sees the accumulated grad and replaces the
   previous value, so only the final grad counts. Under DDP, micro-batches in ``no_sync()`` run no
   communication hook; the final, synchronised micro-batch reduces the accumulated grads and only
@@ -45,10 +58,21 @@ Semantics (tested against ``torch.nn.utils.clip_grad_norm_`` computed after back
 * Step boundary: :meth:`result` consumes the step (every record dropped, host-side only);
   :meth:`reset` discards a step without computing it. Call :meth:`result` (or
   ``clip_and_step_(..., tracker=)``) once per optimizer step.
+* Subsets: ``result(params=...)`` counts only those tracked tensors, and
+  ``clip_and_step_(optimizer, max_norm, tracker=tracker)`` counts exactly the optimizer's parameters
+  (the norm ``clip_and_step_(optimizer, max_norm)`` would clip with), however many more the tracker
+  tracks. An optimizer parameter the tracker does not track is refused before anything is touched.
+  A subset still ends the whole step, so a second optimizer clipped in the same step with the same
+  tracker gets its grads recomputed (correct, without the hooks' benefit): give each optimizer its
+  own tracker over its parameters.
 * Tied weights: parameters are deduplicated by identity (as ``model.parameters()`` is), so a weight
   used twice counts once; autograd accumulates its two contributions before the one hook call.
 * Given a DDP module's parameters rather than the module, the post-accumulate hooks run before the
-  all-reduce and the version check catches DDP's writes: correct, but the hooks are wasted work.
+  all-reduce. Without ``gradient_as_bucket_view`` DDP copies the reduced bucket into the grads
+  (``copy_`` bumps their versions) and the hook values are discarded; with it the grads are views
+  of the buckets, which the all-reduce (or a communication hook) rewrites without bumping a version,
+  and the shared-memory rule above recomputes them. Correct either way, but the hooks are wasted
+  work: give the tracker the DDP module.
 * FSDP2 / DTensor parameters are not supported: refused at construction, and a DTensor grad
   reaching a hook raises.
 
@@ -120,6 +144,20 @@ CommHook = Callable[[Any, Any], "torch.futures.Future[Tensor]"]
 
 def _is_dtensor(tensor: object) -> bool:
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "placements")
+
+
+def _shares_storage(grad: Tensor) -> bool:
+    """True when ``grad``'s memory may also be reachable through another tensor: ``grad`` is a view
+    (``_base`` set) or covers only part of its storage (or overlaps itself). Such memory can be
+    rewritten without bumping ``grad._version`` (c10d collectives on a bucket, ``.data`` of an alias,
+    another tensor on the same storage), so a norm taken in a hook cannot be trusted for it.
+    Host-side attribute reads only; a tensor without an accessible storage counts as shared."""
+    if grad._base is not None:
+        return True
+    try:
+        return grad.untyped_storage().nbytes() != grad.nbytes
+    except (RuntimeError, NotImplementedError, TypeError):
+        return True
 
 
 def _is_ddp(module: object) -> bool:
@@ -284,8 +322,8 @@ class NormTracker:
             if type(grad) is not plain and _is_dtensor(grad):
                 raise NotImplementedError("NormTracker does not support DTensor grads (FSDP2); use fusedclip.clip_grad_norm_")
             dtype = grad.dtype
-            if dtype not in norm_dtypes:
-                records[index] = None
+            if dtype not in norm_dtypes or _shares_storage(grad):
+                records[index] = None  # recomputed at result()
                 return
             source = grad.detach() if grad.requires_grad else grad  # create_graph=True backward
             value = vector_norm(source, order, dtype=norm_dtypes[dtype])
@@ -401,7 +439,9 @@ class NormTracker:
     # -- after backward ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def result(self, max_norm: float | Tensor | None = None, *, grad_scale: Tensor | None = None) -> NormResult:
+    def result(
+        self, max_norm: float | Tensor | None = None, *, grad_scale: Tensor | None = None, params: Iterable[Tensor] | None = None
+    ) -> NormResult:
         """Total norm and clip coefficient of the tracked grads as they are now; ends the step.
 
         Returns a :class:`~fusedclip.backends.base.NormResult`: ``total`` (0-d, torch's promoted
@@ -411,17 +451,34 @@ class NormTracker:
         inverse scale while the grads are still scaled): the grads count as ``s * grad``, the total
         is ``s`` times theirs and ``coef`` is the factor for the stored grads (as in
         :func:`fusedclip.backends.base.finish`). No host synchronisation. Without grads: ``total`` is
-        ``tensor(0.)`` and ``coef`` 1. Every record is dropped, so the next backward starts a new
-        step.
+        ``tensor(0.)`` and ``coef`` 1. ``params``: count only these tensors (each must be tracked,
+        else ValueError before anything is read; None: every tracked tensor), as
+        ``clip_grad_norm_(params)`` would; ``clip_and_step_(tracker=)`` passes the optimizer's
+        parameters. Every record is dropped (those outside ``params`` too), so the next backward
+        starts a new step.
         """
         if max_norm is not None:
             max_norm = check_max_norm(max_norm)
+        only = None if params is None else self._subset(params)
         try:
-            return self._result(max_norm, grad_scale)
+            return self._result(max_norm, grad_scale, only)
         finally:
             self.reset()
 
-    def _result(self, max_norm: float | Tensor | None, grad_scale: Tensor | None) -> NormResult:
+    def _subset(self, params: Iterable[Tensor]) -> set[int]:
+        """The ids of ``params``, all of them tracked (ValueError naming how many are not)."""
+        if isinstance(params, Tensor):
+            params = [params]
+        ids = {id(param) for param in params}
+        missing = sum(ident not in self._index_of for ident in ids)
+        if missing:
+            raise ValueError(
+                f"{missing} of the {len(ids)} tensors given are not tracked by the tracker;"
+                " build it over them (NormTracker(model) or NormTracker(list_of_params))"
+            )
+        return ids
+
+    def _result(self, max_norm: float | Tensor | None, grad_scale: Tensor | None, only: set[int] | None = None) -> NormResult:
         records = self._records
         dtypes: list[torch.dtype] = []
         first: torch.device | None = None
@@ -430,7 +487,7 @@ class NormTracker:
         stale: list[Tensor] = []
         for index, param in enumerate(self.params):
             grad = param.grad
-            if grad is None:
+            if grad is None or (only is not None and id(param) not in only):
                 continue
             dtypes.append(grad.dtype)
             if first is None:
@@ -463,9 +520,17 @@ class NormTracker:
 
     def _record_matches(self, index: int, grad: Tensor) -> bool:
         """True when the value was computed from ``grad`` as it is now (same object, same version,
-        same memory): host-side attribute reads only."""
+        same memory) and, for a post-accumulate hook's value, nothing else can have written that
+        memory unversioned (:func:`_shares_storage`; the DDP-module route reads the reduced bucket
+        itself): host-side attribute reads only."""
         record = self._records[index]
-        return record is not None and record[1]() is grad and grad._version == record[2] and grad.data_ptr() == record[3]
+        return (
+            record is not None
+            and record[1]() is grad
+            and grad._version == record[2]
+            and grad.data_ptr() == record[3]
+            and (self._ddp is not None or not _shares_storage(grad))
+        )
 
     def invalidate(self) -> None:
         """Distrust every hook value of this step: :meth:`result` recomputes every grad. Call it
@@ -530,19 +595,27 @@ def _fold(coef: Tensor, call: engine.PreparedCall, dtypes: set[torch.dtype]) -> 
 def tracked_step(optimizer: torch.optim.Optimizer, max_norm: float | Tensor, norm_type: float | str, tracker: NormTracker, scaler: Any = None) -> Tensor:
     """``clip_and_step_(optimizer, max_norm, tracker=tracker)``: the tracker's norm (no norm pass),
     folded into a fused optimizer's ``grad_scale``; any other optimizer gets one scale pass, then
-    its step. Returns the total norm."""
+    its step. Returns the total norm.
+
+    The norm is over exactly the optimizer's parameters (``tracker.result(params=...)``), as
+    ``clip_and_step_(optimizer, max_norm)`` computes it: grads the tracker tracks beyond them do not
+    count and are left unscaled. An optimizer parameter the tracker does not track raises ValueError
+    before any grad, parameter or optimizer state is touched."""
     if not isinstance(tracker, NormTracker):
         raise TypeError(f"tracker must be a fusedclip.NormTracker; got {type(tracker).__name__}")
     if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
         raise NotImplementedError("clip_and_step_(tracker=...) does not take an enabled GradScaler; use clip_and_step_(scaler=...) without a tracker")
     if parse_norm_type(norm_type) != tracker.norm:
         raise ValueError(f"norm_type {norm_type!r} differs from the tracker's ({tracker.norm})")
-    tracked = {id(param) for param in tracker.params}
+    tracked = tracker._index_of
     params = [param for group in optimizer.param_groups for param in group["params"]]
     missing = sum(id(param) not in tracked for param in params)
     if missing:
-        raise ValueError(f"{missing} of the optimizer's parameters are not tracked by the tracker")
-    result = tracker.result(max_norm)
+        raise ValueError(
+            f"{missing} of the optimizer's {len(params)} parameters are not tracked by the tracker;"
+            " build it over the optimizer's parameters (or a model that holds them all)"
+        )
+    result = tracker.result(max_norm, params=params)
     grads = [param.grad for param in params if param.grad is not None]
     if not grads:
         optimizer.step()

@@ -1,6 +1,7 @@
 """NormTracker: norms accumulated in post-accumulate-grad hooks, checked against torch's
 clip_grad_norm_ computed after backward, where hooks are tricky (micro-batches, edits after the
-hook, set_to_none, unused/frozen/tied parameters, GradScaler.unscale_); DDP is in test_tracker_ddp.py."""
+hook, set_to_none, unused/frozen/tied parameters, GradScaler.unscale_, grads sharing memory written
+without a version bump, an optimizer owning part of the tracked model); DDP is in test_tracker_ddp.py."""
 
 from __future__ import annotations
 
@@ -258,3 +259,201 @@ def test_small_tensors_get_no_hook_and_still_count():
             NormTracker(net, min_numel=bad)
     with pytest.raises(ValueError, match="backend"):
         NormTracker(net, backend="no-such-backend")
+
+
+# -- grads whose memory other tensors can write without a version bump ------------------------------
+
+
+def _unversioned_scale(grad, factor):
+    """Multiply the whole storage under ``grad`` by ``factor`` through a fresh alias built on that
+    storage: ``grad._version`` (and its views') stays as it is, as after an in-place collective."""
+    storage = grad.untyped_storage()
+    alias = torch.empty(0, dtype=grad.dtype).set_(storage, 0, (storage.nbytes() // grad.element_size(),))
+    alias.mul_(factor)
+
+
+def _shared_layout(layout):
+    """A model whose first two parameters' grads share memory with other tensors, plus an ordinary
+    Linear whose grads own their storage; returns (params, loss function, the write after backward)."""
+    torch.manual_seed(11)
+    a = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(torch.randn(5))
+    lin = torch.nn.Linear(3, 2)
+    params = [a, b, *lin.parameters()]
+    weights = torch.randn(17)
+
+    def loss(x):
+        return (torch.cat([a.view(-1), b]) * weights).sum() * x.sum() + lin(x).pow(2).sum()
+
+    if layout == "flat_buffer":
+        # a flat grad buffer whose views are the grads (DDP's gradient_as_bucket_view, Megatron-style
+        # contiguous buffers): autograd accumulates into the views; the buffer is then written as a whole
+        flat = torch.zeros(17)
+        a.grad, b.grad = flat[:12].view(4, 3), flat[12:]
+
+        def write(factor):
+            flat.data.mul_(factor)  # .data: its own version counter
+
+    elif layout == "whole_view":
+        # each grad is a view of a tensor exactly its size: the alias is the base (``_base`` set)
+        bases = [torch.zeros(12), torch.zeros(5)]
+        a.grad, b.grad = bases[0].view(4, 3), bases[1].view(5)
+
+        def write(factor):
+            for base in bases:
+                base.numpy()[...] *= factor  # numpy's view of the memory: no version counter at all
+
+    else:  # "autograd_slices": the concatenation's backward hands each parameter a slice of one buffer
+        a.grad = b.grad = None
+
+        def write(factor):
+            _unversioned_scale(b.grad, factor)
+
+    return params, loss, write
+
+
+PLANTED_RULES = {
+    "correct": None,
+    "no rule": lambda grad: False,
+    "views only": lambda grad: grad._base is not None,
+    "storage size only": lambda grad: grad.untyped_storage().nbytes() != grad.nbytes,
+}
+
+
+@pytest.mark.parametrize("rule", list(PLANTED_RULES))
+@pytest.mark.parametrize("layout", ["flat_buffer", "whole_view", "autograd_slices"])
+def test_grads_sharing_memory_written_without_a_version_bump(layout, rule, monkeypatch):
+    if PLANTED_RULES[rule] is not None:  # a deliberately broken tracker: the rule (partly) away
+        monkeypatch.setattr(fusedclip.tracker, "_shares_storage", PLANTED_RULES[rule])
+    params, loss, write = _shared_layout(layout)
+    a, b = params[:2]
+    tracker = NormTracker(params, min_numel=0)
+    for step in range(2):
+        for _ in range(2):  # micro-batches: accumulated in place
+            loss(torch.randn(3, 3)).backward()
+        if layout == "autograd_slices":
+            assert a.grad._base is None and a.grad.untyped_storage().data_ptr() == b.grad.untyped_storage().data_ptr()
+        versions = [p.grad._version for p in params]
+        write(3.0 + step)
+        assert [p.grad._version for p in params] == versions  # the write is invisible to the version check
+        assert all(r is not None for r in tracker._records[2:])  # ordinary grads keep their hook values
+        missed = {
+            "flat_buffer": rule == "no rule",
+            "whole_view": rule in ("no rule", "storage size only"),
+            "autograd_slices": rule in ("no rule", "views only"),
+        }[layout]
+        if missed:
+            with pytest.raises(AssertionError):
+                assert_matches_torch(tracker, params)
+            return
+        assert tracker._records[0] is None and tracker._records[1] is None  # no hook value was taken
+        assert_matches_torch(tracker, params)
+        for p in params:
+            p.grad.zero_()
+
+
+def test_shared_storage_rule_on_common_grads():
+    """The rule leaves ordinary autograd grads alone (their hook values count) and catches slices."""
+    from fusedclip.tracker import _shares_storage
+
+    torch.manual_seed(12)
+    lstm = torch.nn.LSTM(3, 4)
+    conv = torch.nn.Conv2d(2, 3, 3)
+    emb = torch.nn.Embedding(5, 4)
+    mha = torch.nn.MultiheadAttention(4, 2)
+    lstm(torch.randn(2, 1, 3))[0].sum().backward()
+    conv(torch.randn(1, 2, 5, 5)).sum().backward()
+    emb(torch.tensor([1, 2])).sum().backward()
+    t = torch.randn(3, 1, 4)
+    mha(t, t, t)[0].sum().backward()
+    for module in (lstm, conv, emb, mha):
+        for p in module.parameters():
+            assert not _shares_storage(p.grad)
+    assert _shares_storage(torch.zeros(6)[2:4])
+    assert _shares_storage(torch.zeros(6).view(2, 3))
+    assert _shares_storage(torch.zeros(1).expand(4))  # overlapping: reads its memory more than once
+    assert not _shares_storage(torch.zeros(3, 4).t().contiguous())
+
+
+# -- clip_and_step_ with a tracker over more than the optimizer's parameters -------------------------
+
+
+class AllTrackedTracker(NormTracker):
+    """Deliberately broken: counts every tracked grad whatever ``params`` asks for."""
+
+    def result(self, max_norm=None, *, grad_scale=None, params=None):
+        return super().result(max_norm, grad_scale=grad_scale)
+
+
+@pytest.mark.parametrize("cls, ok", [(NormTracker, True), (AllTrackedTracker, False)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_clip_and_step_counts_only_the_optimizers_parameters(cls, ok, fused):
+    torch.manual_seed(13)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    ref = copy.deepcopy(net)
+    opt = torch.optim.AdamW(net[0].parameters(), lr=0.1, fused=fused)  # owns part of the model
+    ref_opt = torch.optim.AdamW(ref[0].parameters(), lr=0.1)
+    tracker = cls(net, min_numel=0)
+    for step in range(3):
+        x = torch.randn(4, 8)
+        for model in (net, ref):
+            (model(x) * 10).pow(2).sum().backward()
+        rest = [p.grad.clone() for p in net[2].parameters()]
+        total = fusedclip.clip_and_step_(opt, 0.1, tracker=tracker)
+        expected = torch.nn.utils.clip_grad_norm_(ref[0].parameters(), 0.1)
+        ref_opt.step()
+        if not ok:
+            assert not torch.allclose(total, expected)
+            return
+        torch.testing.assert_close(total, expected, rtol=2e-6, atol=0)
+        for p, q in zip(net.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for p, g in zip(net[2].parameters(), rest):  # grads outside the optimizer: not scaled
+            assert torch.equal(p.grad, g)
+        net.zero_grad()
+        ref.zero_grad()
+
+
+def test_result_over_a_subset_matches_torch():
+    torch.manual_seed(14)
+    first, second = torch.nn.Linear(6, 9), torch.nn.Linear(9, 3, dtype=torch.float64)
+    params = [*first.parameters(), *second.parameters()]
+    for subset in (list(second.parameters()), list(first.parameters()), [first.bias, second.weight]):
+        tracker = NormTracker(params, min_numel=0)
+        second(torch.tanh(first(torch.randn(4, 6))).double()).pow(2).sum().backward()
+        expected, _ = torch_clip(subset, 0.5, 2.0)
+        result = tracker.result(0.5, params=subset)
+        assert result.total.dtype == expected.dtype  # the subset's promoted dtype, as torch's
+        tol = 1e-12 if expected.dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(result.total, expected, rtol=tol, atol=0)
+        assert math.isclose(float(result.coef), float(torch.clamp(0.5 / (expected.double() + 1e-6), max=1.0)), rel_tol=10 * tol)
+        assert all(r is None for r in tracker._records)  # the whole step is consumed
+        tracker.remove()
+        for p in params:
+            p.grad = None
+    with pytest.raises(ValueError, match="1 of the 2 tensors given are not tracked"):
+        tracker.result(params=[first.weight, torch.nn.Parameter(torch.ones(2))])
+
+
+def test_refused_clip_and_step_touches_nothing():
+    torch.manual_seed(15)
+    net = torch.nn.Linear(4, 3)
+    other = torch.nn.Parameter(torch.randn(2))
+    opt = torch.optim.AdamW([*net.parameters(), other], lr=0.1, fused=True)
+    tracker = NormTracker(net, min_numel=0)  # tracks fewer than the optimizer owns
+    (net(torch.randn(2, 4)).sum() + other.sum()).backward()
+    opt.step()  # optimizer state exists
+    (net(torch.randn(2, 4)).pow(2).sum() + other.pow(2).sum()).backward()
+    before = [t.detach().clone() for p in opt.param_groups[0]["params"] for t in (p, p.grad)]
+    state = copy.deepcopy(opt.state_dict())
+    records = list(tracker._records)
+    with pytest.raises(ValueError, match="1 of the optimizer's 3 parameters are not tracked"):
+        fusedclip.clip_and_step_(opt, 0.01, tracker=tracker)
+    after = [t for p in opt.param_groups[0]["params"] for t in (p, p.grad)]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    after_state = opt.state_dict()
+    for key, value in state["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(tensor, after_state["state"][key][name]), name
+    assert tracker._records == records  # the step is not consumed either: still usable
+    assert_matches_torch(tracker, list(net.parameters()))

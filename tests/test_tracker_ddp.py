@@ -6,6 +6,11 @@ Covered: no_sync micro-batches, find_unused_parameters (a locally unused branch,
 parameter holding a stale grad that differs per rank), static_graph, gradient_as_bucket_view,
 several buckets, the fp16 compression hook, a grad edited after backward; and a deliberately broken
 tracker (norms of the bucket before the all-reduce), which must fail.
+
+A tracker given the DDP model's parameters rather than the module, with a communication hook that
+all-reduces the bucket in place (no version bump) and bucket views as grads: the views' hook values
+are not trusted (recomputed), while the module route keeps its bucket values; a tracker without the
+shared-memory rule must fail.
 """
 
 from __future__ import annotations
@@ -256,3 +261,76 @@ def test_refusals_and_hand_registered_hook():
         NormTracker(nn.Linear(2, 2), comm_hook=lambda s, b: None)
     with pytest.raises(ValueError, match="ddp_comm_hook"):
         NormTracker(nn.Linear(2, 2)).ddp_comm_hook()
+
+
+# -- a tracker given the DDP model's parameters (not the module) -----------------------------------
+
+
+def _inplace_sum_hook(state, bucket):
+    """All-reduces the bucket in place (c10d bumps no version) and returns it: a plain sum."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def _inplace_mean_hook(state, bucket):
+    """Like DDP's default: all-reduce in place, then the average in a new tensor."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0] / dist.get_world_size())
+
+
+def _params_route_case(rank, planted):
+    """Returns, per (hook, as_view, route), the per-step outcome: 'ok' or 'mismatch', and how many
+    hook or bucket values were trusted."""
+    import fusedclip.tracker as tracker_module
+
+    if planted:  # a deliberately broken tracker: hook values of grads sharing memory trusted
+        tracker_module._shares_storage = lambda grad: False
+    out = []
+    for hook in (_inplace_sum_hook, _inplace_mean_hook):
+        for as_view in (True, False):
+            for route in ("params", "module"):
+                torch.manual_seed(0)
+                net = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+                ddp = nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=as_view, bucket_cap_mb=0.0005)
+                if route == "params":
+                    ddp.register_comm_hook(None, hook)
+                    tracker = NormTracker(list(ddp.parameters()), min_numel=0)
+                else:
+                    tracker = NormTracker(ddp, comm_hook=hook, comm_state=None)
+                params = list(net.parameters())
+                for step in range(3):
+                    torch.manual_seed(100 + rank + 10 * step)  # different data per rank
+                    for _ in range(2 if step == 1 else 1):
+                        if step == 1:
+                            with ddp.no_sync():
+                                ddp(torch.randn(3, 16)).pow(2).sum().backward()
+                        ddp(torch.randn(3, 16)).pow(2).sum().backward()
+                    if as_view and step > 0:  # the grads are views of DDP's buckets
+                        assert all(p.grad._base is not None for p in params)
+                    trusted = sum(tracker._record_matches(i, p.grad) for i, p in enumerate(tracker.params))
+                    try:
+                        check_against_torch(tracker, params, 2.0)
+                        outcome = "ok"
+                    except AssertionError:
+                        outcome = "mismatch"
+                    out.append((hook.__name__, as_view, route, step, outcome, trusted))
+                    ddp.zero_grad(set_to_none=not as_view)
+    return out
+
+
+@pytest.mark.parametrize("planted", [False, True])
+def test_tracker_over_ddp_parameters_with_an_inplace_all_reduce(planted):
+    for rank, rows in _launch(_params_route_case, planted):
+        for hook, as_view, route, step, outcome, trusted in rows:
+            where = (rank, hook, as_view, route, step)
+            if route == "module":
+                # the module route reads the reduced bucket: its values count, views or not
+                assert outcome == "ok" and trusted > 0, where
+            elif not as_view:
+                assert outcome == "ok" and trusted == 0, where  # DDP's copy_ into the grads bumps
+            elif not planted:
+                assert outcome == "ok" and trusted == 0, where  # bucket views: recomputed
+            elif hook == "_inplace_mean_hook":
+                assert outcome == "ok", where  # DDP copies the hook's new tensor into the bucket: bumps
+            elif step > 0:
+                # the rule away: hook values of the bucket views, taken before the in-place
+                # all-reduce rewrote them unversioned, count
+                assert outcome == "mismatch" and trusted > 0, where
