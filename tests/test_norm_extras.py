@@ -15,6 +15,7 @@ from reference import (
     rounds_per_tensor_norms_like_torch,
 )
 
+import fusedclip
 from fusedclip import engine
 from fusedclip.norm_type import parse_norm_type
 
@@ -81,3 +82,59 @@ def test_torch_backend_norms_large_16bit_cpu_tensors_in_pieces(monkeypatch, norm
     # ours is returned in the tensors' dtype, as torch returns it
     expected = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
     assert float(total) == pytest.approx(float(expected), rel=1e-2)
+
+
+def _uploads_in_steady_state(monkeypatch, call, warm: int = 2, reps: int = 3) -> int:
+    """How many tensors ``call`` builds from host data (``torch.tensor`` of a Python list or number
+    with a ``device=``: on a GPU, a blocking host-to-device copy) once warmed up."""
+    real = torch.tensor
+    count = 0
+
+    def counting(data, *args, **kwargs):
+        nonlocal count
+        if "device" in kwargs and not isinstance(data, torch.Tensor):
+            count += 1
+        return real(data, *args, **kwargs)
+
+    for _ in range(warm):
+        call()
+    monkeypatch.setattr(torch, "tensor", counting)
+    for _ in range(reps):
+        call()
+    monkeypatch.setattr(torch, "tensor", real)
+    return count
+
+
+def _per_tensor_calls():
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(0))]
+    params.append(torch.nn.Parameter(torch.randn(4, dtype=torch.float64)))
+    for param in params:
+        param.grad = torch.randn_like(param)
+    clipper = fusedclip.Clipper(params, mode="norm", backend="torch")
+    return {
+        "get_norms": lambda: fusedclip.get_norms([p.grad for p in params], backend="torch"),
+        "get_norms p=3": lambda: fusedclip.get_norms([p.grad for p in params], 3.0, backend="torch"),
+        "Clipper": clipper,
+    }
+
+
+@pytest.mark.parametrize("name", ["get_norms", "get_norms p=3", "Clipper"])
+def test_torch_backend_per_tensor_norms_upload_nothing_per_call(monkeypatch, name):
+    """The per-tensor scatter index is kept with the plan: steady-state calls build no tensor from
+    host data (each would be a host sync on a GPU)."""
+    assert _uploads_in_steady_state(monkeypatch, _per_tensor_calls()[name]) == 0
+
+
+def test_the_upload_count_catches_an_index_made_per_call(monkeypatch):
+    """The planted bug: the scatter index rebuilt from a Python list on every call."""
+    from fusedclip.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_ORDER_KEY", object())  # a new key object...
+    real_write = torch_backend.TorchBackend._write_per_tensor
+
+    def forgetful(work, norm, norms, out):
+        work.plan.scratch.clear()  # ...and nothing kept between calls
+        real_write(work, norm, norms, out)
+
+    monkeypatch.setattr(torch_backend.TorchBackend, "_write_per_tensor", staticmethod(forgetful))
+    assert _uploads_in_steady_state(monkeypatch, _per_tensor_calls()["get_norms"]) == 3

@@ -328,3 +328,50 @@ def test_the_chunk_check_catches_a_sum_along_the_chunk(monkeypatch, p):
     )
     for grads in (packed, direct):
         assert float32_chunk_violation(fusedclip.get_total_norm(grads, p, backend="torch"), grads, p) is not None
+
+
+#: float32 sets whose float32 chunk sums overflow or underflow, and what they test
+EXTREME_SETS = {
+    "squares overflow": [torch.full((1000,), 3e19), torch.full((24,), -2e20)],
+    "sum of |x| overflows": [torch.full((10,), 1e38)],
+    "squares underflow": [torch.full((1000,), 1e-25), torch.full((10,), -3e-24)],
+    "subnormal elements": [torch.full((5000,), 1e-41)],
+    "tiny beside normal": [torch.full((1000,), 1e-20), torch.full((3,), 1e-10)],
+}
+
+
+def _extreme_violation(name: str, p: float) -> str | None:
+    grads = EXTREME_SETS[name]
+    exact = torch.linalg.vector_norm(torch.cat([g.double() for g in grads]), p).item()
+    ours = fusedclip.get_total_norm([g.clone() for g in grads], p, backend="torch").item()
+    limit = float(torch.finfo(torch.float32).max)
+    if exact > limit:  # the norm itself does not fit in float32
+        return None if ours == math.inf else f"{name}, p={p:g}: {ours!r} for a norm above float32's range"
+    wanted = float(torch.tensor(exact, dtype=torch.float32))  # the exact norm rounded once
+    count = sum(g.numel() for g in grads)
+    if abs(ours - wanted) <= (4 + math.log2(count)) * 2.0**-24 * abs(wanted):  # a float32 cascade sum's error
+        return None
+    return f"{name}, p={p:g}: {ours!r}, exact {exact!r}"
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0], ids=lambda p: f"p{p:g}")
+@pytest.mark.parametrize("name", list(EXTREME_SETS))
+def test_cpu_chunks_that_float32_cannot_sum_are_redone_in_float64(name, p):
+    """Squares above ~1.8e19 overflow float32 and squares below ~1e-19 underflow it: the CPU total is
+    still the exact norm rounded once (float32 chunk sums that overflow or may have underflowed are
+    redone in float64), where torch returns inf or 0."""
+    problem = _extreme_violation(name, p)
+    assert problem is None, problem
+
+
+def test_the_extreme_check_catches_float32_only_sums(monkeypatch):
+    """The planted bug: float32 chunk sums always trusted (no float64 redo)."""
+    from fusedclip.backends import torch_backend
+
+    def float32_only(values, scratch, p):
+        total = (torch.abs(values, out=scratch) if p == 1.0 else torch.mul(values, values, out=scratch)).sum()
+        return total.double() if p == 1.0 else total.double().sqrt()
+
+    monkeypatch.setattr(torch_backend, "_chunk_norm", float32_only)
+    caught = [(name, p) for name in EXTREME_SETS for p in (1.0, 2.0) if _extreme_violation(name, p) is not None]
+    assert {name for name, _ in caught} >= {"squares overflow", "squares underflow", "subnormal elements"}, caught

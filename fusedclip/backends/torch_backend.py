@@ -131,7 +131,7 @@ def _flat_cpu_norms(group: list[Tensor], p: float) -> Tensor:
     16-bit values are accumulated in float32 (never rounded to bf16/fp16 on the way, unlike torch's
     per-tensor norms), and the chunk norms are combined in float64 by the caller. The buffer is
     reused for every chunk, so the float32 copy of a large set never exists at once; each chunk is
-    summed by ``_chunk_norm``.
+    summed by ``_chunk_norm`` (in float64 by ``_wide_norm`` where float32 overflows or underflows).
     """
     direct: list[Tensor] = []  # float32 views reduced in place
     packed: list[list[Tensor]] = []  # batches copied into the buffer, each <= CPU_CHUNK_ELEMENTS
@@ -153,7 +153,10 @@ def _flat_cpu_norms(group: list[Tensor], p: float) -> Tensor:
         packed.append(batch)
     largest = max([t.numel() for t in direct] + [sum(t.numel() for t in b) for b in packed])
     buffer = torch.empty(largest, dtype=torch.float32, device="cpu")
-    norms = [_chunk_norm(chunk, buffer[: chunk.numel()], p) for chunk in direct]
+    norms = []
+    for chunk in direct:
+        norm = _chunk_norm(chunk, buffer[: chunk.numel()], p)
+        norms.append(_wide_norm([chunk], p) if norm is None else norm)
     for pieces in packed:
         view = buffer[: sum(t.numel() for t in pieces)]
         if len(pieces) == 1:
@@ -162,13 +165,20 @@ def _flat_cpu_norms(group: list[Tensor], p: float) -> Tensor:
             torch.cat(pieces, out=view)
         else:  # a same-dtype cat is one memcpy per piece; a converting cat is one copy_ op per piece
             view.copy_(torch.cat(pieces))
-        norms.append(_chunk_norm(view, view, p))
+        norm = _chunk_norm(view, view, p)
+        norms.append(_wide_norm(pieces, p) if norm is None else norm)
     return torch.stack(norms)
 
 
-def _chunk_norm(values: Tensor, scratch: Tensor, p: float) -> Tensor:
+#: a float32 sum of squares below this may have lost squares to underflow (each lost square is below
+#: 2^-126, at most 2^20 of them per chunk: under 2^-24 of a sum this large), so the chunk is redone
+SQUARES_UNDERFLOW_SUM = 2.0**-80
+
+
+def _chunk_norm(values: Tensor, scratch: Tensor, p: float) -> Tensor | None:
     """The p-norm (p = 1 or 2) of float32 ``values`` as a float64 scalar, using ``scratch`` (float32,
-    same size; may be ``values`` itself when that is a copy of ours).
+    same size; may be ``values`` itself when that is a copy of ours); None when a float32 sum
+    cannot stand for it (see below).
 
     ``|x|`` or ``x * x`` is written to ``scratch`` and summed by ``Tensor.sum``, whose CPU kernel sums
     in a cascade: its error grows with the log of the count. ``torch.linalg.vector_norm``'s CPU
@@ -176,12 +186,27 @@ def _chunk_norm(values: Tensor, scratch: Tensor, p: float) -> Tensor:
     1M float32 elements in [1, 2): 340 ulps for p = 1, where this sum is within 1 ulp) — it would
     make a set of many small packed grads less accurate than torch's per-tensor norms of the same
     grads. It is also not faster.
+
+    None when the float32 sum is not finite (squares above ~1.8e19 overflow, a sum of |x| above
+    float32's range, or an inf/NaN grad) or may have lost squares to underflow (elements below
+    ~1e-19): the caller then redoes the chunk in float64 (``_wide_norm``), as the ``cpu`` kernels
+    redo such blocks. The sum is read on the host, which costs nothing on the CPU.
     """
     if p == 1.0:
-        return torch.abs(values, out=scratch).sum().to(ACC_DTYPE)
+        total = torch.abs(values, out=scratch).sum()
+        return total.to(ACC_DTYPE) if math.isfinite(total.item()) else None
     if p == 2.0:
-        return torch.mul(values, values, out=scratch).sum().to(ACC_DTYPE).sqrt()
+        total = torch.mul(values, values, out=scratch).sum()
+        value = total.item()
+        return total.to(ACC_DTYPE).sqrt() if math.isfinite(value) and value >= SQUARES_UNDERFLOW_SUM else None
     raise ValueError(f"chunked CPU norms take p = 1 or 2, not {p}")
+
+
+def _wide_norm(pieces: list[Tensor], p: float) -> Tensor:
+    """The p-norm (p = 1 or 2) of the elements of ``pieces`` summed in float64 (an inf/NaN element
+    still gives inf/NaN)."""
+    wide = torch.cat([piece.reshape(-1).to(ACC_DTYPE) for piece in pieces])
+    return wide.abs().sum() if p == 1.0 else torch.dot(wide, wide).sqrt()
 
 
 #: float32's smallest normal number and its largest finite one
@@ -252,6 +277,10 @@ def _scale_exactly_(grad: Tensor, coef: Tensor, hi: Tensor, lo: Tensor) -> None:
             piece.copy_(_scaled_exactly(piece, coef, hi, lo))
     else:
         grad.copy_(_scaled_exactly(grad, coef, hi, lo))
+
+
+#: key in ``DevicePlan.scratch`` of the per-tensor scatter index (see ``_write_per_tensor``)
+_ORDER_KEY = "torch-per-tensor-order"
 
 
 class TorchBackend(Backend):
@@ -408,13 +437,20 @@ class TorchBackend(Backend):
 
     @staticmethod
     def _write_per_tensor(work: DeviceWork, norm: NormSpec, norms: list[Tensor], out: Tensor) -> None:
-        """Scatter the per-dtype-group norms back into the grads' order (zero-size grads: 0)."""
+        """Scatter the per-dtype-group norms back into the grads' order (zero-size grads: 0).
+
+        The scatter's index is made once per plan and device and kept with the plan: made from a
+        Python list on every call, it would be a host-to-device copy (a host sync) per call."""
         plan = work.plan
         keep_empty = norm.needs_nonempty_tensors
-        order = [i for indices in plan.dtype_groups.values() for i in indices if keep_empty or plan.numels[i]]
-        out.zero_()
-        if order:
+        key = (_ORDER_KEY, keep_empty, out.device)
+        index = plan.scratch.get(key)
+        if index is None:
+            order = [i for indices in plan.dtype_groups.values() for i in indices if keep_empty or plan.numels[i]]
             index = torch.tensor(order, dtype=torch.int64, device=out.device)
+            plan.scratch[key] = index
+        out.zero_()
+        if index.numel():
             out.index_copy_(0, index, torch.cat(norms).to(out.dtype))
 
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:
