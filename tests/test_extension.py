@@ -537,3 +537,84 @@ def test_plan_key_objects_compare_by_content():
     tensor = torch.zeros(3)
     assert plan._cache_key([tensor]) == plan._cache_key([tensor])
     assert plan._cache_key([tensor]) != plan._cache_key([tensor[:2]])
+
+
+# -- the launch arguments: named fields, checked when they are made -------------------------------
+def _norm_fields(**changes):
+    total = torch.empty((), dtype=torch.float64)
+    acc = torch.empty((), dtype=torch.float64)
+    fields = dict(kind=0, p=2.0, total_out=total.data_ptr(), total_dtype=3, acc_out=acc.data_ptr())
+    fields.update(changes)
+    return fields, (total, acc)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(kind=7), "unknown norm kind"),
+        (dict(kind=-1), "unknown norm kind"),
+        (dict(total_dtype=4), "total_dtype must be a dtype code"),
+        (dict(total_out=0), "null output address"),
+        (dict(acc_out=0), "null output address"),
+        (dict(max_norm_ptr=64), "max_norm_dtype must be a dtype code"),
+        (dict(scale_ptr=64, scale_dtype=9), "scale_dtype must be a dtype code"),
+    ],
+)
+def test_norm_args_refuse_what_would_corrupt_memory(changes, message):
+    fields, _keep = _norm_fields(**changes)
+    with pytest.raises(ValueError, match=message):
+        _ext.C.NormArgs(**fields)
+
+
+@needs_ext
+def test_launch_arguments_take_names_only():
+    """A misspelt, missing or positional field raises instead of landing in the wrong slot."""
+    fields, _keep = _norm_fields()
+    args = _ext.C.NormArgs(**fields)
+    assert (args.kind, args.p, args.total_dtype, args.coef_out, args.max_norm_dtype) == (0, 2.0, 3, 0, -1)
+    with pytest.raises(TypeError):
+        _ext.C.NormArgs(**{**fields, "acc": fields["acc_out"]})
+    with pytest.raises(TypeError):
+        _ext.C.NormArgs(*fields.values())
+    missing = dict(fields)
+    del missing["total_dtype"]
+    with pytest.raises(TypeError):
+        _ext.C.NormArgs(**missing)
+    with pytest.raises(TypeError):
+        _ext.C.Tables(64, 1, 1, 16)
+    with pytest.raises(AttributeError):
+        args.kind = 2  # read-only: checked once, when made
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "changes",
+    [dict(packed=0), dict(num_tensors=-1), dict(num_chunks=-1), dict(chunk_elements=0), dict(num_chunks=0, total_elements=5)],
+)
+def test_tables_refuse_impossible_sizes(changes):
+    fields = dict(packed=64, num_tensors=1, num_chunks=1, chunk_elements=16, total_elements=5, **{})
+    fields.update(changes)
+    with pytest.raises(ValueError, match="fusedclip._C"):
+        _ext.C.Tables(**fields)
+
+
+@needs_ext
+def test_the_cpu_kernels_run_from_named_arguments():
+    """One norm and one scale launched by hand from a plan's tables, against torch."""
+    grads = [torch.randn(300, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    expected_total = torch.linalg.vector_norm(torch.cat(grads).double())
+    expected_grads = [g * 0.5 for g in grads]
+    device_plan = plan.build_plan(grads, True).devices[0]
+    tables = device_plan.kernel_tables(grads)
+    described = _ext.C.Tables(
+        packed=tables.packed.data_ptr(), num_tensors=3, num_chunks=tables.num_chunks,
+        chunk_elements=tables.chunk_elements, total_elements=900,
+    )  # fmt: skip
+    fields, (total, acc) = _norm_fields()
+    _ext.C.cpu_norm(described, _ext.C.NormArgs(**fields), 1)
+    assert float(total) == pytest.approx(float(expected_total), rel=1e-6)  # float32 blocks
+    coef = torch.tensor(0.5, dtype=torch.float64)
+    _ext.C.cpu_scale(described, 1, coef.data_ptr(), 3)
+    for got, want in zip(grads, expected_grads):
+        assert torch.equal(got, want)
