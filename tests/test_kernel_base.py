@@ -71,3 +71,16 @@ def test_max_norm_and_grad_scale_as_tensors_match_numbers(kernel_case, scale_dty
     assert torch.equal(total, total_t) and torch.equal(coef, coef_t)
     plain, _, _ = backend.run_norm(work, tables, norm, None, torch.float64)
     assert float(total) == pytest.approx(2 * float(plain), rel=1e-12)
+
+
+def test_outputs_are_tensors_of_their_own(kernel_case):
+    """Total, coefficient and accumulator are fresh 0-d tensors with no storage offset, as the custom
+    ops' fake implementations promise (a view into a shared buffer fails ``opcheck``)."""
+    device, name = kernel_case
+    backend, work, tables, _ = _work(device, name)
+    outputs = backend.run_norm(work, tables, parse_norm_type(2.0), 1.0, torch.float32)
+    storages = set()
+    for output in outputs:
+        assert output.dim() == 0 and output.storage_offset() == 0
+        storages.add(output.untyped_storage().data_ptr())
+    assert len(storages) == 3

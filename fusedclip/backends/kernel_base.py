@@ -111,7 +111,9 @@ class NormLaunch:
     ) -> NormLaunch:
         device = work.device
         total = torch.empty((), dtype=out_dtype, device=device)
-        coef, acc = torch.empty(2, dtype=ACC_DTYPE, device=device).unbind()
+        # separate tensors, not views of one buffer: the custom ops' outputs have no storage offset
+        acc = torch.empty((), dtype=ACC_DTYPE, device=device)
+        coef = None if max_norm is None else torch.empty((), dtype=ACC_DTYPE, device=device)
         max_norm_value, max_norm_tensor = 0.0, None
         if isinstance(max_norm, Tensor):
             if max_norm.device.type == "cpu" and device.type != "cpu":
@@ -131,7 +133,7 @@ class NormLaunch:
             norm=norm,
             total=total,
             acc=acc,
-            coef=None if max_norm is None else coef,
+            coef=coef,
             max_norm_value=max_norm_value,
             max_norm=max_norm_tensor,
             grad_scale=None if grad_scale is None else device_scalar(grad_scale, device),
