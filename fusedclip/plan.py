@@ -48,13 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-#: dtype codes shared with the kernels (see csrc/fusedclip.h)
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float64: 3,
-}
+from .codes import DTYPE_CODES
+
 #: largest chunk, in elements; a power of two so chunk starts stay aligned like the tensor base
 CHUNK_ELEMENTS = 1 << 16
 _CPU = torch.device("cpu")
