@@ -445,7 +445,7 @@ def test_the_key_comparison_catches_a_missing_field(monkeypatch):
     assert plan._cache_key(grads) != plan._cache_key(other)
 
     def without_dtypes(addresses, nbytes, dtypes, contiguous):
-        return plan.array("q", addresses).tobytes(), plan.array("q", nbytes).tobytes(), b"", bytes(map(int, contiguous)))
+        return plan.array("q", addresses).tobytes(), plan.array("q", nbytes).tobytes(), b"", bytes(map(int, contiguous))
 
     monkeypatch.setattr(plan, "_key_columns", without_dtypes)
     assert plan._cache_key(grads) == plan._cache_key(other)
