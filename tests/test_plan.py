@@ -428,8 +428,8 @@ def test_the_plan_key_changes_with_every_fact_a_plan_is_built_from():
         if change == "none":
             assert other == key
             return
-        if change == "address" and sizes[k] == 0:
-            return  # empty tensors may share the null address
+        if change in ("address", "strides") and sizes[k] == 0:
+            return  # an empty tensor has no address, and an empty view is contiguous
         assert other != key, change
         same_layout = change == "address"
         assert (key.layout() is not None and key.layout() == other.layout()) is same_layout or key.layout() is None
