@@ -89,6 +89,18 @@ void check_norm_args(const NormArgs& a) {
   if (a.total_out == 0 || a.acc_out == 0) throw std::invalid_argument("fusedclip._C: null output address");
 }
 
+// The fields the CPU and the CUDA norm arguments share: the norm and where its results go.
+template <class DeviceNormArgs>
+void set_outputs(const NormArgs& a, DeviceNormArgs* args) {
+  args->kind = static_cast<int>(a.kind);
+  args->p = a.p;
+  args->total_out = as_pointer<void>(a.total_out);
+  args->total_dtype = static_cast<int>(a.total_dtype);
+  args->acc_out = as_pointer<double>(a.acc_out);
+  args->coef_out = as_pointer<double>(a.coef_out);
+  args->per_tensor_out = as_pointer<double>(a.per_tensor_out);
+}
+
 fusedclip::cpu::PlanArgs cpu_plan(const Tables& t, int64_t threads) {
   check_tables(t);
   if (t.num_chunks >= fusedclip::cpu::WorkRanges::kMaxChunks) {
@@ -108,17 +120,11 @@ void cpu_norm(const Tables& tables, const NormArgs& a, int64_t threads) {
   const fusedclip::cpu::PlanArgs plan = cpu_plan(tables, threads);
   check_norm_args(a);
   fusedclip::cpu::NormArgs args;
-  args.kind = static_cast<int>(a.kind);
-  args.p = a.p;
-  args.total_out = as_pointer<void>(a.total_out);
-  args.total_dtype = static_cast<int>(a.total_dtype);
-  args.acc_out = as_pointer<double>(a.acc_out);
-  args.coef_out = as_pointer<double>(a.coef_out);
+  set_outputs(a, &args);
   // on the CPU a max_norm held in a tensor is read here, before the pass
   args.max_norm = a.max_norm_ptr != 0
                       ? fusedclip::read_scalar(as_pointer<const void>(a.max_norm_ptr), static_cast<int>(a.max_norm_dtype))
                       : a.max_norm;
-  args.per_tensor_out = as_pointer<double>(a.per_tensor_out);
   args.has_scale = a.scale_ptr != 0;
   args.scale = args.has_scale ? fusedclip::read_scalar(as_pointer<const void>(a.scale_ptr), static_cast<int>(a.scale_dtype)) : 1.0;
   // general p: the float64 norm scale M (see fusedclip.h); other kinds ignore it
@@ -182,12 +188,7 @@ void cuda_norm(const Tables& tables, int64_t device, int64_t stream, const NormA
   check_norm_args(a);
   if (partials == 0 || counters == 0) throw std::invalid_argument("fusedclip._C: null workspace address");
   fusedclip::cuda::NormArgs args;
-  args.kind = static_cast<int>(a.kind);
-  args.p = a.p;
-  args.total_out = as_pointer<void>(a.total_out);
-  args.total_dtype = static_cast<int>(a.total_dtype);
-  args.acc_out = as_pointer<double>(a.acc_out);
-  args.coef_out = as_pointer<double>(a.coef_out);
+  set_outputs(a, &args);
   args.max_norm = a.max_norm;
   args.max_norm_ptr = as_pointer<const void>(a.max_norm_ptr);
   args.max_norm_dtype = static_cast<int>(a.max_norm_dtype);
@@ -195,7 +196,6 @@ void cuda_norm(const Tables& tables, int64_t device, int64_t stream, const NormA
   args.scale_dtype = static_cast<int>(a.scale_dtype);
   // general p: a 0-d float64 device tensor M (see fusedclip.h), read by the kernel; 0 for none
   args.norm_scale_ptr = as_pointer<const double>(a.norm_scale_ptr);
-  args.per_tensor_out = as_pointer<double>(a.per_tensor_out);
   args.partials = as_pointer<double>(partials);
   args.ticket = as_pointer<unsigned int>(counters);
   const char* error;
@@ -309,6 +309,25 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_clamp", &cpu_clamp, "Clamp a plan's CPU tensors to [-clip_value, clip_value]", py::arg("tables"),
         py::arg("threads"), py::arg("clip_value"));
   m.def(
+      "gather_grads",
+      [](py::object params, py::object plain_types, py::object descriptors) {
+        PyObject* result = fusedclip::gather_grads(params.ptr(), plain_types.ptr(), descriptors.ptr());
+        if (result == nullptr) throw py::error_already_set();
+        return py::reinterpret_steal<py::object>(result);
+      },
+      "(grads, key columns, any null address) of a parameter list in one pass, or None"
+      " when the fast path does not apply (see csrc/gather.h)",
+      py::arg("params"), py::arg("plain_types"), py::arg("descriptors"));
+  m.def("cpu_parallel_runtime", [] { return std::string(fusedclip::cpu::parallel_runtime()); },
+        "Where the CPU passes run their threads: the loaded OpenMP runtime's path (torch's) or 'pool'");
+  m.def("cpu_isa", [] { return std::string(fusedclip::cpu::active_kernels().isa); },
+        "The instruction set of the CPU loops in use");
+
+
+  // Hooks for fusedclip's own tests, kept out of the module's API: pass counters, how a pass shares
+  // chunks out, and a process-wide switch of the CPU loops' instruction set.
+  py::module_ testing = m.def_submodule("testing", "Test hooks: pass counters, work sharing, instruction-set selection");
+  testing.def(
       "cpu_stats",
       [] {
         const fusedclip::cpu::Stats s = fusedclip::cpu::stats();
@@ -323,17 +342,7 @@ PYBIND11_MODULE(_C, m) {
       },
       "Passes over the data run so far by the CPU kernels, the threads the last one asked for, and how many"
       " processed chunks in the last norm and the last scale/clamp pass (for tests)");
-  m.def(
-      "gather_grads",
-      [](py::object params, py::object plain_types, py::object descriptors) {
-        PyObject* result = fusedclip::gather_grads(params.ptr(), plain_types.ptr(), descriptors.ptr());
-        if (result == nullptr) throw py::error_already_set();
-        return py::reinterpret_steal<py::object>(result);
-      },
-      "(grads, key columns, any null address) of a parameter list in one pass, or None"
-      " when the fast path does not apply (see csrc/gather.h)",
-      py::arg("params"), py::arg("plain_types"), py::arg("descriptors"));
-  m.def(
+  testing.def(
       "cpu_work_claims",
       [](int64_t chunks, int threads, int64_t grain, bool backwards, const std::vector<int>& workers) {
         if (chunks < 0 || chunks >= fusedclip::cpu::WorkRanges::kMaxChunks || threads < 1 || workers.empty()) {
@@ -359,11 +368,7 @@ PYBIND11_MODULE(_C, m) {
       },
       "How a pass shares chunks out (a test hook): the (worker, begin, end) claims the listed workers get, in turn",
       py::arg("chunks"), py::arg("threads"), py::arg("grain"), py::arg("backwards"), py::arg("workers"));
-  m.def("cpu_parallel_runtime", [] { return std::string(fusedclip::cpu::parallel_runtime()); },
-        "Where the CPU passes run their threads: the loaded OpenMP runtime's path (torch's) or 'pool'");
-  m.def("cpu_isa", [] { return std::string(fusedclip::cpu::active_kernels().isa); },
-        "The instruction set of the CPU loops in use");
-  m.def("cpu_select_isa", [](const std::string& name) { return fusedclip::cpu::select_isa(name.c_str()); },
+  testing.def("cpu_select_isa", [](const std::string& name) { return fusedclip::cpu::select_isa(name.c_str()); },
         "Use the CPU loops compiled for `name` (one of build_info()['cpu_isas_supported']); False if unsupported",
         py::arg("name"));
 

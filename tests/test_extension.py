@@ -115,7 +115,7 @@ def _clip_with_two_threads_working(tensors, norm_type, max_norm, attempts=40):
     thread may wait for a CPU until the caller has done all the work alone)."""
     for _ in range(attempts):
         result = _clip_once(tensors, norm_type, max_norm)
-        stats = _ext.C.cpu_stats()
+        stats = _ext.C.testing.cpu_stats()
         assert stats["last_threads"] == 2
         if stats["norm_participants"] == 2:
             return result
@@ -129,7 +129,7 @@ def test_one_and_two_threads_give_the_same_bits(threads, norm_type):
     tensors = _mixed_grads()
     threads(1)
     total_1, scaled_1 = _clip_once(tensors, norm_type, 0.01)
-    stats = _ext.C.cpu_stats()
+    stats = _ext.C.testing.cpu_stats()
     assert stats["last_threads"] == 1 and stats["norm_participants"] == stats["elementwise_participants"] == 1
     threads(2)
     total_2, scaled_2 = _clip_with_two_threads_working(tensors, norm_type, 0.01)
@@ -148,7 +148,7 @@ def test_every_instruction_set_gives_the_same_bits():
     outcomes = []
     try:
         for isa in supported:
-            assert _ext.C.cpu_select_isa(isa)
+            assert _ext.C.testing.cpu_select_isa(isa)
             nonempty = [t for t in tensors if t.numel()]  # p = -inf has no identity for empty tensors
             norms = [fusedclip.get_total_norm(tensors, p, backend="cpu") for p in (2.0, 1.0, math.inf, 0.0, 3.0)]
             norms.append(fusedclip.get_total_norm(nonempty, -math.inf, backend="cpu"))
@@ -157,7 +157,7 @@ def test_every_instruction_set_gives_the_same_bits():
             fusedclip.clip_grad_value_(params, 0.37, backend="cpu")
             outcomes.append((norms, clipped, [p.grad for p in params]))
     finally:
-        _ext.C.cpu_select_isa(best)
+        _ext.C.testing.cpu_select_isa(best)
     first = outcomes[0]
     for other in outcomes[1:]:
         for a, b in zip(first[0], other[0]):
@@ -235,10 +235,10 @@ def test_float_blocks_are_accurate_for_any_input_and_identical_across_isas(dtype
     results: dict[str, dict[str, float]] = {}
     try:
         for isa in supported:
-            assert _ext.C.cpu_select_isa(isa)
+            assert _ext.C.testing.cpu_select_isa(isa)
             results[isa] = {name: _accumulators(t, p) for name, t in _block_cases(dtype).items()}
     finally:
-        _ext.C.cpu_select_isa(best)
+        _ext.C.testing.cpu_select_isa(best)
     first = results[supported[0]]
     for isa in supported[1:]:
         for name, value in results[isa].items():
@@ -302,17 +302,17 @@ def test_the_callers_flush_to_zero_setting_does_not_change_results(threads):
 @needs_ext
 def test_one_norm_pass_and_one_scale_pass_per_call_and_none_when_unclipped():
     params = make_params([(1000,), (33,), (5, 7)], [torch.float32, torch.bfloat16], zero_tensor=False)
-    before = _ext.C.cpu_stats()
+    before = _ext.C.testing.cpu_stats()
     fusedclip.clip_grad_norm_(params, 1e-3, backend="cpu")
-    after_clipped = _ext.C.cpu_stats()
+    after_clipped = _ext.C.testing.cpu_stats()
     assert after_clipped["norm_passes"] - before["norm_passes"] == 1
     assert after_clipped["scale_passes"] - before["scale_passes"] == 1
     fusedclip.clip_grad_norm_(params, 1e9, backend="cpu")
-    after_unclipped = _ext.C.cpu_stats()
+    after_unclipped = _ext.C.testing.cpu_stats()
     assert after_unclipped["norm_passes"] - after_clipped["norm_passes"] == 1
     assert after_unclipped["scale_passes"] == after_clipped["scale_passes"], "an unclipped call must not scale"
     fusedclip.clip_grad_value_(params, 0.5, backend="cpu")
-    assert _ext.C.cpu_stats()["clamp_passes"] - after_unclipped["clamp_passes"] == 1
+    assert _ext.C.testing.cpu_stats()["clamp_passes"] - after_unclipped["clamp_passes"] == 1
 
 
 # ---- scale: many tensors, huge tensors ----------------------------------------------------------------
