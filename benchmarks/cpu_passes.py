@@ -60,13 +60,13 @@ def main() -> None:
             nbytes = sum(g.nbytes for g in grads)
             call = engine.prepare(grads, "cpu")
             backend, work = call.works[0]
-            tables = backend._tables(work)
+            tables = work.plan.kernel_tables(work.grads)
             coef = torch.tensor(0.9999999, dtype=torch.float64)
             c = float(coef)
             reps = args.reps or max(15, min(400, int(4e9 / nbytes)))
 
             def our_norm() -> object:
-                return backend.launch_norm(work, tables, norm, 1.0, dtype)
+                return backend.run_norm(work, tables, norm, 1.0, dtype)
 
             def our_scale() -> None:
                 backend.launch_scale(work, tables, coef)

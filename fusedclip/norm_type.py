@@ -7,19 +7,11 @@ reduction the kernels perform.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 from typing import Any
 
-
-class NormKind(enum.IntEnum):
-    """What a kernel accumulates for one norm order (the codes are shared with the kernels)."""
-
-    SUM_POW = 0  # finite p != 0: sum of |x|^p
-    MAX = 1  # p = inf: max |x|
-    MIN = 2  # p = -inf: min |x|
-    COUNT = 3  # p = 0: number of tensors with a non-zero element
+from .codes import NormKind
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-#: dtype codes shared with the kernels (see csrc/fusedclip.h)
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float64: 3,
-}
+from .codes import DTYPE_CODES
+
 #: largest chunk, in elements; a power of two so chunk starts stay aligned like the tensor base
 CHUNK_ELEMENTS = 1 << 16
 _CPU = torch.device("cpu")
@@ -251,14 +246,6 @@ class DevicePlan:
     @property
     def num_tensors(self) -> int:
         return len(self.numels)
-
-    @property
-    def has_empty(self) -> bool:
-        return 0 in self.numels
-
-    @property
-    def has_fp64(self) -> bool:
-        return torch.float64 in self.dtype_groups
 
     def first_empty(self) -> int | None:
         return self.positions[self.numels.index(0)] if 0 in self.numels else None
@@ -759,13 +746,13 @@ class PlanCache:
     def __init__(self, size: int = CACHE_SIZE, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.size = size
         self.chunk_elements = chunk_elements
-        self._plans: OrderedDict[_PlanKey, tuple[_PlanKey, Plan]] = OrderedDict()
+        self._plans: OrderedDict[PlanKey, tuple[PlanKey, Plan]] = OrderedDict()
         # plans used while a CUDA graph was being captured: a replay reads their tables and
         # workspaces, so they are never evicted (clear() releases them)
-        self._pinned: dict[_PlanKey, Plan] = {}
+        self._pinned: dict[PlanKey, Plan] = {}
         # one plan per layout (sizes, dtypes, device; no addresses), from which a plan for grads of
         # that layout at new addresses is made without rebuilding its chunk tables
-        self._layouts: OrderedDict[_PlanKey, Plan] = OrderedDict()
+        self._layouts: OrderedDict[PlanKey, Plan] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -818,7 +805,7 @@ class PlanCache:
                 self._pinned[key] = plan
         return plan
 
-    def _plan_on_miss(self, key: _PlanKey, grads: list[Tensor]) -> Plan:
+    def _plan_on_miss(self, key: PlanKey, grads: list[Tensor]) -> Plan:
         """A new plan for a key not in the cache: the plan of the same layout rebased onto these
         grads' addresses when there is one, else built; cached either way."""
         layout = key.layout()
@@ -828,7 +815,7 @@ class PlanCache:
                 self._layouts.move_to_end(layout)
         # the key names only the first grad's device when no address is null (see _cache_key)
         if same_layout is not None and _all_on(grads, same_layout.first_device):
-            rebased = same_layout.devices[0].rebased(key.parts[0])
+            rebased = same_layout.devices[0].rebased(key.addresses)
             plan = Plan([rebased], same_layout.result_dtype)
         else:
             same_layout = None
@@ -860,36 +847,67 @@ def _all_on(grads: list[Tensor], device: torch.device) -> bool:
     return set(map(_get_device, grads)) == {device}
 
 
-class _PlanKey:
-    """A cache key that hashes its long tuple once (a lookup and the LRU update would each hash it)."""
+@dataclass(frozen=True, eq=False)
+class PlanKey:
+    """What makes a cached plan safe to reuse for a list of grads: two lists with equal keys get
+    the same plan.
 
-    __slots__ = ("_hash", "parts")
+    It holds every fact a plan is built from and checked against (``build_plan``): each grad's
+    address, size in bytes, dtype and contiguity, the strides of non-contiguous grads, and the
+    device. A grad with a layout the plan refuses (sparse and other non-strided layouts) has no
+    address, so it never gets a key and always meets ``build_plan``'s checks; a dtype the plan
+    refuses is part of the key, so a key that hits was checked when its plan was built.
+    The columns are flat byte strings (one compare or hash each, however many grads), the bytes
+    the extension's gather packs (``csrc/gather.h``).
+    """
 
-    def __init__(self, parts: tuple) -> None:
-        self.parts = parts
-        self._hash = hash(parts)
+    #: int64 data address of every grad
+    addresses: bytes
+    #: int64 size in bytes of every grad (with the dtype, it fixes the element count)
+    nbytes: bytes
+    #: int64 identity of every grad's dtype (dtype objects are immortal singletons)
+    dtypes: bytes
+    #: one byte per grad, 1 when contiguous
+    contiguous: bytes
+    #: the first grad's device, or every grad's when an address is null (null addresses of empty
+    #: or meta tensors are not unique across devices; live CPU and CUDA addresses are)
+    devices: torch.device | tuple[torch.device, ...]
+    #: (shape, stride) of every non-contiguous grad, in order; None when all are contiguous
+    strides: tuple[tuple[torch.Size, tuple[int, ...]], ...] | None
+    _hash: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # hashed once: a lookup and the LRU update would each hash the long columns
+        fields = (self.addresses, self.nbytes, self.dtypes, self.contiguous, self.devices, self.strides)
+        object.__setattr__(self, "_hash", hash(fields))
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _PlanKey) and self._hash == other._hash and self.parts == other.parts
+        return (
+            isinstance(other, PlanKey)
+            and self._hash == other._hash
+            and self.addresses == other.addresses
+            and self.nbytes == other.nbytes
+            and self.dtypes == other.dtypes
+            and self.contiguous == other.contiguous
+            and self.devices == other.devices
+            and self.strides == other.strides
+        )
 
-    def layout(self) -> _PlanKey | None:
-        """The key without the addresses, for grads that are all dense and on one device with no null
-        address (None otherwise): grads with the same layout can share chunk tables."""
-        # five parts, the fifth a device: no null address (see _cache_key) and no strided grads
-        if len(self.parts) != 5 or not isinstance(self.parts[4], torch.device):
+    def layout(self) -> PlanKey | None:
+        """The key without the addresses, for dense grads on one device with no null address (None
+        otherwise): grads with the same layout can share chunk tables."""
+        if self.strides is not None or not isinstance(self.devices, torch.device):
             return None
-        return _PlanKey(self.parts[1:])
+        return replace(self, addresses=b"")
 
 
 def _key_columns(
     addresses: Iterable[int], nbytes: Iterable[int], dtypes: Iterable[torch.dtype], contiguous: Iterable[bool]
 ) -> tuple[bytes, bytes, bytes, bytes]:
-    """The key's columns as flat byte strings (one compare or hash each, however many grads), the
-    same bytes the extension's gather packs: int64 addresses, int64 sizes in bytes, int64 dtype
-    identities (dtype objects are immortal singletons) and one byte of contiguity per grad."""
+    """The key's four columns as the extension's gather packs them (see :class:`PlanKey`)."""
     return (
         array("q", addresses).tobytes(),
         array("q", nbytes).tobytes(),
@@ -898,11 +916,10 @@ def _key_columns(
     )
 
 
-def _cache_key(grads: list[Tensor]) -> _PlanKey | None:
-    """Address, size (in bytes), dtype and contiguity of every grad: what makes a cached plan safe to reuse."""
-    parts = getattr(grads, "key_parts", None)  # read by the extension with the .grad attributes
-    if parts is not None:
-        key: tuple = parts
+def _cache_key(grads: list[Tensor]) -> PlanKey | None:
+    """The :class:`PlanKey` of these grads; None for grads without addresses (no storage)."""
+    columns = getattr(grads, "key_parts", None)  # read by the extension with the .grad attributes
+    if columns is not None:
         null_address = grads.null_address  # type: ignore[attr-defined]
     else:
         try:
@@ -911,17 +928,13 @@ def _cache_key(grads: list[Tensor]) -> _PlanKey | None:
             return None
         null_address = 0 in addresses
         # nbytes (a cheap attribute) with the dtype determines numel (a slower method call)
-        key = _key_columns(addresses, map(_get_nbytes, grads), map(_get_dtype, grads), map(Tensor.is_contiguous, grads))
-    if null_address:
-        # Null addresses (empty or meta tensors) are not unique across devices; elsewhere, unified
-        # virtual addressing keeps addresses of live CPU and CUDA memory apart.
-        key += (tuple(map(_get_device, grads)),)
-    else:
-        key += (grads[0].device,)
-    contiguous = key[3]
+        columns = _key_columns(addresses, map(_get_nbytes, grads), map(_get_dtype, grads), map(Tensor.is_contiguous, grads))
+    addresses_column, nbytes, dtypes, contiguous = columns
+    devices = tuple(map(_get_device, grads)) if null_address else grads[0].device
+    strides = None
     if 0 in contiguous:
-        key += (tuple((g.shape, g.stride()) for g, c in zip(grads, contiguous) if not c),)
-    return _PlanKey(key)
+        strides = tuple((g.shape, g.stride()) for g, c in zip(grads, contiguous) if not c)
+    return PlanKey(addresses_column, nbytes, dtypes, contiguous, devices, strides)
 
 
 #: the process-wide plan cache

@@ -115,7 +115,7 @@ def _clip_with_two_threads_working(tensors, norm_type, max_norm, attempts=40):
     thread may wait for a CPU until the caller has done all the work alone)."""
     for _ in range(attempts):
         result = _clip_once(tensors, norm_type, max_norm)
-        stats = _ext.C.cpu_stats()
+        stats = _ext.C.testing.cpu_stats()
         assert stats["last_threads"] == 2
         if stats["norm_participants"] == 2:
             return result
@@ -129,7 +129,7 @@ def test_one_and_two_threads_give_the_same_bits(threads, norm_type):
     tensors = _mixed_grads()
     threads(1)
     total_1, scaled_1 = _clip_once(tensors, norm_type, 0.01)
-    stats = _ext.C.cpu_stats()
+    stats = _ext.C.testing.cpu_stats()
     assert stats["last_threads"] == 1 and stats["norm_participants"] == stats["elementwise_participants"] == 1
     threads(2)
     total_2, scaled_2 = _clip_with_two_threads_working(tensors, norm_type, 0.01)
@@ -148,7 +148,7 @@ def test_every_instruction_set_gives_the_same_bits():
     outcomes = []
     try:
         for isa in supported:
-            assert _ext.C.cpu_select_isa(isa)
+            assert _ext.C.testing.cpu_select_isa(isa)
             nonempty = [t for t in tensors if t.numel()]  # p = -inf has no identity for empty tensors
             norms = [fusedclip.get_total_norm(tensors, p, backend="cpu") for p in (2.0, 1.0, math.inf, 0.0, 3.0)]
             norms.append(fusedclip.get_total_norm(nonempty, -math.inf, backend="cpu"))
@@ -157,7 +157,7 @@ def test_every_instruction_set_gives_the_same_bits():
             fusedclip.clip_grad_value_(params, 0.37, backend="cpu")
             outcomes.append((norms, clipped, [p.grad for p in params]))
     finally:
-        _ext.C.cpu_select_isa(best)
+        _ext.C.testing.cpu_select_isa(best)
     first = outcomes[0]
     for other in outcomes[1:]:
         for a, b in zip(first[0], other[0]):
@@ -235,10 +235,10 @@ def test_float_blocks_are_accurate_for_any_input_and_identical_across_isas(dtype
     results: dict[str, dict[str, float]] = {}
     try:
         for isa in supported:
-            assert _ext.C.cpu_select_isa(isa)
+            assert _ext.C.testing.cpu_select_isa(isa)
             results[isa] = {name: _accumulators(t, p) for name, t in _block_cases(dtype).items()}
     finally:
-        _ext.C.cpu_select_isa(best)
+        _ext.C.testing.cpu_select_isa(best)
     first = results[supported[0]]
     for isa in supported[1:]:
         for name, value in results[isa].items():
@@ -302,17 +302,17 @@ def test_the_callers_flush_to_zero_setting_does_not_change_results(threads):
 @needs_ext
 def test_one_norm_pass_and_one_scale_pass_per_call_and_none_when_unclipped():
     params = make_params([(1000,), (33,), (5, 7)], [torch.float32, torch.bfloat16], zero_tensor=False)
-    before = _ext.C.cpu_stats()
+    before = _ext.C.testing.cpu_stats()
     fusedclip.clip_grad_norm_(params, 1e-3, backend="cpu")
-    after_clipped = _ext.C.cpu_stats()
+    after_clipped = _ext.C.testing.cpu_stats()
     assert after_clipped["norm_passes"] - before["norm_passes"] == 1
     assert after_clipped["scale_passes"] - before["scale_passes"] == 1
     fusedclip.clip_grad_norm_(params, 1e9, backend="cpu")
-    after_unclipped = _ext.C.cpu_stats()
+    after_unclipped = _ext.C.testing.cpu_stats()
     assert after_unclipped["norm_passes"] - after_clipped["norm_passes"] == 1
     assert after_unclipped["scale_passes"] == after_clipped["scale_passes"], "an unclipped call must not scale"
     fusedclip.clip_grad_value_(params, 0.5, backend="cpu")
-    assert _ext.C.cpu_stats()["clamp_passes"] - after_unclipped["clamp_passes"] == 1
+    assert _ext.C.testing.cpu_stats()["clamp_passes"] - after_unclipped["clamp_passes"] == 1
 
 
 # ---- scale: many tensors, huge tensors ----------------------------------------------------------------
@@ -537,3 +537,84 @@ def test_plan_key_objects_compare_by_content():
     tensor = torch.zeros(3)
     assert plan._cache_key([tensor]) == plan._cache_key([tensor])
     assert plan._cache_key([tensor]) != plan._cache_key([tensor[:2]])
+
+
+# -- the launch arguments: named fields, checked when they are made -------------------------------
+def _norm_fields(**changes):
+    total = torch.empty((), dtype=torch.float64)
+    acc = torch.empty((), dtype=torch.float64)
+    fields = dict(kind=0, p=2.0, total_out=total.data_ptr(), total_dtype=3, acc_out=acc.data_ptr())
+    fields.update(changes)
+    return fields, (total, acc)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(kind=7), "unknown norm kind"),
+        (dict(kind=-1), "unknown norm kind"),
+        (dict(total_dtype=4), "total_dtype must be a dtype code"),
+        (dict(total_out=0), "null output address"),
+        (dict(acc_out=0), "null output address"),
+        (dict(max_norm_ptr=64), "max_norm_dtype must be a dtype code"),
+        (dict(scale_ptr=64, scale_dtype=9), "scale_dtype must be a dtype code"),
+    ],
+)
+def test_norm_args_refuse_what_would_corrupt_memory(changes, message):
+    fields, _keep = _norm_fields(**changes)
+    with pytest.raises(ValueError, match=message):
+        _ext.C.NormArgs(**fields)
+
+
+@needs_ext
+def test_launch_arguments_take_names_only():
+    """A misspelt, missing or positional field raises instead of landing in the wrong slot."""
+    fields, _keep = _norm_fields()
+    args = _ext.C.NormArgs(**fields)
+    assert (args.kind, args.p, args.total_dtype, args.coef_out, args.max_norm_dtype) == (0, 2.0, 3, 0, -1)
+    with pytest.raises(TypeError):
+        _ext.C.NormArgs(**{**fields, "acc": fields["acc_out"]})
+    with pytest.raises(TypeError):
+        _ext.C.NormArgs(*fields.values())
+    missing = dict(fields)
+    del missing["total_dtype"]
+    with pytest.raises(TypeError):
+        _ext.C.NormArgs(**missing)
+    with pytest.raises(TypeError):
+        _ext.C.Tables(64, 1, 1, 16)
+    with pytest.raises(AttributeError):
+        args.kind = 2  # read-only: checked once, when made
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "changes",
+    [dict(packed=0), dict(num_tensors=-1), dict(num_chunks=-1), dict(chunk_elements=0), dict(num_chunks=0, total_elements=5)],
+)
+def test_tables_refuse_impossible_sizes(changes):
+    fields = dict(packed=64, num_tensors=1, num_chunks=1, chunk_elements=16, total_elements=5, **{})
+    fields.update(changes)
+    with pytest.raises(ValueError, match="fusedclip._C"):
+        _ext.C.Tables(**fields)
+
+
+@needs_ext
+def test_the_cpu_kernels_run_from_named_arguments():
+    """One norm and one scale launched by hand from a plan's tables, against torch."""
+    grads = [torch.randn(300, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    expected_total = torch.linalg.vector_norm(torch.cat(grads).double())
+    expected_grads = [g * 0.5 for g in grads]
+    device_plan = plan.build_plan(grads, True).devices[0]
+    tables = device_plan.kernel_tables(grads)
+    described = _ext.C.Tables(
+        packed=tables.packed.data_ptr(), num_tensors=3, num_chunks=tables.num_chunks,
+        chunk_elements=tables.chunk_elements, total_elements=900,
+    )  # fmt: skip
+    fields, (total, acc) = _norm_fields()
+    _ext.C.cpu_norm(described, _ext.C.NormArgs(**fields), 1)
+    assert float(total) == pytest.approx(float(expected_total), rel=1e-6)  # float32 blocks
+    coef = torch.tensor(0.5, dtype=torch.float64)
+    _ext.C.cpu_scale(described, 1, coef.data_ptr(), 3)
+    for got, want in zip(grads, expected_grads):
+        assert torch.equal(got, want)

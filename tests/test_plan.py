@@ -394,3 +394,58 @@ def test_the_gathered_key_sees_a_grad_changed_in_place():
     third = plan._cache_key(inputs.grads_of([param]))
     assert len({first, second, third}) == 3
     assert third == _python_path_key(inputs.grads_of([param]))
+
+
+def test_the_plan_key_changes_with_every_fact_a_plan_is_built_from():
+    """Same grads: same key (and the cache hits). Any change a plan depends on: a different key, with
+    its layout key equal only where the tables could be shared (same sizes, dtypes, contiguity)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+        change=st.sampled_from(["none", "address", "size", "dtype", "strides", "transpose"]),
+        which=st.integers(0, 5),
+    )
+    def check(sizes, change, which):
+        grads = [torch.randn(n, 3) for n in sizes]
+        k = which % len(grads)
+        key = plan._cache_key(grads)
+        assert key == plan._cache_key(list(grads)) and hash(key) == hash(plan._cache_key(list(grads)))
+        changed = list(grads)
+        if change == "address":
+            changed[k] = torch.randn(sizes[k], 3)
+        elif change == "size":
+            changed[k] = torch.randn(sizes[k] + 1, 3)
+        elif change == "dtype":
+            changed[k] = grads[k].view(torch.int32) if sizes[k] else torch.randn(0, 3, dtype=torch.float64)
+        elif change == "strides":
+            changed[k] = torch.randn(sizes[k] + 1, 6)[:-1, ::2]
+        elif change == "transpose":
+            changed[k] = torch.randn(3, sizes[k] + 2).t()
+        other = plan._cache_key(changed)
+        if change == "none":
+            assert other == key
+            return
+        if change in ("address", "strides") and sizes[k] == 0:
+            return  # an empty tensor has no address, and an empty view is contiguous
+        assert other != key, change
+        same_layout = change == "address"
+        assert (key.layout() is not None and key.layout() == other.layout()) is same_layout or key.layout() is None
+
+    check()
+
+
+def test_the_key_comparison_catches_a_missing_field(monkeypatch):
+    """The planted bug: a key that forgets the dtype column would let an int32 view of a float32 grad
+    (same address, same bytes) hit the float32 plan and skip the dtype check."""
+    grads = [torch.randn(4)]
+    other = [grads[0].view(torch.int32)]
+    assert plan._cache_key(grads) != plan._cache_key(other)
+
+    def without_dtypes(addresses, nbytes, dtypes, contiguous):
+        return plan.array("q", addresses).tobytes(), plan.array("q", nbytes).tobytes(), b"", bytes(map(int, contiguous))
+
+    monkeypatch.setattr(plan, "_key_columns", without_dtypes)
+    assert plan._cache_key(grads) == plan._cache_key(other)

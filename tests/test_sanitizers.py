@@ -79,16 +79,18 @@ CHILD = textwrap.dedent(
     # addresses[1], numels[1], dtype_codes[1] (float32), first_chunk[2], chunk_tensor[1], chunk_start[1]
     packed = torch.tensor([grad.data_ptr(), numel, 0, 0, 1, 0, start], dtype=torch.int64)
     chunk_elements = 4096
+    tables = _ext.C.Tables(packed=packed.data_ptr(), num_tensors=1, num_chunks=1, chunk_elements=chunk_elements,
+                           total_elements=numel)
     if kernel == "norm":
         total = torch.empty((), dtype=torch.float64)
         acc = torch.empty((), dtype=torch.float64)
-        _ext.C.cpu_norm(packed.data_ptr(), 1, 1, chunk_elements, numel, 1, 0, 2.0, total.data_ptr(), 3,
-                        acc.data_ptr(), 0, 0.0, 0, 0, 0)
+        _ext.C.cpu_norm(tables, _ext.C.NormArgs(kind=0, p=2.0, total_out=total.data_ptr(), total_dtype=3,
+                                                acc_out=acc.data_ptr()), 1)
         assert torch.allclose(total, torch.linalg.vector_norm(grad.double())), (float(total), lie)
     else:
         coef = torch.tensor(0.5, dtype=torch.float64)
         expected = grad * 0.5
-        _ext.C.cpu_scale(packed.data_ptr(), 1, 1, chunk_elements, numel, 1, coef.data_ptr(), 3)
+        _ext.C.cpu_scale(tables, 1, coef.data_ptr(), 3)
         assert torch.equal(grad, expected)
     print("survived")
     """

@@ -150,11 +150,11 @@ def test_chunk_starts_beyond_32_bits(device, dtype, start):
     work = DeviceWork(holder, [buffer])
     triton = _triton()
 
-    total, coef, acc = triton.launch_norm(work, tables, parse_norm_type(2.0), 1.0, torch.float64)
+    total, coef, acc = triton.run_norm(work, tables, parse_norm_type(2.0), 1.0, torch.float64)
     expected = torch.linalg.vector_norm(original.double())
     assert float(total) == pytest.approx(float(expected), rel=1e-12)
     assert float(acc) == pytest.approx(float(expected) ** 2, rel=1e-12)
-    total_inf, _, _ = triton.launch_norm(work, tables, parse_norm_type(math.inf), None, torch.float64)
+    total_inf, _, _ = triton.run_norm(work, tables, parse_norm_type(math.inf), None, torch.float64)
     assert float(total_inf) == float(original.abs().max())
 
     triton.launch_scale(work, tables, coef)

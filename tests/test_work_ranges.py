@@ -35,7 +35,7 @@ def _claimed_chunks(claims: list[tuple[int, int, int]]) -> list[int]:
 )
 def test_every_chunk_is_claimed_exactly_once_whichever_threads_show_up(chunks, threads, grain, backwards, data):
     workers = data.draw(st.lists(st.integers(0, threads - 1), min_size=1, max_size=threads, unique=True))
-    claims = _ext.C.cpu_work_claims(chunks, threads, grain, backwards, workers)
+    claims = _ext.C.testing.cpu_work_claims(chunks, threads, grain, backwards, workers)
     assert _claimed_chunks(claims) == list(range(chunks))
     assert all(0 < end - begin <= grain for _, begin, end in claims)
 
@@ -43,7 +43,7 @@ def test_every_chunk_is_claimed_exactly_once_whichever_threads_show_up(chunks, t
 @pytest.mark.parametrize("backwards", [False, True])
 def test_owners_stream_through_their_own_range_in_order(backwards):
     chunks, threads, grain = 1000, 4, 7
-    claims = _ext.C.cpu_work_claims(chunks, threads, grain, backwards, list(range(threads)))
+    claims = _ext.C.testing.cpu_work_claims(chunks, threads, grain, backwards, list(range(threads)))
     for worker in range(threads):
         first, last = _owned_range(chunks, threads, worker)
         mine = [(begin, end) for who, begin, end in claims if who == worker]
@@ -58,7 +58,7 @@ def test_owners_stream_through_their_own_range_in_order(backwards):
 
 def test_a_lone_thread_finishes_its_own_range_then_steals_the_rest_from_the_far_end():
     chunks, threads, grain = 100, 2, 10
-    claims = _ext.C.cpu_work_claims(chunks, threads, grain, False, [1])
+    claims = _ext.C.testing.cpu_work_claims(chunks, threads, grain, False, [1])
     first, last = _owned_range(chunks, threads, 1)
     own = [(begin, end) for _, begin, end in claims[: (last - first) // grain]]
     assert own == [(b, b + grain) for b in range(first, last, grain)]
@@ -69,6 +69,6 @@ def test_a_lone_thread_finishes_its_own_range_then_steals_the_rest_from_the_far_
 
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="worker index"):
-        _ext.C.cpu_work_claims(10, 2, 1, False, [2])
+        _ext.C.testing.cpu_work_claims(10, 2, 1, False, [2])
     with pytest.raises(ValueError, match="2\\^32"):
-        _ext.C.cpu_work_claims(1 << 32, 2, 1, False, [0])
+        _ext.C.testing.cpu_work_claims(1 << 32, 2, 1, False, [0])

@@ -14,10 +14,9 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ..norm_type import NormSpec
 from ..plan import DTYPE_CODES, KernelTables
 from .base import ACC_DTYPE, DeviceWork
-from .kernel_base import KernelBackend
+from .kernel_base import KernelBackend, NormLaunch, device_scalar, extension_tables
 
 _SCRATCH_KEY = "cuda-workspace"
 
@@ -41,16 +40,6 @@ class _Workspace:
 def _capturing(device: torch.device) -> bool:
     """True while a CUDA graph is being captured on the current stream of ``device``."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _device_scalar(value: Tensor, device: torch.device) -> Tensor:
-    """A 0-d tensor on ``device`` of a dtype the kernels read (float32/float16/bfloat16/float64)."""
-    value = value.detach().reshape(())
-    if value.device != device:
-        value = value.to(device, non_blocking=True)
-    if value.dtype not in DTYPE_CODES:
-        value = value.to(ACC_DTYPE)
-    return value
 
 
 class CudaBackend(KernelBackend):
@@ -96,74 +85,27 @@ class CudaBackend(KernelBackend):
             _SCRATCH_KEY, stream, lambda: _Workspace(tables, work.device, index), capturing=_capturing(work.device)
         )
 
-    def launch_norm(
-        self,
-        work: DeviceWork,
-        tables: KernelTables,
-        norm: NormSpec,
-        max_norm: float | Tensor | None,
-        out_dtype: torch.dtype,
-        per_tensor: Tensor | None = None,
-        grad_scale: Tensor | None = None,
-        norm_scale: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        device = work.device
+    def launch_norm(self, work: DeviceWork, tables: KernelTables, launch: NormLaunch) -> None:
         index, stream = self._launch_target(work)
         workspace = self._workspace(work, tables, index, stream)
-        total = torch.empty((), dtype=out_dtype, device=device)
-        acc = torch.empty((), dtype=ACC_DTYPE, device=device)
-        coef = None if max_norm is None else torch.empty((), dtype=ACC_DTYPE, device=device)
-        max_norm_value, max_norm_tensor = 0.0, None
-        if isinstance(max_norm, Tensor):
-            max_norm_tensor = _device_scalar(max_norm, device)
-        elif max_norm is not None:
-            max_norm_value = float(max_norm)
-        per_tensor_out = per_tensor
-        if per_tensor is not None and not (
-            per_tensor.dtype == ACC_DTYPE and per_tensor.device == device and per_tensor.is_contiguous()
-        ):
-            per_tensor_out = torch.empty(tables.num_tensors, dtype=ACC_DTYPE, device=device)
-        scale = None if grad_scale is None else _device_scalar(grad_scale, device)
-        # general p: the float64 norm scale M on the device, read by the kernel (no sync)
-        relative_to = None if norm_scale is None else _device_scalar(norm_scale, device).to(ACC_DTYPE)
-
         with torch.cuda.device(index):
             _ext.C.cuda_norm(
-                *self._plan_args(tables),
+                extension_tables(_ext.C, tables),
                 index,
                 stream,
-                int(norm.kind),
-                norm.p,
-                total.data_ptr(),
-                DTYPE_CODES[out_dtype],
-                acc.data_ptr(),
-                0 if coef is None else coef.data_ptr(),
-                max_norm_value,
-                0 if max_norm_tensor is None else max_norm_tensor.data_ptr(),
-                0 if max_norm_tensor is None else DTYPE_CODES[max_norm_tensor.dtype],
-                0 if scale is None else scale.data_ptr(),
-                0 if scale is None else DTYPE_CODES[scale.dtype],
-                0 if per_tensor_out is None else per_tensor_out.data_ptr(),
+                launch.extension_args(_ext.C),
                 workspace.partials,
                 workspace.counters,
-                0 if relative_to is None else relative_to.data_ptr(),
             )
-        if per_tensor_out is not per_tensor:
-            per_tensor.copy_(per_tensor_out)  # type: ignore[union-attr]
-        return total, coef, acc
-
-    @staticmethod
-    def _plan_args(tables: KernelTables) -> tuple[int, int, int, int]:
-        return tables.packed.data_ptr(), tables.num_tensors, tables.num_chunks, tables.chunk_elements
 
     def launch_scale(self, work: DeviceWork, tables: KernelTables, coef: Tensor) -> None:
         index, stream = self._launch_target(work)
         if coef.device != work.device or coef.dtype not in DTYPE_CODES:
-            coef = _device_scalar(coef, work.device)
+            coef = device_scalar(coef, work.device)
         with torch.cuda.device(index):
-            _ext.C.cuda_scale(*self._plan_args(tables), index, stream, coef.data_ptr(), DTYPE_CODES[coef.dtype])
+            _ext.C.cuda_scale(extension_tables(_ext.C, tables), index, stream, coef.data_ptr(), DTYPE_CODES[coef.dtype])
 
     def launch_clamp(self, work: DeviceWork, tables: KernelTables, clip_value: float) -> None:
         index, stream = self._launch_target(work)
         with torch.cuda.device(index):
-            _ext.C.cuda_clamp(*self._plan_args(tables), index, stream, float(clip_value))
+            _ext.C.cuda_clamp(extension_tables(_ext.C, tables), index, stream, float(clip_value))

@@ -41,13 +41,15 @@ The kernel contract every subclass implements (see ``csrc/fusedclip.h`` for the 
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..norm_type import NormSpec
-from ..plan import DevicePlan, KernelTables
-from .base import Backend, DeviceWork, NormResult, is_general_p
+from ..plan import DTYPE_CODES, DevicePlan, KernelTables
+from .base import ACC_DTYPE, Backend, DeviceWork, NormResult, is_general_p
 from .torch_backend import TorchBackend
 
 _TORCH = TorchBackend()
@@ -56,6 +58,124 @@ _TORCH = TorchBackend()
 def _general(norm: NormSpec, scale: Tensor | None) -> Tensor | None:
     """The norm scale to launch with: only general p uses one."""
     return scale if scale is not None and is_general_p(norm) else None
+
+
+def device_scalar(value: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """``value`` as a 0-d tensor on ``device`` in ``dtype``, or else in a dtype the kernels read
+    (float32/float16/bfloat16/float64; anything else becomes float64). A copy between devices is
+    queued, not waited for (a CUDA value read by CPU kernels is the one exception: it waits)."""
+    value = value.detach().reshape(())
+    if value.device != device:
+        value = value.to(device, non_blocking=device.type != "cpu")
+    if dtype is not None:
+        return value.to(dtype)
+    return value if value.dtype in DTYPE_CODES else value.to(ACC_DTYPE)
+
+
+@dataclass(frozen=True)
+class NormLaunch:
+    """One norm launch, normalised once for every kernel backend (:meth:`NormLaunch.make`): the
+    outputs are fresh tensors on the grads' device, and every value a kernel reads is either a
+    Python number or a 0-d tensor on that device in a dtype the kernels read. Backends differ only
+    in how they hand it to their kernel."""
+
+    norm: NormSpec
+    #: out: the total, rounded once to the result dtype
+    total: Tensor
+    #: out: the unrounded float64 accumulator
+    acc: Tensor
+    #: out: the float64 clip coefficient; None without ``max_norm``
+    coef: Tensor | None
+    #: ``max_norm`` known on the host (used when :attr:`max_norm` is None)
+    max_norm_value: float
+    #: ``max_norm`` on the device, read by the kernel (no host sync)
+    max_norm: Tensor | None
+    #: grads are read as ``grad_scale * grad`` (None: as they are)
+    grad_scale: Tensor | None
+    #: general p only: the float64 norm scale ``M`` (see :mod:`fusedclip.backends.base`)
+    norm_scale: Tensor | None
+    #: out: contiguous float64 per-tensor norms, one slot per tensor (None: not wanted)
+    per_tensor: Tensor | None
+
+    @classmethod
+    def make(
+        cls,
+        work: DeviceWork,
+        tables: KernelTables,
+        norm: NormSpec,
+        max_norm: float | Tensor | None,
+        out_dtype: torch.dtype,
+        per_tensor: Tensor | None,
+        grad_scale: Tensor | None,
+        norm_scale: Tensor | None,
+    ) -> NormLaunch:
+        device = work.device
+        total = torch.empty((), dtype=out_dtype, device=device)
+        # separate tensors, not views of one buffer: the custom ops' outputs have no storage offset
+        acc = torch.empty((), dtype=ACC_DTYPE, device=device)
+        coef = None if max_norm is None else torch.empty((), dtype=ACC_DTYPE, device=device)
+        max_norm_value, max_norm_tensor = 0.0, None
+        if isinstance(max_norm, Tensor):
+            if max_norm.device.type == "cpu" and device.type != "cpu":
+                max_norm_value = float(max_norm)  # a host value: reading it costs no sync
+            else:
+                max_norm_tensor = device_scalar(max_norm, device)
+        elif max_norm is not None:
+            max_norm_value = float(max_norm)
+        per_tensor_out = per_tensor
+        if per_tensor is not None and not (
+            per_tensor.dtype == ACC_DTYPE and per_tensor.device == device and per_tensor.is_contiguous()
+        ):
+            per_tensor_out = torch.empty(tables.num_tensors, dtype=ACC_DTYPE, device=device)
+        if per_tensor_out is not None and per_tensor_out.numel() < tables.num_tensors:
+            raise ValueError(f"per_tensor has {per_tensor_out.numel()} slots for {tables.num_tensors} tensors")
+        return cls(
+            norm=norm,
+            total=total,
+            acc=acc,
+            coef=coef,
+            max_norm_value=max_norm_value,
+            max_norm=max_norm_tensor,
+            grad_scale=None if grad_scale is None else device_scalar(grad_scale, device),
+            norm_scale=None if norm_scale is None else device_scalar(norm_scale, device, ACC_DTYPE),
+            per_tensor=per_tensor_out,
+        )
+
+    def extension_args(self, C: Any) -> Any:
+        """The extension's ``NormArgs`` (``csrc/bindings.cpp``) for this launch: every field named."""
+
+        def address(tensor: Tensor | None) -> int:
+            return 0 if tensor is None else tensor.data_ptr()
+
+        def code(tensor: Tensor | None) -> int:
+            return -1 if tensor is None else DTYPE_CODES[tensor.dtype]
+
+        return C.NormArgs(
+            kind=int(self.norm.kind),
+            p=self.norm.p,
+            total_out=self.total.data_ptr(),
+            total_dtype=DTYPE_CODES[self.total.dtype],
+            acc_out=self.acc.data_ptr(),
+            coef_out=address(self.coef),
+            max_norm=self.max_norm_value,
+            max_norm_ptr=address(self.max_norm),
+            max_norm_dtype=code(self.max_norm),
+            scale_ptr=address(self.grad_scale),
+            scale_dtype=code(self.grad_scale),
+            per_tensor_out=address(self.per_tensor),
+            norm_scale_ptr=address(self.norm_scale),
+        )
+
+
+def extension_tables(C: Any, tables: KernelTables, total_elements: int = 0) -> Any:
+    """The extension's ``Tables`` (``csrc/bindings.cpp``) for a plan's kernel tables."""
+    return C.Tables(
+        packed=tables.packed.data_ptr(),
+        num_tensors=tables.num_tensors,
+        num_chunks=tables.num_chunks,
+        chunk_elements=tables.chunk_elements,
+        total_elements=total_elements,
+    )
 
 
 def bump_versions(grads: list[Tensor]) -> None:
@@ -87,7 +207,18 @@ class KernelBackend(Backend):
 
     # -- what subclasses implement ------------------------------------------------------------
     @abc.abstractmethod
-    def launch_norm(
+    def launch_norm(self, work: DeviceWork, tables: KernelTables, launch: NormLaunch) -> None:
+        """One launch writing ``launch``'s outputs (total, accumulator, coefficient, per-tensor norms)."""
+
+    @abc.abstractmethod
+    def launch_scale(self, work: DeviceWork, tables: KernelTables, coef: Tensor) -> None:
+        """One launch multiplying every grad by ``coef`` (0-d float32/float64 on the device)."""
+
+    @abc.abstractmethod
+    def launch_clamp(self, work: DeviceWork, tables: KernelTables, clip_value: float) -> None:
+        """One launch clamping every grad to ``[-clip_value, clip_value]``."""
+
+    def run_norm(
         self,
         work: DeviceWork,
         tables: KernelTables,
@@ -98,26 +229,24 @@ class KernelBackend(Backend):
         grad_scale: Tensor | None = None,
         norm_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """One launch: (total in ``out_dtype``, float64 coefficient or None, float64 accumulator).
+        """One norm launch: (total in ``out_dtype``, float64 coefficient or None, float64 accumulator).
 
-        ``max_norm`` is a Python float or a 0-d tensor on the device (read by the kernel, no sync);
-        ``norm_scale`` the 0-d float64 norm scale of a general p (on the device), or None.
+        ``max_norm`` is a Python float or a 0-d tensor (read by the kernel on the grads' device, no
+        sync); ``norm_scale`` the 0-d float64 norm scale of a general p, or None; ``per_tensor`` any
+        float64-compatible buffer of one slot per tensor (written after the launch).
         """
-
-    @abc.abstractmethod
-    def launch_scale(self, work: DeviceWork, tables: KernelTables, coef: Tensor) -> None:
-        """One launch multiplying every grad by ``coef`` (0-d float32/float64 on the device)."""
-
-    @abc.abstractmethod
-    def launch_clamp(self, work: DeviceWork, tables: KernelTables, clip_value: float) -> None:
-        """One launch clamping every grad to ``[-clip_value, clip_value]``."""
+        launch = NormLaunch.make(work, tables, norm, max_norm, out_dtype, per_tensor, grad_scale, norm_scale)
+        self.launch_norm(work, tables, launch)
+        if launch.per_tensor is not per_tensor:
+            per_tensor.copy_(launch.per_tensor)  # type: ignore[union-attr]
+        return launch.total, launch.coef, launch.acc
 
     # -- the Backend primitives ---------------------------------------------------------------
     def accumulate(
         self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None = None, *, scale: Tensor | None = None
     ) -> Tensor:
         work, tables = self._bind(work)
-        _, _, acc = self.launch_norm(work, tables, norm, None, torch.float64, per_tensor, None, _general(norm, scale))
+        _, _, acc = self.run_norm(work, tables, norm, None, torch.float64, per_tensor, None, _general(norm, scale))
         return acc
 
     def norm(
@@ -133,7 +262,7 @@ class KernelBackend(Backend):
     ) -> NormResult:
         work, tables = self._bind(work)
         scale = _general(norm, scale)
-        launched = self.launch_norm(work, tables, norm, max_norm, out_dtype, per_tensor, grad_scale, scale)
+        launched = self.run_norm(work, tables, norm, max_norm, out_dtype, per_tensor, grad_scale, scale)
         return NormResult(*launched, scale)
 
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:

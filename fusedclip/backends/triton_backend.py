@@ -28,7 +28,7 @@ from torch import Tensor
 from ..norm_type import NormKind, NormSpec
 from ..plan import DevicePlan, KernelTables
 from .base import ACC_DTYPE, DeviceWork
-from .kernel_base import KernelBackend
+from .kernel_base import KernelBackend, NormLaunch
 
 try:
     from . import triton_kernels as _kernels
@@ -256,45 +256,22 @@ class TritonBackend(KernelBackend):
         return f"Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not on {device.type}"
 
     # -- launches -----------------------------------------------------------------------------
-    def launch_norm(
-        self,
-        work: DeviceWork,
-        tables: KernelTables,
-        norm: NormSpec,
-        max_norm: float | Tensor | None,
-        out_dtype: torch.dtype,
-        per_tensor: Tensor | None = None,
-        grad_scale: Tensor | None = None,
-        norm_scale: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
+    def launch_norm(self, work: DeviceWork, tables: KernelTables, launch: NormLaunch) -> None:
         device = work.device
         config = launch_config(device)
         programs = grid_size(device, tables.num_chunks, config)
         space = workspace(work.plan, tables, programs)
-
-        total = torch.empty((), dtype=out_dtype, device=device)
-        coef, acc = torch.empty(2, dtype=ACC_DTYPE, device=device).unbind()
-
-        max_norm_ptr, max_norm_bits = acc, 0  # acc stands in for an unused pointer
-        from_ptr = isinstance(max_norm, Tensor)
-        if isinstance(max_norm, Tensor):
-            if max_norm.device.type == "cpu" and device.type != "cpu":
-                max_norm_bits, from_ptr = _bits(float(max_norm)), False  # host value: no device sync
-            else:
-                max_norm_ptr = _on_device(max_norm.reshape(()), device)
-        elif max_norm is not None:
-            max_norm_bits = _bits(float(max_norm))
-
-        if per_tensor is not None:
-            if per_tensor.dtype != ACC_DTYPE or per_tensor.device != device or not per_tensor.is_contiguous():
-                raise ValueError("per_tensor must be a contiguous float64 tensor on the grads' device")
-            if per_tensor.numel() < tables.num_tensors:
-                raise ValueError(f"per_tensor has {per_tensor.numel()} slots for {tables.num_tensors} tensors")
-        segmented = per_tensor is not None or norm.kind is NormKind.COUNT
-        tensor_values = per_tensor if per_tensor is not None else space.tensor_values
-        scale_ptr = acc if grad_scale is None else _on_device(grad_scale.reshape(()), device)
-        # general p: the float64 norm scale M on the device, read by the kernel (no sync)
-        norm_scale_ptr = acc if norm_scale is None else _on_device(norm_scale.reshape(()), device).to(ACC_DTYPE)
+        norm, acc = launch.norm, launch.acc
+        has_coef = launch.coef is not None
+        # acc stands in for the pointers a launch does not use (the kernel reads none of them)
+        coef = launch.coef if has_coef else acc
+        from_ptr = launch.max_norm is not None
+        max_norm_ptr = launch.max_norm if from_ptr else acc
+        max_norm_bits = 0 if from_ptr else _bits(launch.max_norm_value)
+        segmented = launch.per_tensor is not None or norm.kind is NormKind.COUNT
+        tensor_values = launch.per_tensor if launch.per_tensor is not None else space.tensor_values
+        scale_ptr = acc if launch.grad_scale is None else launch.grad_scale
+        norm_scale_ptr = acc if launch.norm_scale is None else launch.norm_scale
         p_mode, p_hi, p_lo, inv_hi, inv_lo = _exponents(norm)
 
         with _launch_context(device):
@@ -303,17 +280,16 @@ class TritonBackend(KernelBackend):
                 tables.chunk_tensor, tables.chunk_start,
                 tables.num_chunks, tables.num_tensors, tables.chunk_elements,
                 space.partials, space.chunk_values, tensor_values, space.tensor_tickets, space.grid_ticket,
-                total, coef, acc,
+                launch.total, coef, acc,
                 max_norm_ptr, max_norm_bits, scale_ptr, norm_scale_ptr,
                 p_hi, p_lo, inv_hi, inv_lo,
                 KIND=int(norm.kind), P_MODE=p_mode,
-                HAS_COEF=max_norm is not None, MAX_NORM_FROM_PTR=from_ptr, HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_NORM_SCALE=norm_scale is not None,
-                SEGMENTED=segmented, ZERO_EMPTY_TENSORS=per_tensor is not None,
+                HAS_COEF=has_coef, MAX_NORM_FROM_PTR=from_ptr, HAS_GRAD_SCALE=launch.grad_scale is not None,
+                HAS_NORM_SCALE=launch.norm_scale is not None,
+                SEGMENTED=segmented, ZERO_EMPTY_TENSORS=launch.per_tensor is not None,
                 BLOCK=config.norm_block, FINISH_BLOCK=config.finish_block, STAGES=config.stages,
                 num_warps=config.norm_warps,
             )  # fmt: skip
-        return total, (coef if max_norm is not None else None), acc
 
     def launch_scale(self, work: DeviceWork, tables: KernelTables, coef: Tensor) -> None:
         device = work.device

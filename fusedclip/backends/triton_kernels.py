@@ -27,6 +27,8 @@ The norm kernel follows the kernel contract in :mod:`fusedclip.backends.kernel_b
 import triton
 import triton.language as tl
 
+from ..codes import DtypeCode, NormKind
+
 
 @triton.jit
 def _probe():
@@ -40,10 +42,14 @@ INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
 _EMULATE_BF16 = tl.constexpr(INTERPRETED)
 
 # NormKind codes (fusedclip.norm_type.NormKind)
-SUM_POW = tl.constexpr(0)
-MAX = tl.constexpr(1)
-MIN = tl.constexpr(2)
-COUNT = tl.constexpr(3)
+SUM_POW = tl.constexpr(int(NormKind.SUM_POW))
+MAX = tl.constexpr(int(NormKind.MAX))
+MIN = tl.constexpr(int(NormKind.MIN))
+COUNT = tl.constexpr(int(NormKind.COUNT))
+F32 = tl.constexpr(int(DtypeCode.FLOAT32))
+F16 = tl.constexpr(int(DtypeCode.FLOAT16))
+BF16 = tl.constexpr(int(DtypeCode.BFLOAT16))
+F64 = tl.constexpr(int(DtypeCode.FLOAT64))
 # P_MODE of SUM_POW: the exponents with an exact fast path
 P_GENERAL = tl.constexpr(0)
 P_ONE = tl.constexpr(1)
@@ -279,13 +285,13 @@ def _accumulate_typed(ptr, start, n, aligned, acc, chunk_acc, p_hi, p_lo, m, KIN
 def _accumulate_chunk(address, code, start, n, aligned, acc, chunk_acc, p_hi, p_lo, m, KIND: tl.constexpr,
                       P_MODE: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """One chunk folded in: its int64 address becomes a pointer of the chunk's dtype."""
-    if code == 0:
+    if code == F32:
         acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.float32)), start, n, aligned, acc,
                                            chunk_acc, p_hi, p_lo, m, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
-    elif code == 1:
+    elif code == F16:
         acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.float16)), start, n, aligned, acc,
                                            chunk_acc, p_hi, p_lo, m, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
-    elif code == 2:
+    elif code == BF16:
         acc, chunk_acc = _accumulate_typed(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, acc,
                                            chunk_acc, p_hi, p_lo, m, KIND, P_MODE, PER_CHUNK, BLOCK, STAGES)
     else:
@@ -303,7 +309,7 @@ def _load_chunk(c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk
     numel = tl.load(numels_ptr + t)
     code = tl.load(codes_ptr + t)
     n = tl.minimum(numel - start, chunk_elements).to(tl.int32)
-    itemsize = tl.where(code == 0, 4, tl.where(code == 3, 8, 2)).to(tl.int64)
+    itemsize = tl.where(code == F32, 4, tl.where(code == F64, 8, 2)).to(tl.int64)
     aligned = ((address + start * itemsize) % 16) == 0
     return t, address, start, n, code, aligned
 
@@ -573,26 +579,26 @@ def _scale_chunks(addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_
         t, address, start, n, code, aligned = _load_chunk(
             c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, chunk_elements)
         if WIDE:
-            if code == 0:
+            if code == F32:
                 _scale_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, coef, c_hi, c_lo, True,
                              BLOCK, STAGES)
-            elif code == 1:
+            elif code == F16:
                 _scale_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, coef, c_hi, c_lo, True,
                              BLOCK, STAGES)
-            elif code == 2:
+            elif code == BF16:
                 _scale_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, coef, c_hi, c_lo, True,
                              BLOCK, STAGES)
             else:
                 _scale_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, coef, c_hi, c_lo, False,
                              BLOCK, STAGES)
         else:
-            if code == 0:
+            if code == F32:
                 _scale_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, coef32, c_hi, c_lo, False,
                              BLOCK, STAGES)
-            elif code == 1:
+            elif code == F16:
                 _scale_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, coef32, c_hi, c_lo, False,
                              BLOCK, STAGES)
-            elif code == 2:
+            elif code == BF16:
                 _scale_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, coef32, c_hi, c_lo, False,
                              BLOCK, STAGES)
             else:
@@ -647,11 +653,11 @@ def clamp_kernel(
     for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
         t, address, start, n, code, aligned = _load_chunk(
             c, addresses_ptr, numels_ptr, codes_ptr, chunk_tensor_ptr, chunk_start_ptr, chunk_elements)
-        if code == 0:
+        if code == F32:
             _clamp_chunk(address.to(tl.pointer_type(tl.float32)), start, n, aligned, limit_fp32_bits, BLOCK, STAGES)
-        elif code == 1:
+        elif code == F16:
             _clamp_chunk(address.to(tl.pointer_type(tl.float16)), start, n, aligned, limit_fp16_bits, BLOCK, STAGES)
-        elif code == 2:
+        elif code == BF16:
             _clamp_chunk(address.to(tl.pointer_type(tl.bfloat16)), start, n, aligned, limit_bf16_bits, BLOCK, STAGES)
         else:
             _clamp_chunk(address.to(tl.pointer_type(tl.float64)), start, n, aligned, limit_fp64_bits, BLOCK, STAGES)

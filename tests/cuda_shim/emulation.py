@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,8 +43,41 @@ _I64 = ctypes.c_int64
 _F64 = ctypes.c_double
 
 
+@dataclass(frozen=True, kw_only=True)
+class ShimTables:
+    """fusedclip._C.Tables: the same named fields (checked by the ``cuda_*`` functions below)."""
+
+    packed: int
+    num_tensors: int
+    num_chunks: int
+    chunk_elements: int
+    total_elements: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShimNormArgs:
+    """fusedclip._C.NormArgs: the same named fields and defaults."""
+
+    kind: int
+    p: float
+    total_out: int
+    total_dtype: int
+    acc_out: int
+    coef_out: int = 0
+    max_norm: float = 0.0
+    max_norm_ptr: int = 0
+    max_norm_dtype: int = -1
+    scale_ptr: int = 0
+    scale_dtype: int = -1
+    per_tensor_out: int = 0
+    norm_scale_ptr: int = 0
+
+
 class ShimLibrary:
-    """A shim build loaded with ctypes, with fusedclip._C's ``cuda_*`` functions."""
+    """A shim build loaded with ctypes, with fusedclip._C's ``cuda_*`` functions and argument types."""
+
+    Tables = ShimTables
+    NormArgs = ShimNormArgs
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -115,11 +149,13 @@ class ShimLibrary:
             raise RuntimeError("fusedclip CUDA kernel: " + error.value.decode(errors="replace"))
 
     @staticmethod
-    def _check_plan(packed: int, num_tensors: int, num_chunks: int, chunk_elements: int) -> None:
-        if packed == 0:
+    def _plan(tables: ShimTables) -> tuple[int, int, int, int]:
+        """The table arguments of the shim's entry points, after fusedclip._C's checks."""
+        if tables.packed == 0:
             raise ValueError("fusedclip._C: null table address")
-        if num_tensors < 0 or num_chunks < 0 or chunk_elements <= 0:
+        if tables.num_tensors < 0 or tables.num_chunks < 0 or tables.chunk_elements <= 0:
             raise ValueError("fusedclip._C: negative table sizes or non-positive chunk size")
+        return tables.packed, tables.num_tensors, tables.num_chunks, tables.chunk_elements
 
     def cuda_device_count(self) -> tuple[int, str | None]:
         error = ctypes.create_string_buffer(_ERROR_SIZE)
@@ -134,44 +170,41 @@ class ShimLibrary:
         self._check(code, error)
         return units.value
 
-    def cuda_norm(self, packed, num_tensors, num_chunks, chunk_elements, device, stream, kind, p, total_out,
-                  total_dtype, acc_out, coef_out, max_norm, max_norm_ptr, max_norm_dtype, scale_ptr, scale_dtype,
-                  per_tensor_out, partials, counters, norm_scale_ptr=0) -> None:  # fmt: skip
-        self._check_plan(packed, num_tensors, num_chunks, chunk_elements)
-        if not 0 <= kind <= 3:
+    def cuda_norm(self, tables: ShimTables, device: int, stream: int, a: ShimNormArgs, partials: int,
+                  counters: int) -> None:  # fmt: skip
+        plan = self._plan(tables)
+        if not 0 <= a.kind <= 3:
             raise ValueError("fusedclip._C: unknown norm kind")
-        for code, what, used in ((total_dtype, "total_dtype", True), (max_norm_dtype, "max_norm_dtype", max_norm_ptr),
-                                 (scale_dtype, "scale_dtype", scale_ptr)):  # fmt: skip
+        for code, what, used in ((a.total_dtype, "total_dtype", True), (a.max_norm_dtype, "max_norm_dtype", a.max_norm_ptr),
+                                 (a.scale_dtype, "scale_dtype", a.scale_ptr)):  # fmt: skip
             if used and not 0 <= code <= 3:
                 raise ValueError(f"fusedclip._C: {what} must be a dtype code 0-3")
-        if 0 in (total_out, acc_out, partials, counters):
-            raise ValueError("fusedclip._C: null output or workspace address")
+        if 0 in (a.total_out, a.acc_out):
+            raise ValueError("fusedclip._C: null output address")
+        if 0 in (partials, counters):
+            raise ValueError("fusedclip._C: null workspace address")
         error = ctypes.create_string_buffer(_ERROR_SIZE)
         code = self.lib.cuda_shim_norm(
-            packed, num_tensors, num_chunks, chunk_elements, device, stream, kind, p, total_out, total_dtype, acc_out,
-            coef_out, max_norm, max_norm_ptr, max_norm_dtype, scale_ptr, scale_dtype, per_tensor_out, partials,
-            counters, norm_scale_ptr, error, _ERROR_SIZE,
+            *plan, device, stream, a.kind, a.p, a.total_out, a.total_dtype, a.acc_out, a.coef_out, a.max_norm,
+            a.max_norm_ptr, a.max_norm_dtype, a.scale_ptr, a.scale_dtype, a.per_tensor_out, partials, counters,
+            a.norm_scale_ptr, error, _ERROR_SIZE,
         )  # fmt: skip
         self._check(code, error)
 
-    def cuda_scale(self, packed, num_tensors, num_chunks, chunk_elements, device, stream, coef_ptr, coef_dtype) -> None:
-        self._check_plan(packed, num_tensors, num_chunks, chunk_elements)
+    def cuda_scale(self, tables: ShimTables, device: int, stream: int, coef_ptr: int, coef_dtype: int) -> None:
+        plan = self._plan(tables)
         if not 0 <= coef_dtype <= 3:
             raise ValueError("fusedclip._C: coef_dtype must be a dtype code 0-3")
         if coef_ptr == 0:
             raise ValueError("fusedclip._C: null coefficient address")
         error = ctypes.create_string_buffer(_ERROR_SIZE)
-        code = self.lib.cuda_shim_scale(
-            packed, num_tensors, num_chunks, chunk_elements, device, stream, coef_ptr, coef_dtype, error, _ERROR_SIZE
-        )
+        code = self.lib.cuda_shim_scale(*plan, device, stream, coef_ptr, coef_dtype, error, _ERROR_SIZE)
         self._check(code, error)
 
-    def cuda_clamp(self, packed, num_tensors, num_chunks, chunk_elements, device, stream, clip_value) -> None:
-        self._check_plan(packed, num_tensors, num_chunks, chunk_elements)
+    def cuda_clamp(self, tables: ShimTables, device: int, stream: int, clip_value: float) -> None:
+        plan = self._plan(tables)
         error = ctypes.create_string_buffer(_ERROR_SIZE)
-        code = self.lib.cuda_shim_clamp(
-            packed, num_tensors, num_chunks, chunk_elements, device, stream, clip_value, error, _ERROR_SIZE
-        )
+        code = self.lib.cuda_shim_clamp(*plan, device, stream, clip_value, error, _ERROR_SIZE)
         self._check(code, error)
 
 
