@@ -65,7 +65,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -91,6 +92,21 @@ _DEFAULT_AGC_EXCLUDE = ("head", "classifier", "lm_head")
 _L2 = parse_norm_type(2.0)
 #: the dtype a unit-wise norm is computed in (at least float32; complex stays complex)
 _OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
+#: how many layouts (sets of parameters that had grads) a Clipper keeps device index tensors for;
+#: the least recently used is dropped first (grads appearing and vanishing in many patterns, MoE)
+_LAYOUT_CACHE_SIZE = 64
+
+
+def _cached(cache: OrderedDict[Any, Any], key: Any, build: Callable[[], Any]) -> Any:
+    """``cache[key]``, built by ``build()`` when missing; an LRU of :data:`_LAYOUT_CACHE_SIZE` entries."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        while len(cache) > _LAYOUT_CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
 
 
 def _named(parameters: Tensor | Iterable[Any]) -> list[tuple[str, Tensor]]:
@@ -529,12 +545,13 @@ class Clipper(_ModeRules):
             self._member_of = {
                 i: (g, slot) for g, group in enumerate(self.groups) for slot, i in enumerate(group.members)
             }
-            self._layouts: dict[tuple[int, ...], list[tuple[Tensor, Tensor, list[int]] | None]] = {}
+            self._layouts: OrderedDict[tuple[int, ...], list[tuple[Tensor, Tensor, list[int]] | None]] = OrderedDict()
         #: 1.0 when the latest call flagged its step for skipping (always 0.0 without ``skip``); the
         #: same tensor every step, as ``found_inf`` of a fused optimizer (see :meth:`step`)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self._flag_fresh = False  # a call since the last step()
-        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        #: positions of the grads of a call -> their int64 index tensor on the device (LRU)
+        self._index_cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
 
     # -- one step ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -542,12 +559,16 @@ class Clipper(_ModeRules):
         """Clip the current grads once; returns the total norm before clipping (no host sync)."""
         positions = tuple(i for i, (_, p) in enumerate(self.named) if p.grad is not None)
         grads = [self.named[i][1].grad for i in positions]
-        self._flag_fresh = True
         if not grads:
             self.steps += 1
             self.found_inf.zero_()  # nothing to skip: the optimizer has nothing to update
+            self._flag_fresh = True
             return no_grads_result()  # as clip_grad_norm_ without grads
         call = ops.prepare(grads, requested_backend(self.backend))
+        # every mode: an unwritable grad refuses the call before any statistic, threshold, flag or
+        # grad changes (the thresholds update before the scale pass, the groups scale in several)
+        _check_writable(call)
+        self._flag_fresh = True
         if self.groups is not None:
             result = self._grouped_step(call, positions, grads)
             self.steps += 1
@@ -569,9 +590,6 @@ class Clipper(_ModeRules):
         """One norm pass over every grad (with per-tensor norms), each group's total combined from
         its tensors' norms on the device, the skip flag from all of them, then each group clipped by
         its mode. Returns the norm pass result (its total: over all grads)."""
-        if isinstance(call, engine.PreparedCall):
-            # the groups write in several calls: refuse an unwritable grad before the first one
-            check_writable(work for _, work in call.works)
         result, per_tensor = ops.total_norm(call, self.norm, per_tensor=True)
         total = total_from_accumulator(result.acc, self.norm, result.scale)
         present = []
@@ -595,15 +613,15 @@ class Clipper(_ModeRules):
         the norms' device; their places among the group's members, int64 on the Clipper's device, where
         the group's state lives; their indices in ``grads``), None without grads. Cached per set of
         positions (a handful: which parameters have grads)."""
-        layout = self._layouts.get(positions)
-        if layout is None:
+
+        def build() -> list[tuple[Tensor, Tensor, list[int]] | None]:
             rows: list[list[int]] = [[] for _ in self.groups]  # type: ignore[union-attr]
             slots: list[list[int]] = [[] for _ in self.groups]  # type: ignore[union-attr]
             for j, i in enumerate(positions):
                 g, slot = self._member_of[i]
                 rows[g].append(j)
                 slots[g].append(slot)
-            layout = [
+            return [
                 (
                     torch.tensor(r, dtype=torch.int64, device=device),
                     torch.tensor(s, dtype=torch.int64, device=self.device),
@@ -613,10 +631,8 @@ class Clipper(_ModeRules):
                 else None
                 for r, s in zip(rows, slots)
             ]
-            if len(self._layouts) >= 64:  # bounded: grads appearing and vanishing in many patterns
-                self._layouts.clear()
-            self._layouts[positions] = layout
-        return layout
+
+        return _cached(self._layouts, positions, build)
 
     def _flag_groups(self, total: Tensor, totals: list[tuple[_Group, Tensor]]) -> None:
         """:meth:`_flag` for a grouped step: the total over all grads or any group's total non-finite
@@ -693,9 +709,7 @@ class Clipper(_ModeRules):
         """Statistics of this step; ``total`` is the unrounded float64 norm."""
         self._record_statistics(total, coef < 1)
         state = self.state
-        index = self._index_cache.get(positions)
-        if index is None:
-            index = self._index_cache[positions] = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        index = _cached(self._index_cache, positions, lambda: torch.tensor(positions, dtype=torch.int64, device=self.device))
         state["param_norms"].zero_().index_copy_(0, index, per_tensor.to(self.device))
 
     # -- reading and checkpointing -----------------------------------------------------------
@@ -809,6 +823,14 @@ class Clipper(_ModeRules):
             prefix = f"groups.{k}."
             own = {key[len(prefix) :]: v for key, v in values.items() if key.startswith(prefix)}
             _check_statistics(steps, own, prefix, group.history_size, group.warmup_steps)
+
+
+def _check_writable(call: ops.Call) -> None:
+    """Refuse (``RuntimeError``) a call with a grad that cannot be written in place, before anything
+    of the Clipper changes: one rule for every mode. A traced call (``torch.compile``) is checked
+    where its custom op runs."""
+    if isinstance(call, engine.PreparedCall):
+        check_writable(work for _, work in call.works)
 
 
 def _check_statistics(steps: int, values: dict[str, Tensor], prefix: str, history_size: int, warmup_steps: int) -> None:

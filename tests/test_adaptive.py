@@ -524,3 +524,55 @@ def test_zclip_keeps_clipping_after_finite_norms_whose_squares_overflow(broken, 
     # clipped to a finite threshold near the running norms: neither passed through nor zeroed
     clipped_sensibly = math.isfinite(float(clipper.state["var"])) and 0 < spike_norm_after < 1e205
     assert clipped_sensibly != broken  # an inf variance lets the spike through or zeroes it
+
+
+# -- per-layout caches stay bounded ---------------------------------------------------------------
+
+
+def _routed_run(mode, steps, cache_size=None):
+    """A Clipper over 24 experts of which a varying half gets grads each step (an MoE-like run);
+    returns (Clipper, every call's total and grads, the largest cache sizes seen)."""
+    import random
+
+    rng = random.Random(5)
+    params = [torch.nn.Parameter(torch.full((3,), float(i + 1))) for i in range(24)]
+    clipper = Clipper(params, mode=mode, max_norm=1.5, warmup_steps=3, history_size=5)
+    outputs, largest = [], 0
+    for step in range(steps):
+        routed = rng.sample(range(24), 12) if step % 5 else list(range(12))  # some layouts recur
+        for i, p in enumerate(params):
+            p.grad = torch.full((3,), 0.3 * (step % 7 + 1) + 0.01 * i) if i in routed else None
+        total = clipper()
+        outputs.append((total, [None if p.grad is None else p.grad.clone() for p in params]))
+        largest = max(largest, len(clipper._index_cache), len(getattr(clipper, "_layouts", {})))
+    return clipper, outputs, largest
+
+
+@pytest.mark.parametrize("mode", ["norm", "zclip", "adagc"])
+def test_the_layout_caches_stay_bounded_and_results_do_not_depend_on_them(mode, monkeypatch):
+    steps = 3 * adaptive._LAYOUT_CACHE_SIZE
+    bounded, outputs, largest = _routed_run(mode, steps)
+    assert largest <= adaptive._LAYOUT_CACHE_SIZE
+    assert len(bounded._index_cache) == adaptive._LAYOUT_CACHE_SIZE  # full, and no more
+    # the same run with caches too large to evict anything: the same totals, grads and state
+    monkeypatch.setattr(adaptive, "_LAYOUT_CACHE_SIZE", 10 * steps)
+    unbounded, reference, largest_unbounded = _routed_run(mode, steps)
+    assert largest_unbounded > 2 * steps // 3  # (it would have grown: one entry per new layout)
+    for (total, grads), (ref_total, ref_grads) in zip(outputs, reference):
+        assert torch.equal(total, ref_total)
+        assert all((g is None and r is None) or torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    for key, value in unbounded.state.items():
+        assert torch.equal(bounded.state[key].nan_to_num(-1.0), value.nan_to_num(-1.0)), key
+
+
+def test_the_bound_check_catches_an_unbounded_cache(monkeypatch):
+    """The deliberately broken cache: entries added and never dropped."""
+
+    def unbounded(cache, key, build):
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    monkeypatch.setattr(adaptive, "_cached", unbounded)
+    _, _, largest = _routed_run("norm", 3 * adaptive._LAYOUT_CACHE_SIZE)
+    assert largest > adaptive._LAYOUT_CACHE_SIZE

@@ -254,3 +254,140 @@ def test_the_deep_comparison_catches_a_partial_load():
     _assert_refused(clipper, params, other)
     with pytest.raises(AssertionError, match="was modified"):
         _assert_refused(clipper, params, other, loader=_load_writing_as_it_checks)
+
+
+# -- a refused call changes nothing ------------------------------------------------------------
+
+CALL_MODES = ["norm", "autoclip", "zclip", "agc", "adagc", "grouped"]
+_SHAPES = [(3, 4), (4,), (2, 3), (5,)]
+
+
+def _call_clipper(mode, skip):
+    """A Clipper over four float32 parameters, in ``mode`` ("grouped": zclip, excluded and adagc groups)."""
+    params = [torch.nn.Parameter(torch.ones(shape)) for shape in _SHAPES]
+    options = dict(max_norm=2.0, skip=skip, warmup_steps=2, history_size=3)
+    if mode == "grouped":
+        groups = [
+            {"params": params[:2], "mode": "zclip"},
+            {"params": params[2:3], "mode": None},
+            {"params": params[3:], "mode": "adagc"},
+        ]
+        return Clipper(groups, **options), params
+    return Clipper(params, mode, **options), params
+
+
+def _feed(params, values):
+    for p, value in zip(params, values):
+        p.grad = torch.full(p.shape, value)
+
+
+def _unwritable(shape, value, kind):
+    if kind == "inference":
+        with torch.inference_mode():
+            return torch.full(shape, value)
+    return torch.full((1,), value).expand(shape)  # elements share memory
+
+
+def _raw(t):
+    """The bits of a float tensor (NaN compares equal to the same NaN)."""
+    return t.view({torch.float64: torch.int64, torch.float32: torch.int32}.get(t.dtype, t.dtype))
+
+
+def _everything(clipper, params):
+    """What a call may change: state dict (bits), found_inf, the fresh flag, grads and parameters."""
+    sd = clipper.state_dict()
+    return (
+        sd["steps"],
+        {k: _raw(v).clone() for k, v in sd["tensors"].items()},
+        _raw(clipper.found_inf.clone()),
+        clipper._flag_fresh,
+        [(_raw(p.detach().clone()), None if p.grad is None else _raw(p.grad.clone())) for p in params],
+    )
+
+
+def _same(a, b):
+    def equal(x, y):
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(equal(u, v) for u, v in zip(x, y))
+        return x == y
+
+    return equal(a, b)
+
+
+def _refused_call_leaves_everything(mode, skip, history, stepped, bad_index, kind, bad_value):
+    """Run a Clipper through ``history`` (per-step grad values), optionally take an optimizer step,
+    then make one call with an unwritable grad; returns whether nothing changed and ``step()`` after
+    it behaves as without the call (and the next good call matches a Clipper that never saw it)."""
+    stepped = stepped and bool(history)  # step() needs a call before it
+    clipper, params = _call_clipper(mode, skip)
+    twin, twin_params = _call_clipper(mode, skip)
+    opt = torch.optim.SGD(params, lr=0.1, fused=True) if stepped else None
+    twin_opt = torch.optim.SGD(twin_params, lr=0.1, fused=True) if stepped else None
+    for values in history:
+        for c, ps in ((clipper, params), (twin, twin_params)):
+            _feed(ps, values)
+            c()
+    if stepped:
+        clipper.step(opt)
+        twin.step(twin_opt)
+    _feed(params, [bad_value] * len(params))
+    params[bad_index].grad = _unwritable(params[bad_index].shape, bad_value, kind)
+    before = _everything(clipper, params)
+    with pytest.raises(RuntimeError):
+        clipper()
+    if not _same(before, _everything(clipper, params)):
+        return False
+    if stepped:  # no call since the last step: step() refuses, as it does without the refused call
+        with pytest.raises(RuntimeError, match="needs a Clipper call"):
+            clipper.step(opt)
+    # the run continues as if the refused call had not happened
+    for c, ps in ((clipper, params), (twin, twin_params)):
+        _feed(ps, [3.0, 0.5, 7.0, 1.0])
+    if not torch.equal(_raw(clipper()), _raw(twin())):
+        return False
+    return _same(_everything(clipper, params)[:4], _everything(twin, twin_params)[:4])
+
+
+_HISTORY = st.lists(
+    st.lists(st.sampled_from([0.5, 1.0, 3.0, 40.0, math.inf, math.nan]), min_size=4, max_size=4), max_size=4
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mode=st.sampled_from(CALL_MODES),
+    skip=st.sampled_from([None, "nonfinite", "spike"]),
+    history=_HISTORY,
+    stepped=st.booleans(),
+    bad_index=st.integers(0, len(_SHAPES) - 1),
+    kind=st.sampled_from(["inference", "expanded"]),
+    bad_value=st.sampled_from([1000.0, math.inf, 0.5]),
+)
+def test_a_refused_call_changes_nothing_in_any_mode(mode, skip, history, stepped, bad_index, kind, bad_value):
+    assert _refused_call_leaves_everything(mode, skip, history, stepped, bad_index, kind, bad_value)
+
+
+@pytest.mark.parametrize("mode", CALL_MODES)
+@pytest.mark.parametrize("stepped", [False, True])
+def test_a_refused_call_changes_nothing_parametrized(mode, stepped):
+    history = [[1.0, 2.0, 0.5, 1.0], [3.0, 1.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0]]
+    for skip in (None, "spike"):
+        assert _refused_call_leaves_everything(mode, skip, history, stepped, 0, "inference", 1000.0)
+
+
+def test_the_refused_call_check_catches_a_call_that_checks_writability_only_when_it_writes(monkeypatch):
+    """The deliberately broken Clipper: no check before the call's work (the scale pass still
+    refuses the grad, after the statistics, the flag and the fresh-flag changed)."""
+    import fusedclip.adaptive
+
+    monkeypatch.setattr(fusedclip.adaptive, "_check_writable", lambda call: None)
+    history = [[1.0, 2.0, 0.5, 1.0], [3.0, 1.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0]]
+    for mode in ("zclip", "autoclip"):  # thresholds update before the scale pass
+        assert not _refused_call_leaves_everything(mode, "spike", history, False, 0, "inference", 1000.0)
+    for mode in CALL_MODES:  # the fresh-flag is set before the work: step() would run
+        with pytest.raises(BaseException):
+            assert _refused_call_leaves_everything(mode, None, history, True, 0, "inference", 1000.0)
