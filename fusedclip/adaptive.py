@@ -175,17 +175,60 @@ def _agc_clip_(
 
 
 def _scale_each_(grads: list[Tensor], coefs: Tensor) -> None:
-    """``grads[i] *= coefs[i]`` in one ``torch._foreach_mul_`` with 0-d device tensors (no host read).
+    """``grads[i] *= coefs[i]`` (float64 coefficients on the device; no host read), every product
+    rounded once to its grad's dtype, as the kernel backends apply one coefficient (see
+    :meth:`fusedclip.backends.base.Backend.scale_`).
 
-    Each coefficient is used in float32 (float64 for float64 and complex128 grads), as torch's
-    ``clip_grad_norm_`` uses its coefficient: a float32 grad's product is rounded once, a
-    float16/bfloat16 one may also round the coefficient to the grad's dtype first (on CUDA)."""
-    wide, narrow = coefs, coefs.to(torch.float32)
-    factors = []
+    A float64 (complex128) grad is multiplied by its coefficient. A float32/bf16/fp16 (complex64)
+    grad is multiplied by ``float32(coef)`` (torch's ``clip_grad_norm_`` result, one
+    ``torch._foreach_mul_``) when that is the coefficient (0, inf, NaN or a normal float32), else by
+    the exact coefficient: the product formed in float64, rounded to odd and then once to the grad's
+    dtype, so that a coefficient below float32's normal range (huge grads, a tiny threshold) loses
+    nothing. Which applies is decided on the device: both are computed and one selected
+    (``torch.where``), in pieces of bounded size; this costs about a dozen float64 passes over such
+    grads instead of one multiplication."""
+    from .backends.torch_backend import _CPU_FLAT_DTYPES
+
+    coefs = coefs.to(ACC_DTYPE)
+    narrow = coefs.to(torch.float32)
+    # the coefficients float32 cannot stand for: finite, non-zero and outside its normal range
+    magnitude = coefs.abs()
+    f32 = torch.finfo(torch.float32)
+    needs = ((magnitude > 0) & (magnitude < f32.tiny)) | ((magnitude > f32.max) & (magnitude < math.inf))
+    exact_every: list[tuple[Tensor, Tensor, Tensor]] = []  # (real view of a grad, its coefficient, need)
+    plain, factors = [], []
     for k, grad in enumerate(grads):
-        factor = (wide if real_dtype(grad.dtype) == torch.float64 else narrow)[k]
+        local = grad.to_local() if engine.is_dtensor(grad) else grad
+        real = torch.view_as_real(local) if local.is_complex() else local
+        if real.dtype in _CPU_FLAT_DTYPES:
+            exact_every.append((real, coefs[k], needs[k]))
+            continue
+        factor = (coefs if real_dtype(grad.dtype) == torch.float64 else narrow)[k]
+        plain.append(grad)
         factors.append(factor if factor.device == grad.device else factor.to(grad.device))
-    torch._foreach_mul_(grads, factors)
+    if plain:
+        torch._foreach_mul_(plain, factors)
+    for real, coef, need in exact_every:
+        _scale_exactly_or_narrow_(real, coef.to(real.device), need.to(real.device))
+
+
+def _scale_exactly_or_narrow_(grad: Tensor, coef: Tensor, need: Tensor) -> None:
+    """``grad *= coef`` for a float32/bf16/fp16 ``grad`` and a float64 0-d ``coef``: the exact
+    product rounded once where the 0-d bool ``need`` holds, else
+    ``grad * float32(coef)``; a contiguous grad in pieces, bounding the float64 temporaries."""
+    from .backends.torch_backend import WIDE_PIECE_ELEMENTS, _scaled_exactly, _split_coef
+
+    hi, lo = _split_coef(coef)
+    narrow = coef.to(torch.float32)
+
+    def scaled(x: Tensor) -> Tensor:
+        return torch.where(need, _scaled_exactly(x, coef, hi, lo), x * narrow)
+
+    if grad.numel() > WIDE_PIECE_ELEMENTS and grad.is_contiguous():
+        for piece in grad.view(-1).split(WIDE_PIECE_ELEMENTS):
+            piece.copy_(scaled(piece))
+    else:
+        grad.copy_(scaled(grad))
 
 
 def _split_groups(parameters: Any) -> tuple[Any, bool]:

@@ -597,3 +597,92 @@ def test_a_grouped_step_does_not_synchronise_on_cuda(norm_type):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert clipper.summary()["skipped_steps"] >= 2
+
+
+# -- adagc's per-tensor coefficients: every product rounded once, at any coefficient --------------
+
+
+def _correctly_rounded(x, coef, np_dtype):
+    """``x * coef`` (exact rational product) rounded to nearest-even in ``np_dtype``: the float64
+    guess and its neighbours, the closest chosen by exact arithmetic."""
+    import numpy as np
+    from fractions import Fraction
+
+    exact = Fraction(float(x)) * Fraction(float(coef))
+    guess = np_dtype(float(exact))
+    with np.errstate(over="ignore"):
+        candidates = [np.nextafter(guess, np_dtype(-np.inf)), guess, np.nextafter(guess, np_dtype(np.inf))]
+    bits = {np.float32: np.uint32, np.float16: np.uint16}[np_dtype]
+
+    def key(c):
+        return (abs(Fraction(float(c)) - exact), int(np.array(c).view(bits)) & 1)
+
+    return float(min((c for c in candidates if np.isfinite(c)), key=key))
+
+
+def _expected(x, coef, np_dtype):
+    """What a grad element must become: ``x * float32(coef)`` rounded once when ``float32(coef)``
+    stands for the coefficient, else the exact ``x * coef`` rounded once."""
+    from fusedclip.backends.torch_backend import coef_needs_wide
+
+    applied = coef if coef_needs_wide(coef) else float(torch.tensor(coef, dtype=torch.float32))
+    return _correctly_rounded(x, applied, np_dtype)
+
+
+_COEFS = st.one_of(
+    st.floats(1e-45, 1.0),
+    st.floats(1e-320, 1e-37),  # below float32's normal range (float64 subnormals included)
+    st.sampled_from([0.0, 1.0, 2.0**-126, 2.0**-126 * (1 - 2.0**-53), 2.0**-149, 3.0 * 2.0**-151]),
+)
+_VALUES = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+def _mismatches(scale_each, values, coefs, *, half=False):
+    """Elements where ``scale_each`` (``_scale_each_``'s signature) differs from exact rational
+    products correctly rounded, for float32 (or float16) grads."""
+    import numpy as np
+
+    dtype, np_dtype = (torch.float16, np.float16) if half else (torch.float32, np.float32)
+    grads = [torch.tensor(v, dtype=torch.float32).clamp(-65504.0, 65504.0).to(dtype) if half else torch.tensor(v) for v in values]
+    inputs = [g.clone() for g in grads]
+    scale_each(grads, torch.tensor(coefs[: len(grads)], dtype=torch.float64))
+    wrong = []
+    for grad, before, coef in zip(grads, inputs, coefs):
+        for x, got in zip(before.float().tolist(), grad.float().tolist()):
+            if got != _expected(x, coef, np_dtype):
+                wrong.append((x, coef, got, _expected(x, coef, np_dtype)))
+    return wrong
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(st.lists(_VALUES, min_size=1, max_size=6), min_size=1, max_size=4),
+    coefs=st.lists(_COEFS, min_size=4, max_size=4),
+    half=st.booleans(),
+)
+def test_per_tensor_coefficients_round_each_product_once(values, coefs, half):
+    assert _mismatches(adaptive._scale_each_, values, coefs, half=half) == []
+
+
+def test_adagc_warm_up_applies_a_tiny_coefficient_as_a_norm_group_does():
+    """Huge grads and a tiny max_norm: the warm-up coefficient is below float32's normal range."""
+    results = {}
+    for mode in ("norm", "adagc"):
+        p = torch.nn.Parameter(torch.zeros(4))
+        p.grad = torch.full((4,), 1e30)
+        Clipper([{"params": [p], "mode": mode}], max_norm=1e-14)()
+        results[mode] = p.grad.clone()
+    assert torch.equal(results["adagc"], results["norm"])
+    assert abs(results["adagc"][0].item() - 5e-15) / 5e-15 < 2**-23
+
+
+def test_the_rounding_check_catches_coefficients_applied_in_float32():
+    """The deliberately broken version: every coefficient rounded to float32 first."""
+
+    def in_float32(grads, coefs):
+        narrow = coefs.to(torch.float32)
+        torch._foreach_mul_(grads, [narrow[k] for k in range(len(grads))])
+
+    values, coefs = [[1e30, -3e29, 7.0], [3.0, -7.0, 1.5]], [2.5e-45, 3e-40]
+    assert _mismatches(adaptive._scale_each_, values, coefs) == []
+    assert _mismatches(in_float32, values, coefs)
