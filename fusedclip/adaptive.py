@@ -25,7 +25,8 @@ Modes:
   keeps an EMA ``gamma`` of its own clipped norm and is scaled down to ``adagc_lambda * gamma`` when
   its norm exceeds that; during the first ``warmup_steps`` finite norms the tensors are clipped
   together at ``max_norm`` and ``gamma`` is the minimum of the clipped norms. The exact rule is in
-  :func:`fusedclip.groups.adagc_rule`. The coefficients are per tensor (``torch._foreach_mul_``).
+  :func:`fusedclip.groups.adagc_rule`. The coefficients are per tensor, applied as ``clip_grad_norm_``
+  applies its one coefficient (``_scale_each_``: exact below float32's normal range, chosen on the device).
 
 Parameter groups: ``Clipper([{"params": ..., "mode": ..., <options>}, ...])`` clips each group by
 its own mode and options (the Clipper's keyword arguments are the defaults), ``"mode": None``
