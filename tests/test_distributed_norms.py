@@ -321,3 +321,43 @@ def test_device_index_cache_is_bounded():
         assert fusedclip.distributed._device_index(range(n), torch.device("cpu")).tolist() == list(range(n))
     assert len(cache) == fusedclip.distributed._INDEX_CACHE_SIZE
     cache.clear()
+
+
+def _clipper_on_fsdp2(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    reference_model = _mlp()
+    reference_model(_input()).pow(2).sum().backward()
+    named_reference = list(reference_model.named_parameters())
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model(_input()).pow(2).sum().backward()
+
+    clipper = fusedclip.Clipper(model.named_parameters(), "norm", max_norm=0.25, top_k=3)
+    total, count = _counted(clipper)
+    assert count <= 1, count  # the total and the per-tensor norms (for top-k) in one all-reduce
+    expected_norms = torch.stack([torch.linalg.vector_norm(p.grad) for _, p in named_reference])
+    expected_total = torch.nn.utils.clip_grad_norm_([p for _, p in named_reference], 0.25)
+    torch.testing.assert_close(total.to_local().double(), expected_total.double(), rtol=2e-5, atol=0)
+    for (name, param), (ref_name, ref_param) in zip(model.named_parameters(), named_reference):
+        assert name == ref_name
+        torch.testing.assert_close(param.grad.full_tensor(), ref_param.grad, rtol=2e-5, atol=1e-7)
+    summary = clipper.summary()
+    top = sorted(zip((n for n, _ in named_reference), expected_norms.tolist()), key=lambda item: -item[1])[:3]
+    assert [name for name, _ in summary["top_params"]] == [name for name, _ in top]
+    for (_, ours), (_, theirs) in zip(summary["top_params"], top):
+        assert ours == pytest.approx(theirs, rel=2e-5)
+    _same_on_every_rank(clipper.state["param_norms"])
+    _same_on_every_rank(total.to_local().reshape(1))
+
+
+def test_clipper_statistics_of_fsdp2_grads_two_processes():
+    """Clipper on FSDP2 grads: the total, the clipped grads and the top-k parameters by global
+    norm match single-process torch on the unsharded model, identical on every rank, in one
+    collective per call."""
+    _launch(_clipper_on_fsdp2, 2)
