@@ -123,7 +123,7 @@ LAYOUTS = {"fsdp2": _fsdp2, "fsdp-tp": _fsdp_tp}
 
 
 def _backward(model: torch.nn.Module, width: int) -> None:
-    x = torch.randn(8, width, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(8, width, generator=torch.Generator().manual_seed(1), device="cpu")  # gloo: CPU processes
     model(x).pow(2).mean().backward()
 
 
