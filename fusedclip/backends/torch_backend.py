@@ -113,8 +113,9 @@ def _opmath(dtype: torch.dtype) -> torch.dtype | None:
 #: the flat CPU path reduces at most this many elements per torch op (its float32 buffer: 4 MB)
 CPU_CHUNK_ELEMENTS = 1 << 20
 #: float32 CPU tensors at least this large are reduced where they lie; smaller ones are packed
-#: into the chunk buffer first (one ``cat`` instead of one reduction per tensor)
-CPU_DIRECT_ELEMENTS = 1 << 16
+#: into the chunk buffer first (one ``cat`` instead of a few ops per tensor: measured on the
+#: benchmark's sets, 2^16 made sets of many 64K-256K tensors ~1.5x slower, 2^20 large ones slower)
+CPU_DIRECT_ELEMENTS = 1 << 18
 _CPU_FLAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: dtypes whose CPU per-tensor norms are torch's own, rounded to the dtype (see the module docstring)
 CPU_TORCH_NORM_DTYPES = (torch.bfloat16,)
@@ -127,11 +128,15 @@ def _flat_cpu_norms(group: list[Tensor], p: float) -> Tensor:
     The total of a sum does not need each tensor's own norm, so the elements are reduced in chunks
     of at most CPU_CHUNK_ELEMENTS: large float32 tensors where they lie (split into views),
     everything else converted or packed into one float32 buffer with a single copy
-    (``cat``/``copy_`` with a float32 destination). Every element is read from the grads once,
-    16-bit values are accumulated in float32 (never rounded to bf16/fp16 on the way, unlike torch's
+    (``cat``/``copy_`` with a float32 destination); each chunk is summed by ``_chunk_norm`` (a
+    cascade, as accurate for a chunk packed from many small grads as for one grad, where torch's own
+    CPU norm loses accuracy with length). Large means at least CPU_DIRECT_ELEMENTS: below that, the
+    few torch ops per chunk would cost more than the copy into the buffer saves. Every element is read from the grads once, 16-bit
+    values are accumulated in float32 (never rounded to bf16/fp16 on the way, unlike torch's
     per-tensor norms), and the chunk norms are combined in float64 by the caller. The buffer is
-    reused for every chunk, so the float32 copy of a large set never exists at once; each chunk is
-    summed by ``_chunk_norm`` (in float64 by ``_wide_norm`` where float32 overflows or underflows).
+    reused for every chunk, so the float32 copy of a large set never exists at once. Chunks whose
+    float32 result overflows or may have lost squares to underflow are redone in float64
+    (``_wide_norm``).
     """
     direct: list[Tensor] = []  # float32 views reduced in place
     packed: list[list[Tensor]] = []  # batches copied into the buffer, each <= CPU_CHUNK_ELEMENTS
@@ -153,7 +158,7 @@ def _flat_cpu_norms(group: list[Tensor], p: float) -> Tensor:
         packed.append(batch)
     largest = max([t.numel() for t in direct] + [sum(t.numel() for t in b) for b in packed])
     buffer = torch.empty(largest, dtype=torch.float32, device="cpu")
-    norms = []
+    norms: list[Tensor] = []
     for chunk in direct:
         norm = _chunk_norm(chunk, buffer[: chunk.numel()], p)
         norms.append(_wide_norm([chunk], p) if norm is None else norm)
@@ -177,8 +182,8 @@ SQUARES_UNDERFLOW_SUM = 2.0**-80
 
 def _chunk_norm(values: Tensor, scratch: Tensor, p: float) -> Tensor | None:
     """The p-norm (p = 1 or 2) of float32 ``values`` as a float64 scalar, using ``scratch`` (float32,
-    same size; may be ``values`` itself when that is a copy of ours); None when a float32 sum
-    cannot stand for it (see below).
+    same size; may be ``values`` itself when that is a copy of ours, as for the packed chunks); None
+    when a float32 sum cannot stand for it (see below).
 
     ``|x|`` or ``x * x`` is written to ``scratch`` and summed by ``Tensor.sum``, whose CPU kernel sums
     in a cascade: its error grows with the log of the count. ``torch.linalg.vector_norm``'s CPU
