@@ -76,7 +76,7 @@ from torch import Tensor
 from . import engine, ops
 from .backends import requested_backend
 from .backends.base import ACC_DTYPE, CLIP_EPS, clip_coefficient, total_from_accumulator
-from .groups import GROUP_MODES, GROUP_OPTIONS, GroupSpec, adagc_rule, combine_norms, parse_groups
+from .groups import GROUP_MODES, GROUP_OPTIONS, GroupSpec, adagc_rule, combine_norms, named_items, parse_groups
 from .groups import threshold_coefficient as _coefficient
 from .inputs import check_max_norm, no_grads_result
 from .norm_type import NormKind, parse_norm_type
@@ -113,21 +113,7 @@ def _cached(cache: OrderedDict[Any, Any], key: Any, build: Callable[[], Any]) ->
 def _named(parameters: Tensor | Iterable[Any]) -> list[tuple[str, Tensor]]:
     """Accept a single tensor (as ``clip_grad_norm_`` does), ``named_parameters()`` pairs or bare
     parameters (named ``param0``, ``param1``...)."""
-    if isinstance(parameters, Tensor):
-        parameters = [parameters]  # iterating a tensor would yield its rows
-    elif isinstance(parameters, (str, bytes, Mapping)) or not isinstance(parameters, Iterable):
-        raise TypeError(
-            f"parameters must be a Tensor, an iterable of Tensors or of (name, Tensor) pairs"
-            f" (model.named_parameters()); got {type(parameters).__name__}"
-        )
-    named = []
-    for index, item in enumerate(parameters):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
-            named.append((str(item[0]), item[1]))
-        elif isinstance(item, Tensor):
-            named.append((f"param{index}", item))
-        else:
-            raise TypeError(f"parameters[{index}] is a {type(item).__name__}; expected a Tensor or a (name, Tensor) pair")
+    named = named_items(parameters, "parameters")
     if not named:
         raise ValueError("Clipper needs at least one parameter")
     return named

@@ -61,15 +61,16 @@ class GroupSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _named_items(params: Any, where: str, start: int) -> list[tuple[str, Tensor]]:
-    """``(name, tensor)`` pairs of one group's ``params``: a Tensor, or an iterable of Tensors or of
-    ``(name, Tensor)`` pairs; unnamed ones are called ``param<k>``, k counting over all groups."""
+def named_items(params: Any, what: str, start: int = 0) -> list[tuple[str, Tensor]]:
+    """``(name, tensor)`` pairs of ``params`` (called ``what`` in messages): a Tensor (as
+    ``clip_grad_norm_`` takes), or an iterable of Tensors or of ``(name, Tensor)`` pairs
+    (``model.named_parameters()``); unnamed ones are called ``param<k>``, k counting from ``start``."""
     if isinstance(params, Tensor):
         params = [params]  # iterating a tensor would yield its rows
     elif isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
         raise TypeError(
-            f"{where}['params'] must be a Tensor or an iterable of Tensors or of (name, Tensor) pairs;"
-            f" got {type(params).__name__}"
+            f"{what} must be a Tensor, an iterable of Tensors or of (name, Tensor) pairs"
+            f" (model.named_parameters()); got {type(params).__name__}"
         )
     named = []
     for index, item in enumerate(params):
@@ -78,9 +79,7 @@ def _named_items(params: Any, where: str, start: int) -> list[tuple[str, Tensor]
         elif isinstance(item, Tensor):
             named.append((f"param{start + len(named)}", item))
         else:
-            raise TypeError(
-                f"{where}['params'][{index}] is a {type(item).__name__}; expected a Tensor or a (name, Tensor) pair"
-            )
+            raise TypeError(f"{what}[{index}] is a {type(item).__name__}; expected a Tensor or a (name, Tensor) pair")
     return named
 
 
@@ -141,7 +140,7 @@ def parse_groups(
                 f"{where} (mode {mode!r}) sets {unused}, which mode {mode!r} does not use; its options are"
                 f" {sorted(MODE_OPTIONS[mode] | {'ema_decay'})}"
             )
-        members = _named_items(group["params"], where, len(named))
+        members = named_items(group["params"], f"{where}['params']", len(named))
         if not members:
             raise ValueError(f"{where} has no parameters; drop the group or give it some")
         indices = []
