@@ -28,7 +28,7 @@ from torch import Tensor
 from ..norm_type import NormKind, NormSpec
 from ..plan import DevicePlan, KernelTables
 from .base import ACC_DTYPE, DeviceWork
-from .kernel_base import KernelBackend, NormLaunch
+from .kernel_base import KernelBackend, NormLaunch, device_scalar
 
 try:
     from . import triton_kernels as _kernels
@@ -218,10 +218,6 @@ def _launch_context(device: torch.device) -> Iterator[None]:
             yield
 
 
-def _on_device(tensor: Tensor, device: torch.device) -> Tensor:
-    return tensor if tensor.device == device else tensor.to(device)
-
-
 # --------------------------------------------------------------------------------------------
 # the backend
 # --------------------------------------------------------------------------------------------
@@ -294,7 +290,7 @@ class TritonBackend(KernelBackend):
     def launch_scale(self, work: DeviceWork, tables: KernelTables, coef: Tensor) -> None:
         device = work.device
         config = launch_config(device)
-        coef = _on_device(coef.reshape(()), device)
+        coef = device_scalar(coef, device)
         with _launch_context(device):
             _kernels.scale_kernel[(grid_size(device, tables.num_chunks, config),)](
                 tables.addresses, tables.numels, tables.dtype_codes, tables.chunk_tensor, tables.chunk_start,
