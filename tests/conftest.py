@@ -120,4 +120,24 @@ def _seed_and_clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
 
 
+#: the Tensor methods that read a value on the host (on a GPU each would wait for the device)
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__array__")
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Counts every read of a tensor's value on the host (on the CPU these are where a GPU would sync)."""
+    count: dict = {"n": 0, "names": []}
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, __original=original, __name=name, **kwargs):
+            count["n"] += 1
+            count["names"].append(__name)
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return count
+
+
 __all__ = ["BACKEND_CASES", "HAS_CUDA", "INTERPRETER", "fusedclip", "require_backend"]

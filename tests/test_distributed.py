@@ -21,6 +21,17 @@ import fusedclip
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
+def fully_shard_linears(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """FSDP2 as torch's own clipping tests apply it: every Linear of ``model`` its own unit, then the
+    model (which ``fully_shard`` returns, sharded in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,7 +143,6 @@ def _fsdp2_case(rank, world_size, norm_types):
 
 def _fsdp2_case_one(rank, world_size, norm_type):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     def build():
@@ -146,10 +156,7 @@ def _fsdp2_case_one(rank, world_size, norm_type):
 
     mesh = init_device_mesh("cpu", (world_size,))
     model = build()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard_linears(model, mesh)
     model(x).pow(2).sum().backward()
     torch_total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], norm_type)  # reads only
 
@@ -209,7 +216,6 @@ def test_2d_mesh_reduces_over_sharded_dims_only():
 
 def _device_case(rank, world_size, device_type):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.debug import CommDebugMode
 
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -225,10 +231,7 @@ def _device_case(rank, world_size, device_type):
         reference(x).pow(2).sum().backward()
         expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.2, norm_type)
         model = build()
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fully_shard_linears(model, mesh)
         model(x).pow(2).sum().backward()
         with CommDebugMode() as mode:
             total = fusedclip.clip_grad_norm_(model.parameters(), 0.2, norm_type)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import fusedclip
-from test_distributed import _launch, _params_with
+from test_distributed import _launch, _params_with, fully_shard_linears
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -73,17 +73,13 @@ def _check(build, norm_type, *, extra_norm=False, against_torch=True, most=1):
 
 def _two_process_case(rank, world_size):
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world_size,))
 
     def fsdp2():
         model = _mlp()
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        return fully_shard(model, mesh=mesh)
+        return fully_shard_linears(model, mesh)
 
     for norm_type in (2.0, math.inf, 1.0):
         count, torch_count = _check(fsdp2, norm_type)
@@ -173,10 +169,7 @@ def _four_process_case(rank, world_size):
 
     def hsdp():
         model = _mlp()
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=hsdp_mesh)
-        return fully_shard(model, mesh=hsdp_mesh)
+        return fully_shard_linears(model, hsdp_mesh)
 
     count, torch_count = _check(hsdp, 2.0)
     assert count == 1, (count, torch_count)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import fusedclip
 from fusedclip import engine
 from fusedclip.norm_type import parse_norm_type
-from test_distributed import _launch
+from test_distributed import _launch, fully_shard_linears
 from test_distributed_collectives import _counted, _input
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -141,10 +141,7 @@ def _pp_stage(stage, dp_mesh):
     first, second = _stages()
     x = _input()
     if stage == 0:
-        for layer in first:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=dp_mesh)
-        fully_shard(first, mesh=dp_mesh)
+        fully_shard_linears(first, dp_mesh)
         h = first(x)
         boundary = h.detach().requires_grad_()
         second(boundary).pow(2).sum().backward()  # the gradient stage 1 would send back

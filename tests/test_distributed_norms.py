@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import fusedclip
 import fusedclip.distributed
-from test_distributed import _launch, _params_with
+from test_distributed import _launch, fully_shard_linears
 from test_distributed_collectives import _counted, _input, _mlp
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -67,15 +67,11 @@ def _check_norms(grads, reference, norm_type, *, rtol=2e-6):
 
 def _two_process_norms(rank, world_size):
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world_size,))
     model = _mlp()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard_linears(model, mesh)
     model(_input()).pow(2).sum().backward()
     grads = [p.grad for p in model.parameters()]
     reference = _reference_grads()
@@ -135,10 +131,7 @@ def _four_process_norms(rank, world_size):
 
     hsdp_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     model = _mlp()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=hsdp_mesh)
-    fully_shard(model, mesh=hsdp_mesh)
+    fully_shard_linears(model, hsdp_mesh)
     model(_input()).pow(2).sum().backward()
     grads = [p.grad for p in model.parameters()]
     for norm_type in NORM_TYPES:
@@ -325,17 +318,13 @@ def test_device_index_cache_is_bounded():
 
 def _clipper_on_fsdp2(rank, world_size):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world_size,))
     reference_model = _mlp()
     reference_model(_input()).pow(2).sum().backward()
     named_reference = list(reference_model.named_parameters())
     model = _mlp()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard_linears(model, mesh)
     model(_input()).pow(2).sum().backward()
 
     clipper = fusedclip.Clipper(model.named_parameters(), "norm", max_norm=0.25, top_k=3)

@@ -337,23 +337,7 @@ def test_bad_options_are_refused():
 
 # -- no host sync ---------------------------------------------------------------------------------
 
-_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__array__")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Counts every read of a tensor's value on the host (on the CPU these are where a GPU would sync)."""
-    count = {"n": 0, "names": []}
-    for name in _HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, __original=original, __name=name, **kwargs):
-            count["n"] += 1
-            count["names"].append(__name)
-            return __original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    return count
+# the host_reads fixture (tests/conftest.py) counts reads of tensor values on the host
 
 
 @pytest.mark.parametrize("mode", ["norm", "autoclip", "zclip", "agc"])
