@@ -150,3 +150,23 @@ def test_the_available_backends_output_shown_is_what_a_cpu_only_machine_prints()
             assert entry != "'cuda': True"
             continue
         assert entry in shown, f"README's available_backends() output lacks {entry}"
+
+
+def quick_start_commands(text: str) -> list[str]:
+    """The commands of the first fenced block under the ``## Quick start`` heading (none when
+    anything but blank lines stands between the heading and the block)."""
+    match = re.search(r"^## Quick start[ \t]*\n(?:[ \t]*\n)*```[a-z]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    if match is None:
+        return []
+    return [line for line in match.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_quick_start_holds_the_main_job_and_the_test_suite():
+    """Two commands, in this order: install and run the benchmark; install and run the tests."""
+    commands = quick_start_commands(README.read_text())
+    assert commands == [
+        'pip install -e ".[bench]" && python -m fusedclip.bench',
+        'pip install -e ".[test]" && python -m pytest -q',
+    ], commands
+    # the check has teeth: a line of prose between the heading and the block hides it
+    assert quick_start_commands("## Quick start\n\nRun these:\n\n```bash\npip install x\n```\n") == []
