@@ -9,7 +9,11 @@
 // partial per unit (the value of a unit does not depend on which block computes it). The last
 // block to finish (atomic ticket) reduces the partials per tensor and over tensors in a fixed
 // order, computes total and coefficient on the device, writes them, and resets the ticket and
-// the counter for the next launch. No floating-point atomics: every run gives the same bits.
+// the counter for the next launch. No floating-point atomics, so repeated runs on the same grads
+// give the same bits for the same GPU model and SM count (the unit split is sized from the SM
+// count; a MIG slice counts with its own), the same build and the same plan. Across SM counts or
+// builds the last bits may differ: nvcc may contract `acc + x * x` into an FMA here (the CPU
+// build is compiled with -ffp-contract=off).
 //
 // The scale kernel: every block reads the coefficient first and returns at once when it is 1 (a
 // clip coefficient is never above 1, but with a grad scale folded in it can be, and then applies).

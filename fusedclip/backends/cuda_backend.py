@@ -4,8 +4,14 @@ One norm launch and one scale launch per clip, for any number of tensors and any
 torch's current stream, with no host synchronisation and no allocation inside the launches, so
 the calls can be captured in CUDA graphs. The norm kernel computes the total norm and the clip
 coefficient on the device (the last block to finish reduces the per-unit partials in a fixed
-order: the same bits on every run); the scale kernel reads the coefficient and returns at once
-when it is 1.
+order, with no floating-point atomics); the scale kernel reads the coefficient and returns at
+once when it is 1.
+
+Repeated calls on the same grads give the same bits for the same GPU model and SM count (the
+work units are sized from the SM count, so a MIG slice counts as its own device), the same build
+of ``fusedclip._C`` and the same plan. Between SM counts or builds the last bits may differ (the
+device code may contract ``acc + x * x`` into an FMA, the CPU build does not), within the
+accuracy rules.
 """
 
 from __future__ import annotations
