@@ -3,25 +3,30 @@
 Sets, in order of value: GPT-2 small fp32, Llama-2-7B-sized bf16, 2000 small fp32 tensors, GPT-2
 small bf16, one 2^31-element bf16 tensor (shapes from fusedclip.bench.suites, except the 2000-tensor
 set). Providers, in this order per set: fusedclip `cuda`, fusedclip `triton`, torch (foreach), apex
-(when installed with its CUDA extension), torch.compile (sets of at most 300 tensors, within a
-compile budget) -- the providers of fusedclip.bench.providers. For each: the device time of a
-clipped and of an unclipped call (median, CUDA events via triton.testing.do_bench), the wall time
-per call of back-to-back calls (host included), and the achieved bandwidth on the bytes the call must
-move (clipped 3N: read, read + write; unclipped N) as a share of a device-to-device copy measured in
-the same process (a copy of N bytes moves 2N). The norm is checked against float64 before a
-fusedclip backend is timed (a wrong kernel is not timed).
+(when installed with its CUDA extension) -- the providers of fusedclip.bench.providers. torch.compile
+comes last, after every other row of every set: a cold compile costs tens of seconds and must not
+push the kernel rows of the later sets out of the budget. It gets a second pass over the sets (those
+of at most 300 tensors, within a compile budget), on the same grads rebuilt from the same seed.
+
+For each row: the device time of a clipped and of an unclipped call (median, CUDA events via
+triton.testing.do_bench), the wall time per call of back-to-back calls (host included), and the
+achieved bandwidth on the bytes the call must move (clipped 3N: read, read + write; unclipped N) as a
+share of a device-to-device copy measured in the same process (a copy of N bytes moves 2N). The norm
+is checked against float64 before a fusedclip backend is timed (a wrong kernel is not timed).
 
 Clipped calls use max_norm = 1e-3: the first call scales the grads down to that norm, every later
 call sees a norm of 1e-3 and a coefficient of 1e-3 / (1e-3 + 1e-6) < 1, so it keeps doing the full
 read-read-write work on non-zero values (max_norm = 0 would time zeros). Unclipped: max_norm = inf.
 
-Output (OUT, default ./gpu_out): bench.jsonl (a meta line, then one line per set and provider,
-flushed and fsynced as measured) and bench.md (the table, rewritten after every row).
+Output (OUT, default ./gpu_out): bench.jsonl (a meta line, then one line per set and provider in
+the order measured, flushed and fsynced as measured) and bench.md (the table grouped by set, rewritten
+after every row).
 
     python benchmarks/gpu_headline.py --out DIR [--budget SECONDS] [--sets a,b] [--rehearse]
 
---rehearse runs the same code on the CPU (small variants, the `cpu` backend and torch, wall-clock
-timing) so the writer and the set definitions are tested where there is no GPU.
+--rehearse runs the same code on the CPU (small variants, the `cpu` backend, torch and torch.compile
+with a compile budget of 0 s unless --compile-budget says otherwise, wall-clock timing) so the
+writer, the order of the rows and the set definitions are tested where there is no GPU.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ GiB = 1 << 30
 CLIPPED_MAX_NORM = 1e-3
 #: provider order within a set (what matters most first); names from fusedclip.bench.providers
 PROVIDERS = ["fusedclip-cuda", "fusedclip-triton", "torch", "apex", "torch-compile"]
-REHEARSAL_PROVIDERS = ["fusedclip-cpu", "torch"]
+#: the rehearsal lists torch.compile too, with a compile budget of 0 s by default: its rows are written
+#: (skipped) in their place, after every other row, without minutes of compiling on a CPU
+REHEARSAL_PROVIDERS = ["fusedclip-cpu", "torch", "torch-compile"]
 COMPILE_MAX_TENSORS = 300
 FILES = ("bench.jsonl", "bench.md")
 
@@ -98,6 +105,18 @@ SETS: list[GradSet] = [
     GradSet("gpt2-small-bf16", "GPT-2 small, bf16", _suite("gpt2-small", "bf16"), "bf16"),
     GradSet("huge-bf16", "one 2^31-element tensor, bf16", _suite("huge", "bf16"), "bf16"),
 ]
+_SET_ORDER = {s.key: i for i, s in enumerate(SETS)}
+
+
+def schedule(sets: list[GradSet], providers: list) -> list[tuple[int, GradSet, list]]:
+    """The passes of the run: (seed, set, providers), every set with the providers that do not compile
+    first, then every set again with those that do (torch.compile), so that no cold compile is paid
+    before the last kernel row. A set keeps its seed (its index) in both passes: the same grads."""
+    plain = [p for p in providers if not p.compiles]
+    compiling = [p for p in providers if p.compiles]
+    passes = [(index, grad_set, plain) for index, grad_set in enumerate(sets) if plain]
+    passes += [(index, grad_set, compiling) for index, grad_set in enumerate(sets) if compiling]
+    return passes
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +164,8 @@ class Writer:
             " (clipped) | norm error |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for row in self.rows:
+        # grouped by set (in the order of SETS), in the order measured within a set
+        for row in sorted(self.rows, key=lambda r: _SET_ORDER.get(r["set"], len(_SET_ORDER))):
             base = self._torch_row(row)
             lines.append(_md_row(row, base))
         text = "\n".join(lines) + "\n"
@@ -251,7 +271,7 @@ def float64_norm(params: list) -> float:
 
 
 def measure(
-    grad_set: GradSet, provider, params: list, nbytes: int, clock: Clock, copy_gbps: float, ideal: float
+    grad_set: GradSet, provider, params: list, nbytes: int, clock: Clock, copy_gbps: float, ideal: float | None
 ) -> dict:
     row: dict = {"provider": provider.name}
     if provider.name.startswith("fusedclip-"):
@@ -283,9 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_out"))
     parser.add_argument("--budget", type=float, default=140.0, help="seconds for the whole run (default 140)")
     parser.add_argument("--sets", help=f"comma list of {', '.join(s.key for s in SETS)} (default: all, in that order)")
-    parser.add_argument("--compile-budget", type=float, default=60.0, help="seconds of torch.compile (default 60)")
+    parser.add_argument(
+        "--compile-budget", type=float, help="seconds of torch.compile (default 60; 0 with --rehearse)"
+    )
     parser.add_argument("--rehearse", action="store_true", help="on the CPU: small variants, cpu backend and torch")
     args = parser.parse_args(argv)
+    if args.compile_budget is None:
+        args.compile_budget = 0.0 if args.rehearse else 60.0
     deadline = time.monotonic() + args.budget - 5.0
 
     chosen = SETS
@@ -324,34 +348,46 @@ def main(argv: list[str] | None = None) -> int:
         "providers": {name: (True if known[name].available else known[name].unavailable) for name in wanted if name in known},
         "clipped_max_norm": CLIPPED_MAX_NORM,
         "rehearsal": args.rehearse,
+        "compile_budget_s": args.compile_budget,
     }
     writer = Writer(args.out, meta)
     print(f"copy {copy_gbps:.0f} GB/s; providers {meta['providers']}", flush=True)
     compile_spent = 0.0
     failed = False
-    for index, grad_set in enumerate(chosen):
+
+    def skip_reason(provider, tensors: int) -> str | None:  # why a row is not measured now, if it is not
+        if not provider.available:
+            return f"unavailable: {provider.unavailable}"
         if time.monotonic() > deadline:
-            writer.add({"set": grad_set.key, "provider": "-", "skipped": "out of time"})
-            continue
+            return "out of time"
+        if provider.compiles and tensors > COMPILE_MAX_TENSORS:
+            return f"more than {COMPILE_MAX_TENSORS} tensors"
+        if provider.compiles and (compile_spent >= args.compile_budget or deadline - time.monotonic() < 30):
+            return f"compile budget ({args.compile_budget:.0f} s) spent"
+        return None
+
+    for seed, grad_set, pass_providers in schedule(chosen, providers):
         shapes, scale = grad_set.shapes(budget_bytes)
-        dtype = DTYPES[grad_set.dtype].single
-        params = make_params(shapes, dtype, device, seed=index)
-        nbytes = sum(p.grad.numel() * p.grad.element_size() for p in params)
-        ideal = float64_norm(params)
         common = {"set": grad_set.key, "title": grad_set.title, "scale": scale, "dtype": grad_set.dtype,
-                  "tensors": len(params), "elements": sum(p.grad.numel() for p in params), "bytes": nbytes}  # fmt: skip
-        for provider in providers:
+                  "tensors": len(shapes), "elements": sum(math.prod(s) for s in shapes),
+                  "bytes": sum(math.prod(s) for s in shapes) * DTYPES[grad_set.dtype].single.itemsize}  # fmt: skip
+        if all(skip_reason(provider, len(shapes)) for provider in pass_providers):
+            # nothing to measure: the rows say why, and the grads are never allocated
+            for provider in pass_providers:
+                writer.add({**common, "provider": provider.name, "skipped": skip_reason(provider, len(shapes))})
+            continue
+        params = make_params(shapes, DTYPES[grad_set.dtype].single, device, seed=seed)
+        nbytes = common["bytes"]
+        ideal = None  # the float64 norm, only for the fusedclip rows (a float64 copy of the grads)
+        for provider in pass_providers:
             row = dict(common)
-            if not provider.available:
-                row.update(provider=provider.name, skipped=f"unavailable: {provider.unavailable}")
-            elif time.monotonic() > deadline:
-                row.update(provider=provider.name, skipped="out of time")
-            elif provider.compiles and len(params) > COMPILE_MAX_TENSORS:
-                row.update(provider=provider.name, skipped=f"more than {COMPILE_MAX_TENSORS} tensors")
-            elif provider.compiles and (compile_spent >= args.compile_budget or deadline - time.monotonic() < 30):
-                row.update(provider=provider.name, skipped="compile budget spent")
+            reason = skip_reason(provider, len(params))
+            if reason is not None:
+                row.update(provider=provider.name, skipped=reason)
             else:
                 try:
+                    if ideal is None and provider.name.startswith("fusedclip-"):
+                        ideal = float64_norm(params)
                     row.update(measure(grad_set, provider, params, nbytes, clock, copy_gbps, ideal))
                 except Exception as error:  # keep measuring the others; the row says what broke
                     row.update(provider=provider.name, error=f"{type(error).__name__}: {error}"[:500])

@@ -17,8 +17,9 @@
 #                  when `cuda` or `triton` cannot run: no silent CPU-only build    -> env.txt
 #   bench     140  benchmarks/gpu_headline.py: GPT-2 small fp32/bf16, Llama-2-7B bf16, 2000 small
 #                  tensors, one 2^31-element tensor; clipped and unclipped; cuda, triton, torch, apex
-#                  (if installed), torch.compile (small sets, within a compile budget); device time,
-#                  wall time, copy-bandwidth share; one row per line as it is measured
+#                  (if installed) for every set first, then torch.compile (sets of at most 300
+#                  tensors, within a compile budget) so that no cold compile delays a kernel row;
+#                  device time, wall time, copy-bandwidth share; one row per line as it is measured
 #                                                                       -> bench.jsonl, bench.md
 #   contract  120  pytest tests/test_gpu_contract.py (launch count, no sync under
 #                  set_sync_debug_mode("error"), CUDA graphs, >2^31 elements, two streams, ...)
