@@ -96,6 +96,9 @@ def violation(result: torch.Tensor, grads: list[torch.Tensor], p: float) -> str 
     exact = exact_norm(grads, p)
     bound = stated_bound(grads, p, result.dtype, exact)
     with mpmath.workprec(MP_PREC):
+        largest = mpmath.mpf(torch.finfo(result.dtype).max)
+        if float(result) == math.inf and exact + bound >= largest + ulp(largest, result.dtype) / 2:
+            return None  # a norm this close to or beyond the dtype's range may round to inf
         error = abs(mpmath.mpf(float(result)) - exact)
         if error <= bound:
             return None
@@ -145,6 +148,17 @@ def test_torch_backend_meets_the_stated_bound(dtype_name, p):
         assert problem is None, problem
 
     check()
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0], ids=lambda p: f"p{p:g}")
+def test_a_norm_beyond_the_dtype_range_is_inf(p):
+    """fp16 grads whose norm exceeds 65504 (found by the search for p = 0.5): inf is the correctly
+    rounded total, and the oracle accepts it; the largest finite value is refused."""
+    grads = [torch.full((4,), 60000.0, dtype=torch.float16)]
+    result = torch_backend_total(grads, p)
+    assert result.item() == math.inf
+    assert violation(result, grads, p) is None
+    assert violation(torch.tensor(65504.0, dtype=torch.float16), grads, p) is not None
 
 
 def test_clip_coefficient_comes_from_the_unrounded_total():
@@ -280,13 +294,20 @@ def float32_chunk_violation(result: torch.Tensor, grads: list[torch.Tensor], p: 
 
 @st.composite
 def chunked_sets(draw):
-    """float32 (first) and fp16 grads from 1 to 300,000 elements, up to ~2.4M in all: small grads
-    packed together into chunks, large ones reduced where they lie, fp16 ones converted."""
-    specs = draw(
+    """float32 (first) and fp16 grads, up to ~3.4M elements in all: small grads packed together into
+    chunks, large float32 ones reduced by rows where they lie, fp16 ones converted. float32 grads
+    between CPU_DIRECT_ROWS_ELEMENTS and CPU_ROWS_ELEMENTS get torch's own per-tensor norm (its
+    accuracy, see ``test_clip_grad_norm_is_never_farther_from_ideal_than_torch``), so they are not
+    drawn here."""
+    from fusedclip.backends import torch_backend
+
+    packed_sizes = st.integers(1, torch_backend.CPU_DIRECT_ROWS_ELEMENTS - 1)
+    row_sizes = st.integers(torch_backend.CPU_ROWS_ELEMENTS, torch_backend.CPU_ROWS_ELEMENTS + 300_000)
+    first = draw(st.one_of(packed_sizes, row_sizes))
+    specs = [(torch.float32, first)] + draw(
         st.lists(
-            st.tuples(st.sampled_from([torch.float32, torch.float16]), st.integers(1, 300_000)),
-            min_size=1,
-            max_size=8,
+            st.tuples(st.just(torch.float16), st.integers(1, 300_000)) | st.tuples(st.just(torch.float32), packed_sizes),
+            max_size=7,
         )
     )
     small = draw(st.integers(0, 2000))  # how many small grads of 1-500 elements join them
@@ -301,9 +322,9 @@ def chunked_sets(draw):
 @pytest.mark.parametrize("p", [1.0, 2.0], ids=lambda p: f"p{p:g}")
 def test_cpu_float32_chunks_are_summed_as_accurately_as_a_cascade(p):
     """The torch backend's CPU path packs small grads into float32 chunks of up to 1M elements and
-    reduces large float32 grads where they lie: either way the total stays within log2(n) + 4
-    epsilons of the exact one, and never farther from it than torch's own total (which is exact per
-    small tensor but not on large ones)."""
+    reduces large float32 grads by rows where they lie: either way the total stays within
+    log2(n) + 4 epsilons of the exact one, and never farther from it than torch's own total (which
+    is exact per small tensor but not on large ones)."""
 
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
     @given(grads=chunked_sets())
@@ -321,19 +342,23 @@ def test_cpu_float32_chunks_are_summed_as_accurately_as_a_cascade(p):
 
 @pytest.mark.parametrize("p", [1.0, 2.0], ids=lambda p: f"p{p:g}")
 def test_the_chunk_check_catches_a_sum_along_the_chunk(monkeypatch, p):
-    """The planted bug: chunks reduced by ``torch.linalg.vector_norm`` (accumulation along the tensor
-    on CPUs) instead of a cascade sum. A million equal values (their rounding errors add up along
-    the chunk instead of cancelling) packed from a thousand small grads, and one large grad reduced
-    where it lies, both break the check; the real backend passes on both."""
+    """The planted bug: chunks reduced by accumulating along the whole chunk, as
+    ``torch.linalg.vector_norm`` does on CPUs (p = 1: instead of the cascade sum; p = 2: rows as
+    long as the chunk instead of short rows). A million equal values (their rounding errors add up
+    along the chunk instead of cancelling) packed from a thousand small grads, and one large grad
+    reduced where it lies, both break the check; the real backend passes on both."""
     from fusedclip.backends import torch_backend
 
     packed = [torch.full((1000,), 1.1) for _ in range(1000)]
     direct = [torch.full((1 << 20,), 1.1)]
     for grads in (packed, direct):
         assert float32_chunk_violation(fusedclip.get_total_norm(grads, p, backend="torch"), grads, p) is None
-    monkeypatch.setattr(
-        torch_backend, "_chunk_norm", lambda values, scratch, order: torch.linalg.vector_norm(values, order).double()
-    )
+    if p == 1.0:
+        monkeypatch.setattr(
+            torch_backend, "_chunk_norm", lambda values, scratch, order: torch.linalg.vector_norm(values, order).double()
+        )
+    else:
+        monkeypatch.setattr(torch_backend, "CPU_ROW_ELEMENTS", 1 << 20)
     for grads in (packed, direct):
         assert float32_chunk_violation(fusedclip.get_total_norm(grads, p, backend="torch"), grads, p) is not None
 
@@ -376,10 +401,29 @@ def test_the_extreme_check_catches_float32_only_sums(monkeypatch):
     """The planted bug: float32 chunk sums always trusted (no float64 redo)."""
     from fusedclip.backends import torch_backend
 
-    def float32_only(values, scratch, p):
-        total = (torch.abs(values, out=scratch) if p == 1.0 else torch.mul(values, values, out=scratch)).sum()
-        return total.double() if p == 1.0 else total.double().sqrt()
-
-    monkeypatch.setattr(torch_backend, "_chunk_norm", float32_only)
+    monkeypatch.setattr(torch_backend, "_float32_sum_trusted", lambda value, count, p: True)
     caught = [(name, p) for name in EXTREME_SETS for p in (1.0, 2.0) if _extreme_violation(name, p) is not None]
     assert {name for name, _ in caught} >= {"squares overflow", "squares underflow", "subnormal elements"}, caught
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_packing_copies_every_layout_exactly(dtype):
+    """The CPU path's packing copy (``_pack``) against ``cat`` of flattened float32 copies: one 0-d
+    tensor alone (torch's ``_chunk_cat`` crashes on it), 0-d among others (it refuses those),
+    strided, transposed and expanded views, 16-bit values converted exactly."""
+    from fusedclip.backends.torch_backend import _pack
+
+    base = torch.linspace(-3, 3, 64).to(dtype)
+    cases = [
+        [base[5]],
+        [base[7], base[:3]],
+        [base[::3], base.view(8, 8).t()],
+        [base[:1].expand(9), base[10:20].view(2, 5)],
+        [base.view(4, 16)[:, ::5], base[2]],
+    ]
+    for pieces in cases:
+        expected = torch.cat([piece.reshape(-1).float() for piece in pieces])
+        out = torch.full((expected.numel() + 3,), math.nan)  # the tail must stay untouched
+        _pack(pieces, out[: expected.numel()])
+        assert torch.equal(out[: expected.numel()], expected)
+        assert out[expected.numel() :].isnan().all()

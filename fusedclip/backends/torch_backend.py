@@ -29,7 +29,11 @@ runs 16-bit CPU grads when the extension is missing or it is asked for by name.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -110,108 +114,251 @@ def _opmath(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-#: the flat CPU path reduces at most this many elements per torch op (its float32 buffer: 4 MB)
+#: the flat CPU path packs at most this many elements into one float32 chunk (4 MB), and p = 1
+#: reduces at most this many per torch op
 CPU_CHUNK_ELEMENTS = 1 << 20
-#: float32 CPU tensors at least this large are reduced where they lie; smaller ones are packed
-#: into the chunk buffer first (one ``cat`` instead of a few ops per tensor: measured on the
-#: benchmark's sets, 2^16 made sets of many 64K-256K tensors ~1.5x slower, 2^20 large ones slower)
+#: p = 1: float32 CPU tensors at least this large are reduced where they lie; smaller ones are
+#: packed into a chunk first (a copy instead of a few torch ops per tensor)
 CPU_DIRECT_ELEMENTS = 1 << 18
+#: p = 2: float32 CPU tensors at least this large are reduced where they lie; from CPU_ROWS_ELEMENTS
+#: by rows (below: torch's own per-tensor norm, one ``_foreach_norm`` for all of them, whose float32
+#: accumulation along the tensor is torch's accuracy; rows cost ~25% more per tensor at 128K elements)
+CPU_DIRECT_ROWS_ELEMENTS = 1 << 15
+CPU_ROWS_ELEMENTS = 1 << 20
+#: p = 2 reduces float32 tensors of CPU_ROWS_ELEMENTS and more, and the packed chunks, as rows of this
+#: many elements (torch's vectorised norm kernel, parallel over the rows) whose norms are combined in
+#: float64: what accumulates in float32 is one row, at most 128 terms per SIMD lane (AVX2: 8 lanes)
+CPU_ROW_ELEMENTS = 1024
 _CPU_FLAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: dtypes whose CPU per-tensor norms are torch's own, rounded to the dtype (see the module docstring)
 CPU_TORCH_NORM_DTYPES = (torch.bfloat16,)
+#: key in DevicePlan.scratch of a dtype group's ``_FlatLayout``
+_FLAT_LAYOUT_KEY = "torch-flat-layout"
 
 
-def _flat_cpu_norms(group: list[Tensor], p: float) -> Tensor:
-    """float64 vector of p-norms (p = 1 or 2) of float32 chunks of ``group`` (float32/bf16/fp16 CPU
-    tensors, no zero-size ones) whose p-norm is that of all their elements together.
+def _batches(numels: list[int], limit: int) -> list[tuple[int, int]]:
+    """(start, end) ranges of consecutive items, each range at most ``limit`` elements in all
+    (every item is at most ``limit``)."""
+    ranges: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for index, numel in enumerate(numels):
+        if index > start and size + numel > limit:
+            ranges.append((start, index))
+            start, size = index, 0
+        size += numel
+    if start < len(numels):
+        ranges.append((start, len(numels)))
+    return ranges
 
-    The total of a sum does not need each tensor's own norm, so the elements are reduced in chunks
-    of at most CPU_CHUNK_ELEMENTS: large float32 tensors where they lie (split into views),
-    everything else converted or packed into one float32 buffer with a single copy
-    (``cat``/``copy_`` with a float32 destination); each chunk is summed by ``_chunk_norm`` (a
-    cascade, as accurate for a chunk packed from many small grads as for one grad, where torch's own
-    CPU norm loses accuracy with length). Large means at least CPU_DIRECT_ELEMENTS: below that, the
-    few torch ops per chunk would cost more than the copy into the buffer saves. Every element is read from the grads once, 16-bit
-    values are accumulated in float32 (never rounded to bf16/fp16 on the way, unlike torch's
-    per-tensor norms), and the chunk norms are combined in float64 by the caller. The buffer is
-    reused for every chunk, so the float32 copy of a large set never exists at once. Chunks whose
-    float32 result overflows or may have lost squares to underflow are redone in float64
-    (``_wide_norm``).
+
+@dataclass(frozen=True)
+class _FlatLayout:
+    """How ``_flat_cpu_norms`` cuts one dtype group of a plan, from its sizes (made once per plan).
+
+    ``direct``: group positions of float32 tensors reduced where they lie (p = 2: by rows);
+    ``medium``: p = 2's float32 tensors reduced where they lie by torch's own norm; ``split``: positions of
+    other tensors larger than a chunk, packed in CPU_CHUNK_ELEMENTS pieces; ``whole``: positions of
+    the rest, packed whole. The packed items are, in order, the ``whole`` tensors, the last partial
+    row of each ``direct`` tensor (p = 2) and the pieces of the ``split`` ones; ``batches`` gives
+    each chunk's (start, end) range of them, ``sizes`` its elements and ``padding`` the zeros that
+    complete its last row (p = 2). ``rows``: p = 2's row count (direct bodies and padded chunks)."""
+
+    direct: tuple[int, ...]
+    medium: tuple[int, ...]
+    split: tuple[int, ...]
+    whole: tuple[int, ...]
+    batches: tuple[tuple[int, int], ...]
+    sizes: tuple[int, ...]
+    padding: tuple[int, ...]
+    rows: int
+    elements: int
+
+    @classmethod
+    def make(cls, numels: list[int], dtype: torch.dtype, p: float) -> "_FlatLayout":
+        row = CPU_ROW_ELEMENTS if p == 2.0 else 0
+        threshold = CPU_DIRECT_ROWS_ELEMENTS if row else CPU_DIRECT_ELEMENTS
+        direct, medium, split, whole = [], [], [], []
+        for position, numel in enumerate(numels):
+            if dtype == torch.float32 and row and threshold <= numel < CPU_ROWS_ELEMENTS:
+                medium.append(position)
+            elif dtype == torch.float32 and numel >= threshold:
+                direct.append(position)
+            elif numel > CPU_CHUNK_ELEMENTS:
+                split.append(position)
+            else:
+                whole.append(position)
+        items = [numels[i] for i in whole]
+        if row:
+            items += [numels[i] % row for i in direct if numels[i] % row]
+        for i in split:
+            items += [min(CPU_CHUNK_ELEMENTS, numels[i] - start) for start in range(0, numels[i], CPU_CHUNK_ELEMENTS)]
+        batches = _batches(items, CPU_CHUNK_ELEMENTS)
+        sizes = tuple(sum(items[a:b]) for a, b in batches)
+        padding = tuple(-size % row if row else 0 for size in sizes)
+        rows = 0
+        if row:
+            rows = sum(numels[i] // row for i in direct) + sum((size + pad) // row for size, pad in zip(sizes, padding))
+            rows += len(medium)  # one norm each
+        return cls(tuple(direct), tuple(medium), tuple(split), tuple(whole), tuple(batches), sizes, padding, rows, sum(numels))
+
+
+def flat_layout(plan: Any, dtype: torch.dtype, positions: list[int], p: float) -> _FlatLayout:
+    """The plan's ``_FlatLayout`` for the non-empty grads of a dtype group (``positions``: their
+    local indices), made on first use."""
+    key = (_FLAT_LAYOUT_KEY, dtype, p, CPU_ROW_ELEMENTS, CPU_ROWS_ELEMENTS, CPU_DIRECT_ROWS_ELEMENTS)
+    layout = plan.scratch.get(key)
+    if layout is None:
+        layout = plan.scratch[key] = _FlatLayout.make([plan.numels[i] for i in positions], dtype, p)
+    return layout
+
+
+def _pack(pieces: list[Tensor], out: Tensor) -> None:
+    """Copy the elements of ``pieces`` (one dtype, any shapes) into ``out`` (1-d float32), converting
+    16-bit values: one ``torch._chunk_cat`` (no Python code per piece); a ``cat`` of flattened views
+    where torch lacks it or it refuses the pieces (0-d tensors)."""
+    if len(pieces) == 1:
+        out.copy_(pieces[0].reshape(-1))
+        return
+    chunk_cat = getattr(torch, "_chunk_cat", None)
+    if chunk_cat is not None:  # not for one piece: torch 2.13 crashes on a single 0-d tensor
+        try:
+            chunk_cat(pieces, 0, 1, out=out.view(1, -1))
+            return
+        except RuntimeError:  # a 0-d grad among them: not taken by _chunk_cat
+            pass
+    if pieces[0].dtype == torch.float32:
+        torch.cat([piece.reshape(-1) for piece in pieces], out=out)
+    else:
+        out.copy_(torch.cat([piece.reshape(-1) for piece in pieces]))
+
+
+def _chunks(group: list[Tensor], layout: _FlatLayout, row: int) -> tuple[list[Tensor], Iterator[Tensor]]:
+    """The ``direct`` data of ``group`` (1-d views: whole tensors, or p = 2's whole rows) and the
+    packed chunks, each filled on demand into one reused float32 buffer (padded with zeros to whole
+    rows for p = 2)."""
+    direct: list[Tensor] = []
+    packed = [group[i] for i in layout.whole]
+    for position in layout.direct:
+        flat = group[position].reshape(-1)
+        body = flat.numel() - flat.numel() % row if row else flat.numel()
+        direct.append(flat[:body])
+        if body < flat.numel():
+            packed.append(flat[body:])
+    for position in layout.split:
+        packed.extend(group[position].reshape(-1).split(CPU_CHUNK_ELEMENTS))
+
+    def filled() -> Iterator[Tensor]:
+        if not layout.batches:
+            return
+        buffer = torch.empty(max(s + p for s, p in zip(layout.sizes, layout.padding)), dtype=torch.float32, device="cpu")
+        for (start, end), size, padding in zip(layout.batches, layout.sizes, layout.padding):
+            _pack(packed[start:end], buffer[:size])
+            if padding:
+                buffer[size : size + padding].zero_()
+            yield buffer[: size + padding]
+
+    return direct, filled()
+
+
+def _flat_cpu_norms(group: list[Tensor], p: float, layout: _FlatLayout | None = None) -> Tensor:
+    """float64 vector of p-norms (p = 1 or 2) of float32 pieces of ``group`` (float32/bf16/fp16 CPU
+    tensors, no zero-size ones) whose p-norm is that of all their elements together. ``layout``:
+    how ``group`` is cut (``_FlatLayout``; made here when not given).
+
+    The total of a sum does not need each tensor's own norm, so large float32 tensors are reduced
+    where they lie (``_FlatLayout``), and everything else is packed into float32 chunks of at most
+    CPU_CHUNK_ELEMENTS (one reused buffer, one copy each, converting 16-bit values on the way):
+    below that size the torch ops per tensor would cost more than the copy saves. Every element is
+    read from the grads once, 16-bit values are accumulated in float32 (never rounded to bf16/fp16
+    on the way, unlike torch's per-tensor norms), and the partial norms are combined in float64.
+
+    The way data is summed keeps the error independent of a tensor's length, where torch's own CPU
+    norm accumulates along the tensor and loses accuracy with it (measured on 1M float32 elements in
+    [1, 2): 340 ulps for p = 1), except where it is torch's own. p = 2: the norms of rows of
+    CPU_ROW_ELEMENTS, one op per large tensor or chunk writing into one vector of row norms (no
+    scratch writes: a large tensor is read once, as by torch's own norm); float32 tensors from
+    CPU_DIRECT_ROWS_ELEMENTS to CPU_ROWS_ELEMENTS get torch's own norms (one ``_foreach_norm``: a
+    row op per tensor costs more than their read there), so their accuracy is torch's; all of it
+    combined in float64. p = 1: ``|x|`` summed in a cascade per
+    chunk of at most CPU_CHUNK_ELEMENTS (``_chunk_norm``). Data whose float32 sums overflow or may
+    have lost squares to underflow is redone in float64 (``_wide_norm``): for p = 2 the whole group,
+    judged once on the total (see ``_float32_sum_trusted``); for p = 1 each chunk.
     """
-    direct: list[Tensor] = []  # float32 views reduced in place
-    packed: list[list[Tensor]] = []  # batches copied into the buffer, each <= CPU_CHUNK_ELEMENTS
-    batch: list[Tensor] = []
-    batch_numel = 0
-    for tensor in group:
-        flat = tensor.reshape(-1)
-        numel = flat.numel()
-        if tensor.dtype == torch.float32 and numel >= CPU_DIRECT_ELEMENTS:
-            direct.extend(flat.split(CPU_CHUNK_ELEMENTS) if numel > CPU_CHUNK_ELEMENTS else (flat,))
-            continue
-        for piece in flat.split(CPU_CHUNK_ELEMENTS) if numel > CPU_CHUNK_ELEMENTS else (flat,):
-            if batch_numel + piece.numel() > CPU_CHUNK_ELEMENTS:
-                packed.append(batch)
-                batch, batch_numel = [], 0
-            batch.append(piece)
-            batch_numel += piece.numel()
-    if batch:
-        packed.append(batch)
-    largest = max([t.numel() for t in direct] + [sum(t.numel() for t in b) for b in packed])
-    buffer = torch.empty(largest, dtype=torch.float32, device="cpu")
+    if layout is None:
+        layout = _FlatLayout.make([t.numel() for t in group], group[0].dtype, p)
+    if p == 2.0:
+        direct, packed = _chunks(group, layout, CPU_ROW_ELEMENTS)
+        row_norms = torch.empty(layout.rows, dtype=torch.float32, device="cpu")
+        at = 0
+        for values in itertools.chain(direct, packed):
+            count = values.numel() // CPU_ROW_ELEMENTS
+            torch.linalg.vector_norm(values.view(count, CPU_ROW_ELEMENTS), 2.0, dim=1, out=row_norms[at : at + count])
+            at += count
+        if layout.medium:
+            row_norms[at:] = torch.stack(torch._foreach_norm([group[i] for i in layout.medium], 2.0))
+        norm = torch.linalg.vector_norm(row_norms.to(ACC_DTYPE), 2.0)
+        value = norm.item()
+        return norm.reshape(1) if _float32_sum_trusted(value * value, layout.elements, p) else _wide_group_norm(group, p)
+    direct, packed = _chunks(group, layout, 0)
     norms: list[Tensor] = []
-    for chunk in direct:
-        norm = _chunk_norm(chunk, buffer[: chunk.numel()], p)
-        norms.append(_wide_norm([chunk], p) if norm is None else norm)
-    for pieces in packed:
-        view = buffer[: sum(t.numel() for t in pieces)]
-        if len(pieces) == 1:
-            view.copy_(pieces[0])
-        elif pieces[0].dtype == torch.float32:
-            torch.cat(pieces, out=view)
-        else:  # a same-dtype cat is one memcpy per piece; a converting cat is one copy_ op per piece
-            view.copy_(torch.cat(pieces))
-        norm = _chunk_norm(view, view, p)
-        norms.append(_wide_norm(pieces, p) if norm is None else norm)
+    scratch: Tensor | None = None
+    for flat in direct:
+        for piece in flat.split(CPU_CHUNK_ELEMENTS):
+            if scratch is None:
+                scratch = torch.empty(CPU_CHUNK_ELEMENTS, dtype=torch.float32, device="cpu")
+            norm = _chunk_norm(piece, scratch[: piece.numel()], p)
+            norms.append(_wide_norm([piece], p) if norm is None else norm)
+    for chunk in packed:
+        norm = _chunk_norm(chunk, chunk, p)
+        if norm is None:
+            return _wide_group_norm(group, p)
+        norms.append(norm)
     return torch.stack(norms)
 
 
-#: a float32 sum of squares below this may have lost squares to underflow (each lost square is below
-#: 2^-126, at most 2^20 of them per chunk: under 2^-24 of a sum this large), so the chunk is redone
-SQUARES_UNDERFLOW_SUM = 2.0**-80
+def _wide_group_norm(group: list[Tensor], p: float) -> Tensor:
+    """``_wide_norm`` of every element of ``group``, as a 1-element vector."""
+    return _wide_norm([piece for t in group for piece in t.reshape(-1).split(CPU_CHUNK_ELEMENTS)], p).reshape(1)
+
+
+#: a float32 sum of squares of ``n`` elements below ``n`` times this may have lost squares to
+#: underflow (each lost square is below 2^-126: together under 2^-26 of the sum), so it is redone
+SQUARES_UNDERFLOW_PER_ELEMENT = 2.0**-100
+
+
+def _float32_sum_trusted(value: float, count: int, p: float) -> bool:
+    """Whether a float32 sum of ``count`` values ``|x|`` (p = 1) or ``x * x`` (p = 2) can stand for
+    the exact one: finite (squares above ~1.8e19 overflow, so does a sum of ``|x|`` above float32's
+    range, and an inf/NaN grad makes it non-finite too) and, for squares, large enough that squares
+    lost to underflow (elements below ~1e-19) cannot matter. Otherwise the caller redoes the data in
+    float64 (``_wide_norm``), as the ``cpu`` kernels redo such blocks."""
+    if not math.isfinite(value):
+        return False
+    return p == 1.0 or value >= count * SQUARES_UNDERFLOW_PER_ELEMENT
 
 
 def _chunk_norm(values: Tensor, scratch: Tensor, p: float) -> Tensor | None:
-    """The p-norm (p = 1 or 2) of float32 ``values`` as a float64 scalar, using ``scratch`` (float32,
-    same size; may be ``values`` itself when that is a copy of ours, as for the packed chunks); None
-    when a float32 sum cannot stand for it (see below).
-
-    ``|x|`` or ``x * x`` is written to ``scratch`` and summed by ``Tensor.sum``, whose CPU kernel sums
-    in a cascade: its error grows with the log of the count. ``torch.linalg.vector_norm``'s CPU
-    reduction accumulates along the tensor instead, and its error grows with the count (measured on
-    1M float32 elements in [1, 2): 340 ulps for p = 1, where this sum is within 1 ulp) — it would
-    make a set of many small packed grads less accurate than torch's per-tensor norms of the same
-    grads. It is also not faster.
-
-    None when the float32 sum is not finite (squares above ~1.8e19 overflow, a sum of |x| above
-    float32's range, or an inf/NaN grad) or may have lost squares to underflow (elements below
-    ~1e-19): the caller then redoes the chunk in float64 (``_wide_norm``), as the ``cpu`` kernels
-    redo such blocks. The sum is read on the host, which costs nothing on the CPU.
-    """
-    if p == 1.0:
-        total = torch.abs(values, out=scratch).sum()
-        return total.to(ACC_DTYPE) if math.isfinite(total.item()) else None
-    if p == 2.0:
-        total = torch.mul(values, values, out=scratch).sum()
-        value = total.item()
-        return total.to(ACC_DTYPE).sqrt() if math.isfinite(value) and value >= SQUARES_UNDERFLOW_SUM else None
-    raise ValueError(f"chunked CPU norms take p = 1 or 2, not {p}")
+    """The 1-norm of float32 ``values`` as a float64 scalar, using ``scratch`` (float32, same size;
+    may be ``values`` itself when that is a copy of ours, as for the packed chunks): ``|x|`` is
+    written to ``scratch`` and summed by ``Tensor.sum``, whose CPU kernel sums in a cascade (its
+    error grows with the log of the count). None when the float32 sum cannot stand for it
+    (``_float32_sum_trusted``)."""
+    if p != 1.0:
+        raise ValueError(f"chunk sums take p = 1, not {p}")
+    total = torch.abs(values, out=scratch).sum()
+    return total.to(ACC_DTYPE) if _float32_sum_trusted(total.item(), values.numel(), p) else None
 
 
 def _wide_norm(pieces: list[Tensor], p: float) -> Tensor:
-    """The p-norm (p = 1 or 2) of the elements of ``pieces`` summed in float64 (an inf/NaN element
-    still gives inf/NaN)."""
-    wide = torch.cat([piece.reshape(-1).to(ACC_DTYPE) for piece in pieces])
-    return wide.abs().sum() if p == 1.0 else torch.dot(wide, wide).sqrt()
+    """The p-norm (p = 1 or 2) of the elements of ``pieces`` (each at most CPU_CHUNK_ELEMENTS)
+    summed in float64, at most CPU_CHUNK_ELEMENTS converted at a time (an inf/NaN element still gives
+    inf/NaN)."""
+    sums = []
+    for start, end in _batches([piece.numel() for piece in pieces], CPU_CHUNK_ELEMENTS):
+        wide = torch.cat([piece.reshape(-1).to(ACC_DTYPE) for piece in pieces[start:end]])
+        sums.append(wide.abs().sum() if p == 1.0 else torch.dot(wide, wide))
+    total = torch.stack(sums).sum()
+    return total if p == 1.0 else total.sqrt()
 
 
 #: float32's smallest normal number and its largest finite one
@@ -318,9 +465,10 @@ class TorchBackend(Backend):
             if (extreme or as_torch) and opmath is not None:
                 opmath = None
             elif flat and plan.device.type == "cpu" and dtype in _CPU_FLAT_DTYPES:
-                nonempty = [g for g in group if g.numel()]
-                if nonempty:
-                    norms.append(_flat_cpu_norms(nonempty, norm.p))
+                positions = [i for i in indices if plan.numels[i]]
+                if positions:
+                    layout = flat_layout(plan, dtype, positions, norm.p)
+                    norms.append(_flat_cpu_norms([grads[i] for i in positions], norm.p, layout))
                 continue
             counts = None
             if plan.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not (extreme or as_torch):
