@@ -228,6 +228,23 @@ def test_the_kernels_really_run_in_the_shim(emulated_cuda, chunks_of_16k):
     assert after["failures"] == before["failures"]
 
 
+@pytest.mark.parametrize(
+    "norm_type, launches",
+    [(2.0, 2), (1.0, 2), (0.0, 2), (math.inf, 2), (-math.inf, 2), (3.0, 3), (0.5, 3), (-1.0, 3)],
+    ids=lambda v: f"{v:g}",
+)
+def test_launches_per_call_as_the_gpu_contract_states(emulated_cuda, chunks_of_16k, norm_type, launches):
+    """The launch counts tests/test_gpu_contract.py asserts on a GPU, counted here by the shim: one
+    norm launch and one scale launch, plus one norm-scale launch (max |x|) for a general p."""
+    params = _params(1)
+    before = emulated_cuda.library.stats()["launches"]
+    fusedclip.clip_grad_norm_(params, 1e-3, norm_type, backend="cuda")
+    assert emulated_cuda.library.stats()["launches"] - before == launches
+    before = emulated_cuda.library.stats()["launches"]
+    fusedclip.clip_grad_value_(params, 0.1, backend="cuda")
+    assert emulated_cuda.library.stats()["launches"] - before == 1
+
+
 @pytest.mark.parametrize("sms, blocks_per_sm", [(1, 1), (3, 2), (8, 1), (132, 4)])
 @pytest.mark.parametrize("norm_type", [2.0, math.inf, 3.0])
 def test_any_sm_count_and_occupancy(emulated_cuda, chunks_of_16k, sms, blocks_per_sm, norm_type):
