@@ -75,7 +75,7 @@ from torch import Tensor
 
 from . import engine, ops
 from .backends import requested_backend
-from .backends.base import ACC_DTYPE, CLIP_EPS, clip_coefficient, total_from_accumulator
+from .backends.base import ACC_DTYPE, CLIP_EPS, clip_coefficient, host_reads_are_free, total_from_accumulator
 from .groups import GROUP_MODES, GROUP_OPTIONS, GroupSpec, adagc_rule, combine_norms, named_items, parse_groups
 from .groups import threshold_coefficient as _coefficient
 from .inputs import check_max_norm, no_grads_result
@@ -120,8 +120,16 @@ def _named(parameters: Tensor | Iterable[Any]) -> list[tuple[str, Tensor]]:
 
 
 def _unit_norms(tensor: Tensor, dims: tuple[int, ...] | None) -> Tensor:
-    """L2 norms of the rows (units) of ``tensor``, in at least float32 (a real dtype)."""
-    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=_OPMATH.get(tensor.dtype, tensor.dtype))
+    """L2 norms of the rows (units) of ``tensor``, in at least float32 (a real dtype).
+
+    Squares above ~1.8e19 overflow float32 where a unit's norm does not, and an inf norm would zero
+    the unit's grad: on the CPU (where reading the result costs nothing) such norms are computed
+    again in float64. On other devices they stay inf, as torch's own norms."""
+    norms = torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=_OPMATH.get(tensor.dtype, tensor.dtype))
+    if norms.dtype != torch.float64 and host_reads_are_free(tensor.device) and not bool(torch.isfinite(norms).all()):
+        wide = torch.complex128 if tensor.is_complex() else torch.float64
+        norms = torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=wide)
+    return norms
 
 
 def _saturate(value: Tensor) -> Tensor:

@@ -126,7 +126,12 @@ HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__",
 
 @pytest.fixture
 def host_reads(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Counts every read of a tensor's value on the host (on the CPU these are where a GPU would sync)."""
+    """Counts every read of a tensor's value on the host (on the CPU these are where a GPU would sync).
+    CPU tensors then stand in for a device: the paths that read CPU values only because that is free
+    there (``base.host_reads_are_free``) take their device path."""
+    from fusedclip.backends import base
+
+    monkeypatch.setattr(base, "CPU_READS_ARE_FREE", False)
     count: dict = {"n": 0, "names": []}
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)

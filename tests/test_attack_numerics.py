@@ -277,13 +277,11 @@ def test_aliased_grads_get_the_exact_product(device_backend, dtype, coef_kind) -
 def test_torch_backend_device_side_choice(monkeypatch, coef) -> None:
     """Where the torch backend cannot read the coefficient (a device tensor), it chooses between
     ``float32(coef)`` and the exact product on the device: the same bits as the choice read on the host."""
-    from fusedclip.backends import torch_backend
-
     values = representable([[3.3e38, -2e38, 1.0, -1e-45, 0.0, 5e-39], [7e37, -0.0]], torch.float32)
     values[1] += [math.inf, -math.inf, math.nan]
     results = []
     for readable in (True, False):
-        monkeypatch.setattr(torch_backend, "_readable", lambda coef, readable=readable: readable)
+        monkeypatch.setattr(base, "CPU_READS_ARE_FREE", readable)
         grads = []
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             grads += [torch.tensor(row, dtype=torch.float64).to(dtype) for row in values]
@@ -542,3 +540,93 @@ def mp_fraction(value: mpmath.mpf) -> Fraction:
 
 def _has(name: str) -> bool:
     return fusedclip.available_backends().get(name) is True
+
+
+# ---- property 3: squares that overflow float32, norms that do not ---------------------------------
+
+
+def _huge_params(values: list[list[float]], dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Parameters of ones (AGC's weight norms) with ``values`` as their grads."""
+    params = []
+    for row in values:
+        param = torch.nn.Parameter(torch.ones(1, len(row), dtype=dtype))
+        param.grad = torch.tensor([row], dtype=torch.float64).to(dtype)
+        params.append(param)
+    return params
+
+
+#: every CPU path that takes norms of float32/bf16 grads: (name, call on the parameters)
+HUGE_PATHS = {
+    "clip_grad_norm_": lambda params, backend: fusedclip.clip_grad_norm_(params, 1.0, backend=backend),
+    "get_norms": lambda params, backend: fusedclip.get_norms([p.grad for p in params], backend=backend),
+    "Clipper groups": lambda params, backend: fusedclip.Clipper(
+        [{"params": params[:1], "mode": "norm"}, {"params": params[1:], "mode": "norm", "max_norm": 2.0}],
+        max_norm=1.0,
+        backend=backend,
+    )(),
+    "Clipper adagc": lambda params, backend: fusedclip.Clipper(params, mode="adagc", max_norm=1.0, backend=backend)(),
+    "Clipper agc": lambda params, backend: fusedclip.Clipper(
+        [(f"w{i}", p) for i, p in enumerate(params)], mode="agc", backend=backend
+    )(),
+}
+
+
+def _huge_violation(path: str, values: list[list[float]], dtype: torch.dtype, backend: str) -> str | None:
+    """None when ``path`` on ``dtype`` grads gives what it gives on float64 copies of them (no
+    overflow there), rounded to ``dtype``: grads within 2 ulps, returned norms within 1e-5 (or one
+    ulp of their own dtype)."""
+    ours, wide = _huge_params(values, dtype), _huge_params(values, torch.float64)
+    got, expected = HUGE_PATHS[path](ours, backend), HUGE_PATHS[path](wide, backend)
+    for mine, reference in zip(*(torch.utils._pytree.tree_leaves(x) for x in (got, expected))):
+        if isinstance(mine, torch.Tensor) and mine.is_floating_point():
+            rtol = max(1e-5, 2.0 ** -(FORMATS[mine.dtype][0] - 1))  # and the rounding to a 16-bit result
+            if not torch.allclose(mine.double(), reference.double(), rtol=rtol, atol=0):
+                return f"{path}: returned {mine.tolist()}, float64 gives {reference.tolist()}"
+    spacing = 2.0 ** -(FORMATS[dtype][0] - 1)
+    for mine, reference in zip(ours, wide):
+        exact = reference.grad.double()
+        if not torch.allclose(mine.grad.double(), exact, rtol=2 * spacing, atol=0):
+            return f"{path}: grads {mine.grad.tolist()}, float64 gives {exact.tolist()}"
+    return None
+
+
+@pytest.mark.parametrize("device_backend", CPU_CASES, indirect=True)
+@pytest.mark.parametrize("path", list(HUGE_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_squares_that_overflow_float32_never_zero_a_grad(device_backend, path, dtype) -> None:
+    """Grads of magnitude 1e19..1e37: their squares overflow float32 (and bf16) accumulators, their
+    norms do not. Every CPU path (total, per-tensor norms, norm groups, AdaGC, AGC's unit norms) must
+    give what it gives on float64 copies, where a float32-only norm is inf and zeroes the grads."""
+    _, backend = device_backend
+
+    @settings(max_examples=EXAMPLES[backend] // 3 + 2, **SETTINGS)
+    @given(
+        exponents=st.lists(st.lists(st.floats(19, 37), min_size=1, max_size=6), min_size=2, max_size=3),
+        signs=st.lists(st.booleans(), min_size=18, max_size=18),
+    )
+    def check(exponents, signs):
+        values = [[(-1) ** signs[(i * 6 + j) % 18] * 10.0**e for j, e in enumerate(row)] for i, row in enumerate(exponents)]
+        values = representable(values, dtype)
+        problem = _huge_violation(path, values, dtype, backend)
+        assert problem is None, problem
+
+    check()
+
+
+def test_the_overflow_check_catches_float32_only_norms(monkeypatch) -> None:
+    """The planted bugs: the torch backend's CPU per-tensor norms trusted when they overflow, and AGC's
+    unit norms kept in float32: norm groups and AGC zero the grads again."""
+    from fusedclip import adaptive
+    from fusedclip.backends import torch_backend
+
+    values = [[3e19, -2e19, 1.0], [5e20, 1.0]]
+    assert _huge_violation("Clipper groups", values, torch.float32, "torch") is None
+    assert _huge_violation("Clipper agc", values, torch.float32, "cpu") is None
+    monkeypatch.setattr(torch_backend, "_redo_overflowed_norms", lambda norms, tensors, p: None)
+    assert _huge_violation("Clipper groups", values, torch.float32, "torch") is not None
+    monkeypatch.setattr(
+        adaptive,
+        "_unit_norms",
+        lambda tensor, dims: torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=torch.float32 if tensor.dtype != torch.float64 else None),
+    )
+    assert _huge_violation("Clipper agc", values, torch.float32, "cpu") is not None

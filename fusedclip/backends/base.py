@@ -42,6 +42,16 @@ from ..plan import DevicePlan
 CLIP_EPS = 1e-6
 #: dtype of accumulators and coefficients produced by the backends
 ACC_DTYPE = torch.float64
+#: whether values of CPU tensors may be read on the host for free (see ``host_reads_are_free``);
+#: the tests turn it off so that CPU tensors stand in for a device where a read waits for its queue
+CPU_READS_ARE_FREE = True
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """True when reading a tensor's value on the host costs nothing on ``device``: the CPU, which has
+    no queue to wait for, outside tracing. Paths that read values (to choose a cheaper computation,
+    or to redo a rare overflow exactly) take them only then; elsewhere they stay on the device."""
+    return CPU_READS_ARE_FREE and device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 @dataclass

@@ -39,12 +39,14 @@ import torch
 from torch import Tensor
 
 from ..norm_type import NormKind, NormSpec
+from ..plan import real_dtype
 from .base import (
     ACC_DTYPE,
     Backend,
     DeviceWork,
     NormResult,
     finish_total,
+    host_reads_are_free,
     is_general_p,
     scaled_root,
     usable_norm_scale,
@@ -321,6 +323,19 @@ def _wide_group_norm(group: list[Tensor], p: float) -> Tensor:
     return _wide_norm([piece for t in group for piece in t.reshape(-1).split(CPU_CHUNK_ELEMENTS)], p).reshape(1)
 
 
+def _redo_overflowed_norms(norms: Tensor, tensors: list[Tensor], p: float) -> None:
+    """CPU per-tensor norms (float64 ``norms`` of ``tensors``, accumulated in float32 or bf16) that
+    are not finite are recomputed in float64, in place: squares above ~1.8e19 overflow float32 (and
+    bf16) where the norm itself does not, and a total of inf would zero every grad. A grad that holds
+    inf or NaN gets inf or NaN again. One host read, free on the CPU; elsewhere such norms stay inf,
+    as torch's own."""
+    bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+    for index in bad:
+        tensor = tensors[index]
+        wide = torch.complex128 if tensor.is_complex() else ACC_DTYPE
+        norms[index] = torch.linalg.vector_norm(tensor, p, dtype=wide)
+
+
 #: a float32 sum of squares of ``n`` elements below ``n`` times this may have lost squares to
 #: underflow (each lost square is below 2^-126: together under 2^-26 of the sum), so it is redone
 SQUARES_UNDERFLOW_PER_ELEMENT = 2.0**-100
@@ -374,12 +389,6 @@ def coef_needs_wide(value: float) -> bool:
     float32's normal range (``csrc/fusedclip.h``'s ``coef_needs_wide``)."""
     magnitude = abs(value)
     return 0.0 < magnitude < FLOAT_MIN_NORMAL or FLOAT_MAX < magnitude < math.inf
-
-
-def _readable(coef: Tensor) -> bool:
-    """True when reading ``coef`` on the host costs nothing: a CPU tensor (the CPU has no queue to
-    wait for), outside tracing."""
-    return coef.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _split_coef(coef: Tensor) -> tuple[Tensor, Tensor]:
@@ -464,13 +473,13 @@ class TorchBackend(Backend):
             )
             if (extreme or as_torch) and opmath is not None:
                 opmath = None
-            elif flat and plan.device.type == "cpu" and dtype in _CPU_FLAT_DTYPES:
+            elif flat and dtype in _CPU_FLAT_DTYPES:
                 positions = [i for i in indices if plan.numels[i]]
                 if positions:
                     layout = flat_layout(plan, dtype, positions, norm.p)
                     norms.append(_flat_cpu_norms([grads[i] for i in positions], norm.p, layout))
                 continue
-            counts = None
+            tensors, counts = group, None
             if plan.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not (extreme or as_torch):
                 group, counts = _pieces(group)  # see the module docstring
             if _use_foreach(group, plan.device, work.foreach):
@@ -479,7 +488,10 @@ class TorchBackend(Backend):
                 group_norms = [torch.linalg.vector_norm(g, norm.p, dtype=opmath) for g in group]
             if counts is not None:
                 group_norms = _combine_pieces(list(group_norms), counts, norm.p)
-            norms.append(torch.stack(group_norms).to(ACC_DTYPE))
+            stacked = torch.stack(group_norms).to(ACC_DTYPE)
+            if host_reads_are_free(plan.device) and norm.kind is NormKind.SUM_POW and real_dtype(dtype) != torch.float64:
+                _redo_overflowed_norms(stacked, tensors, norm.p)
+            norms.append(stacked)
         return norms
 
     def _per_tensor_vector(self, work: DeviceWork, norm: NormSpec, per_tensor: Tensor | None) -> Tensor | None:
@@ -487,7 +499,8 @@ class TorchBackend(Backend):
         norms, or on the CPU (p != 0) norms of chunks (see ``_flat_cpu_norms``). ``per_tensor``
         then takes its per-tensor norms from a second pass, so the total is the same bits with or
         without it."""
-        flat = norm.kind is not NormKind.COUNT and work.plan.device.type == "cpu"
+        # the CPU's flat path reads its sums on the host (see _flat_cpu_norms)
+        flat = norm.kind is not NormKind.COUNT and host_reads_are_free(work.plan.device)
         norms = self._per_tensor_norms(work, norm, flat=flat)
         if per_tensor is not None:
             own = self._per_tensor_norms(work, norm) if flat else norms
@@ -624,7 +637,7 @@ class TorchBackend(Backend):
         """
         plan, grads = work.plan, work.grads
         wide: bool | None = None  # does coef need the exact product? None: decided on the device
-        if _readable(coef):
+        if host_reads_are_free(coef.device):
             value = coef.item()
             if value == 1 and plan.device.type == "cpu":
                 return  # x * 1 == x in every dtype: an unclipped step costs only the norm pass
