@@ -170,3 +170,28 @@ def test_quick_start_holds_the_main_job_and_the_test_suite():
     ], commands
     # the check has teeth: a line of prose between the heading and the block hides it
     assert quick_start_commands("## Quick start\n\nRun these:\n\n```bash\npip install x\n```\n") == []
+
+
+def api_table_names(text: str) -> set[str]:
+    """The names the README's public API table documents (the backticked ``name(`` in its first
+    column, and names joined by ``/``)."""
+    start = text.index("The whole public API")
+    table = text[start : text.index("\n## ", start)]
+    names: set[str] = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\(", line.split(" | ")[0]))
+    return names
+
+
+def test_the_api_table_lists_every_public_name():
+    """Everything ``fusedclip`` exports is in the README's API table, and nothing else is."""
+    import fusedclip
+
+    exported = {name for name in fusedclip.__all__ if not name.startswith("__")}
+    documented = api_table_names(README.read_text(encoding="utf-8"))
+    assert documented == exported, (sorted(exported - documented), sorted(documented - exported))
+    # the check has teeth: a table without a row misses its name
+    text = README.read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| `NormTracker("))
+    assert "NormTracker" not in api_table_names(text.replace(row + "\n", ""))
