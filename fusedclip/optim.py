@@ -19,6 +19,17 @@ the coefficient and the coefficient itself otherwise, in which case ``grad_scale
 grads always take the scale pass (known on the host): a float32 ``grad_scale`` would round their
 coefficient to 24 bits.
 
+The optimizer applies the coefficient to each grad as it reads it, and torch's fused CPU kernels
+read and write a grad as one flat run of memory starting at its data address, paired element by
+element with its parameter. So the coefficient is folded in only when every grad is dense (no gaps:
+``buf[::2]`` is not), laid out in memory as its parameter is, and shares no memory with another
+grad (:func:`grads_foldable`). Otherwise the grads are scaled first, exactly as
+``clip_grad_norm_`` scales them (a grad listed twice, or views sharing elements, are scaled once
+per grad, one after another), and the optimizer steps with no ``grad_scale``: the same update as
+clip-then-step, and no write outside the grads, at the cost of one more read and write of the
+grads. Under ``torch.compile`` the layouts are judged while tracing and the shared memory when the
+step runs.
+
 Limits: only torch optimizers constructed with ``fused=True``; the coefficient is applied as a
 division by ``1 / coefficient`` inside the optimizer, which may round differently from a
 multiplication in the last bit; a custom optimizer that does not honour ``grad_scale`` is refused.
@@ -30,13 +41,14 @@ flag the same way ``GradScaler`` does: a fused optimizer's ``found_inf``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
-from . import amp, ops
+from . import amp, engine, ops
+from . import plan as plans
 from .backends import requested_backend
 from .inputs import check_max_norm, grads_of, no_grads_result
 from .norm_type import parse_norm_type
@@ -56,24 +68,123 @@ def _check_fused(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def fold_coefficient(coef: Tensor, call: ops.Call, dtypes: Iterable[torch.dtype]) -> Tensor | None:
-    """Apply ``coef`` (the factor for the stored grads) so that the optimizer's step sees clipped
-    grads; returns the ``grad_scale`` to hand to the optimizer (None: nothing to divide by).
+def _dense(tensor: Tensor) -> bool:
+    """:func:`fusedclip.plan.is_dense` without a sort, so that ``torch.compile`` traces it: the
+    dimensions, taken in order of stride, must step exactly over everything the smaller ones cover."""
+    if tensor.is_contiguous():
+        return True
+    dims = [(size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size != 1]
+    expected = 1
+    while dims:
+        for dim in dims:
+            if dim[1] == expected:
+                break
+        else:
+            return False
+        dims.remove(dim)
+        expected *= dim[0]
+    return True
 
-    When ``1 / coef`` is a normal float32 number the grads are left alone and the optimizer divides
-    by it. Otherwise (norm beyond float32's range, tiny ``max_norm``, coefficient 0 or NaN) the
-    grads are multiplied by ``coef`` in a scale pass and ``grad_scale`` is 1. Chosen on the device:
-    the scale pass runs with factor 1 (a no-op) in the first case. float64 grads (or complex128)
-    always take the scale pass, decided on the host.
+
+def _laid_out_like(grad: Tensor, param: Tensor) -> bool:
+    """True when ``grad`` is dense and its elements sit in memory in the order of ``param``'s, so a
+    kernel that walks both as flat runs from their data addresses pairs each grad element with its
+    own parameter element and touches no memory outside the grad."""
+    if grad.is_contiguous() and param.is_contiguous():
+        return True
+    if grad.shape != param.shape or not _dense(grad):
+        return False
+    return all(g == p for size, g, p in zip(grad.shape, grad.stride(), param.stride()) if size > 1)
+
+
+def _grads_share_memory(call: engine.PreparedCall) -> bool:
+    """True when the memory extents of two grads of the call overlap (a grad listed twice, views
+    sharing elements, interleaved strided views)."""
+    device_plans = [work.plan for _, work in call.works]
+    if any(device_plan.aliased for device_plan in device_plans):
+        return True
+    by_device: dict[torch.device, list[plans.DevicePlan]] = {}
+    for device_plan in device_plans:
+        by_device.setdefault(device_plan.device, []).append(device_plan)
+    for same_device in by_device.values():
+        if len(same_device) < 2:
+            continue
+        # grads of different parts of the call (DTensor shards, plain grads) on one device
+        if not all(device_plan.has_storage for device_plan in same_device):
+            return True  # addresses unknown: cannot rule it out
+        starts, sizes = plans._byte_spans(
+            tuple(a for device_plan in same_device for a in device_plan.addresses),
+            tuple(s for device_plan in same_device for s in device_plan.spans),
+        )
+        if plans._spans_overlap(starts, sizes):
+            return True
+    return False
+
+
+def grads_foldable(call: ops.Call, params: list[Tensor]) -> bool:
+    """True when the fused optimizer may apply the clip coefficient itself (see the module
+    docstring): every grad of ``params`` (the parameters that have one) is dense and laid out like
+    its parameter, and no two grads share memory. Otherwise the grads must be scaled before the step.
+
+    While ``torch.compile`` traces only the layouts are judged here (they are fixed by the trace);
+    whether grads share memory is decided when the step runs (:func:`fold_op`).
     """
-    if any(real_dtype(dtype) == torch.float64 for dtype in dtypes):
-        ops.scale_(call, coef)
-        return None
+    if not all(_laid_out_like(param.grad, param) for param in params):
+        return False
+    if isinstance(call, engine.PreparedCall):
+        return not _grads_share_memory(call)
+    return True
+
+
+def _carried(coef: Tensor, scale: Any) -> Tensor:
+    """The grad_scale for ``coef`` (float32 ``1 / coef`` when both are normal float32 numbers, else
+    1); ``scale`` applies the coefficient to the grads in the other case (factor 1 otherwise)."""
     coef = coef.to(torch.float64)
     carried = (coef >= _F32_TINY) & (coef <= 1.0 / _F32_TINY)  # False for NaN
     one = torch.ones_like(coef)
-    ops.scale_(call, torch.where(carried, one, coef))
+    scale(torch.where(carried, one, coef))
     return torch.where(carried, coef.reciprocal(), one).to(torch.float32)
+
+
+@torch.library.custom_op("fusedclip::fold_coefficient", mutates_args={"grads"})
+def fold_op(grads: list[Tensor], coef: Tensor, backend: Optional[str]) -> Tensor:
+    """:func:`fold_coefficient` under ``torch.compile`` for grads already judged dense and laid out
+    like their parameters: grads that share memory (known only now, from their addresses) are scaled
+    by ``coef`` and the returned ``grad_scale`` is 1."""
+    call = engine.prepare(grads, backend, for_norm=False)
+    if _grads_share_memory(call):
+        engine.scale_(call, coef)
+        return torch.ones((), dtype=torch.float32, device=coef.device)
+    return _carried(coef, lambda factor: engine.scale_(call, factor))
+
+
+@fold_op.register_fake
+def _(grads, coef, backend):
+    return coef.new_empty((), dtype=torch.float32)
+
+
+def fold_coefficient(coef: Tensor, call: ops.Call, dtypes: Iterable[torch.dtype], foldable: bool = True) -> Tensor | None:
+    """Apply ``coef`` (the factor for the stored grads) so that the optimizer's step sees clipped
+    grads; returns the ``grad_scale`` to hand to the optimizer (None: nothing to divide by).
+
+    ``foldable`` (:func:`grads_foldable`): False makes the grads be scaled here, as
+    ``clip_grad_norm_`` scales them, with no ``grad_scale``. Otherwise, when ``1 / coef`` is a
+    normal float32 number the grads are left alone and the optimizer divides by it; else (norm
+    beyond float32's range, tiny ``max_norm``, coefficient 0 or NaN) the grads are multiplied by
+    ``coef`` in a scale pass and ``grad_scale`` is 1. Chosen on the device: the scale pass runs with
+    factor 1 (a no-op) in the first case. float64 grads (or complex128) always take the scale pass,
+    decided on the host.
+    """
+    if not foldable or any(real_dtype(dtype) == torch.float64 for dtype in dtypes):
+        ops.scale_(call, coef)
+        return None
+    if isinstance(call, ops.TracedCall):
+        return fold_op(call.grads, coef, call.backend)
+    return _carried(coef, lambda factor: ops.scale_(call, factor))
+
+
+def _params_with_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 def _set_grad_scale(optimizer: torch.optim.Optimizer, grad_scale: Tensor | None) -> None:
@@ -123,7 +234,8 @@ def clip_and_step_(
         scaled = amp.scaled_norm(scaler, optimizer, max_norm, norm, backend, group)
         state = scaled.state
         if scaled.call is not None:
-            _set_grad_scale(optimizer, fold_coefficient(scaled.coef, scaled.call, scaled.dtypes))  # type: ignore[arg-type]
+            foldable = grads_foldable(scaled.call, _params_with_grads(optimizer))
+            _set_grad_scale(optimizer, fold_coefficient(scaled.coef, scaled.call, scaled.dtypes, foldable))  # type: ignore[arg-type]
             state["found_inf_per_device"] = {scaled.found_inf.device: scaled.found_inf}
         else:
             state["found_inf_per_device"] = {}
@@ -134,13 +246,15 @@ def clip_and_step_(
             _clear_grad_scale(optimizer)
         return scaled.total
 
-    grads = grads_of([p for g in optimizer.param_groups for p in g["params"]])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grads = grads_of(params)
     if not grads:
         optimizer.step()
         return no_grads_result()
     call = ops.prepare(grads, backend, group)
     result, _ = ops.total_norm(call, norm, max_norm)
-    _set_grad_scale(optimizer, fold_coefficient(result.coef, call, {g.dtype for g in grads}))  # type: ignore[arg-type]
+    foldable = grads_foldable(call, [p for p in params if p.grad is not None])
+    _set_grad_scale(optimizer, fold_coefficient(result.coef, call, {g.dtype for g in grads}, foldable))  # type: ignore[arg-type]
     try:
         optimizer.step()
     finally:
