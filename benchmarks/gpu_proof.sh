@@ -15,30 +15,34 @@
 #   gate       45  benchmarks/gpu_gate.py: versions, build record, available_backends("cuda"), one
 #                  explicit clip per backend against float64, the kernels it launched; exits non-zero
 #                  when `cuda` or `triton` cannot run: no silent CPU-only build    -> env.txt
-#   bench     140  benchmarks/gpu_headline.py: GPT-2 small fp32/bf16, Llama-2-7B bf16, 2000 small
+#   bench     130  benchmarks/gpu_headline.py: GPT-2 small fp32/bf16, Llama-2-7B bf16, 2000 small
 #                  tensors, one 2^31-element tensor; clipped and unclipped; cuda, triton, torch, apex
 #                  (if installed) for every set first, then torch.compile (sets of at most 300
 #                  tensors, within a compile budget) so that no cold compile delays a kernel row;
 #                  device time, wall time, copy-bandwidth share; one row per line as it is measured
 #                                                                       -> bench.jsonl, bench.md
-#   contract  120  pytest tests/test_gpu_contract.py (launch count, no sync under
+#   contract  110  pytest tests/test_gpu_contract.py (launch count, no sync under
 #                  set_sync_debug_mode("error"), CUDA graphs, >2^31 elements, two streams, ...)
 #                                                                       -> contract.log
-#   parity     60  pytest -m gpu tests/test_parity.py: the CUDA cases of the kernel backends (cuda,
+#   parity     55  pytest -m gpu tests/test_parity.py: the CUDA cases of the kernel backends (cuda,
 #                  triton; the `torch` backend's CUDA cases are left out), default chunking,
 #                  fp32/bf16/bf16+fp32/all-four dtype sets (about 300 tests)      -> parity.log
-# Every stage's verdict is appended to summary.md as it ends. At most 7 files land in $OUT (the
+#   tracker    30  python -m fusedclip.bench.training_step on GPT-2 small (full size): backward + a
+#                  fused AdamW step with no clipping, torch's, fusedclip's, clip_and_step_ and
+#                  NormTracker + clip_and_step_ (skipped, not failed, when the time is gone)
+#                                                                       -> tracker.md
+# Every stage's verdict is appended to summary.md as it ends. At most 8 files land in $OUT (the
 # device tool returns at most 8). The exit status is non-zero when any stage failed; later stages
 # still run, except that nothing runs after a failed build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-STAGES=(build gate bench contract parity)
-declare -A BUDGET=([build]=100 [gate]=45 [bench]=140 [contract]=120 [parity]=60)
+STAGES=(build gate bench contract parity tracker)
+declare -A BUDGET=([build]=100 [gate]=45 [bench]=130 [contract]=110 [parity]=55 [tracker]=30)
 TOTAL_S=${TOTAL_S:-470}
 #: every file the proof writes into $OUT (the rehearsal checks that no other appears)
-OUT_FILES=(summary.md build.log env.txt bench.jsonl bench.md contract.log parity.log)
+OUT_FILES=(summary.md build.log env.txt bench.jsonl bench.md contract.log parity.log tracker.md)
 PARITY_K="(cuda-cuda or cuda-triton) and not chunk-64 and not fp64 and not fp16"
 
 mode=run
@@ -174,6 +178,17 @@ else
     run_stage contract contract.log "$PY" -m pytest tests/test_gpu_contract.py --collect-only -q $(pytest_flags)
     run_stage parity parity.log "$PY" -m pytest tests/test_parity.py -m gpu -k "$PARITY_K" --collect-only -q \
         $(pytest_flags)
+fi
+
+# ---- the tracker in a training step (least valuable: only when time is left) ----------------------------
+if [ "$(budget_for tracker)" -lt 20 ]; then
+    note "| tracker | not run: $(budget_for tracker) s left | | tracker.md |"
+    : >"$OUT/tracker.md"
+elif [ "$mode" = run ]; then
+    run_stage tracker tracker.md "$PY" -m fusedclip.bench.training_step --device cuda --models gpt2 --size full \
+        --rounds 7
+else
+    run_stage tracker tracker.md "$PY" -m fusedclip.bench.training_step --models lstm --size small --rounds 1
 fi
 
 note ""

@@ -47,7 +47,7 @@ def test_script_is_valid_bash():
 def test_stage_budgets_fit_one_call():
     listing = _listing()
     stages = [name for name in listing if name not in ("total", "deadline", "files")]
-    assert stages == ["build", "gate", "bench", "contract", "parity"], "the order is the order of value"
+    assert stages == ["build", "gate", "bench", "contract", "parity", "tracker"], "the order is the order of value"
     budgets = [int(listing[name]) for name in stages]
     assert all(b > 0 for b in budgets)
     assert sum(budgets) == int(listing["total"])
@@ -132,7 +132,7 @@ def test_rehearsal_passes_every_stage(rehearsal):
     done, out = rehearsal
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = (out / "summary.md").read_text()
-    for stage in ("build", "gate", "bench", "contract", "parity"):
+    for stage in ("build", "gate", "bench", "contract", "parity", "tracker"):
         assert re.search(rf"^\| {stage} \| ok \|", summary, re.MULTILINE), summary
 
 
