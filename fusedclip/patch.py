@@ -12,10 +12,15 @@ clip_grad_norm_`` executed at import time, keeps pointing at torch's function.
 
 Nesting. Patches nest and may overlap across threads: every :func:`patch_torch` call opens one
 patch, and torch stays patched until every open patch is closed. A patch is closed by leaving its
-``with`` block, by its :meth:`Patch.close`, or by :func:`unpatch_torch`, which closes the most
-recent patch opened *without* a ``with`` block (so ``patch_torch()`` / ``unpatch_torch()`` pairs
-nest like ``with`` blocks and never end an enclosing block's patch);
-``unpatch_torch(force=True)`` closes every patch at once. While several patches are open, the
+(outermost) ``with`` block, by its :meth:`Patch.close`, or by :func:`unpatch_torch`, which closes
+the most recent patch opened *without* a ``with`` block (so ``patch_torch()`` / ``unpatch_torch()``
+pairs nest like ``with`` blocks and never end an enclosing block's patch);
+``unpatch_torch(force=True)`` closes every patch at once.
+
+One :class:`Patch` object may be entered again. Entering it while it is open only counts (``with
+P: with P: ...`` keeps torch patched until the outer block ends); entering it after it was closed
+opens it again, as the most recently opened patch, so a patch kept in a variable can wrap several
+blocks one after another (``with P: train()`` then ``with P: evaluate()``). While several patches are open, the
 ``backend`` of the most recently opened one applies. The patch is process-wide (module
 attributes), so a patch opened by one thread reaches every thread; all bookkeeping happens under
 one lock. When the last patch closes, torch's functions are restored, except a name that someone
@@ -60,36 +65,63 @@ def _replacement(name: str, backend: str | None) -> Callable[..., Any]:
 
 
 class Patch:
-    """One open patch, returned by :func:`patch_torch`; a context manager that closes it on exit."""
+    """One patch, returned (open) by :func:`patch_torch`; a re-entrant context manager.
 
-    __slots__ = ("_entered", "backend")
+    ``with patch:`` counts its blocks: leaving a block closes the patch only when it is the last
+    block of this patch still open, so nesting the same object is harmless. Entering a closed patch
+    (after its block ended, after :meth:`close` or ``unpatch_torch(force=True)``) opens it again
+    as the most recently opened patch, with the same ``backend``; leaving that block closes it
+    again. Leaving a block of a patch that was closed from inside the block (by :meth:`close` or a
+    forced unpatch) changes nothing.
+    """
+
+    __slots__ = ("_depth", "backend")
 
     def __init__(self, backend: str | None) -> None:
         self.backend = backend
-        self._entered = False
+        self._depth = 0  # with blocks of this patch entered since it was (re)opened, not yet left
 
     @property
     def active(self) -> bool:
-        """True until this patch is closed."""
+        """True while this patch is open."""
         with _lock:
-            return any(patch is self for patch in _open)
+            return self._is_open()
+
+    def _is_open(self) -> bool:
+        return any(patch is self for patch in _open)
 
     def __enter__(self) -> Patch:
         with _lock:
-            self._entered = True  # owned by the with block: unpatch_torch() leaves it alone
+            if not self._is_open():  # closed: open it again, on top of the others
+                self._depth = 0
+                _open.append(self)
+                _apply()
+            self._depth += 1  # owned by a with block: unpatch_torch() leaves it alone
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        with _lock:
+            if not self._is_open():
+                self._depth = 0
+                return  # closed from inside the block already
+            if self._depth > 1:
+                self._depth -= 1
+                return
+            self._close()
 
     def close(self) -> None:
-        """Close this patch (a no-op when it is closed already); torch is restored when it was the last."""
+        """Close this patch now, whatever blocks of it are open (a no-op when it is closed already);
+        torch is restored when it was the last open patch."""
         with _lock:
-            for index, patch in enumerate(_open):
-                if patch is self:
-                    del _open[index]
-                    _apply()
-                    return
+            self._close()
+
+    def _close(self) -> None:
+        self._depth = 0
+        for index, patch in enumerate(_open):
+            if patch is self:
+                del _open[index]
+                _apply()
+                return
 
     def __repr__(self) -> str:
         return f"<fusedclip patch backend={self.backend!r} {'open' if self.active else 'closed'}>"
@@ -128,8 +160,9 @@ def patch_torch(backend: str | None = None) -> Patch:
             automatic choice).
 
     Returns:
-        The patch: a context manager whose exit closes it (torch is restored when the last open
-        patch closes); or close it with :func:`unpatch_torch` or ``.close()``.
+        The patch, open: a re-entrant context manager whose (outermost) exit closes it (torch is
+        restored when the last open patch closes); or close it with :func:`unpatch_torch` or
+        ``.close()``. Entering it again after it was closed opens it again (see :class:`Patch`).
     """
     if backend is not None:
         from .backends import requested_backend
@@ -150,10 +183,12 @@ def unpatch_torch(*, force: bool = False) -> None:
     """
     with _lock:
         if force:
+            for patch in _open:
+                patch._depth = 0
             _open.clear()
         else:
             for index in range(len(_open) - 1, -1, -1):
-                if not _open[index]._entered:
+                if _open[index]._depth == 0:
                     del _open[index]
                     break
             else:

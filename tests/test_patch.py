@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn.utils
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils import clip_grad_norm_ as bound_before_patching
 
@@ -218,12 +218,16 @@ def test_overlapping_with_blocks_in_threads():
     assert _in_effect() == (False, None)
 
 
-# A model of the patch stack, and random programs run against it.
+# A model of the patch stack, and random programs run against it. Patches are kept after they
+# close, so a program may enter, leave or close the same Patch object again at any time.
 _OPS = st.lists(
     st.one_of(
         st.tuples(st.just("open-with"), st.sampled_from([None, "torch", "cpu"])),
         st.tuples(st.just("open-bare"), st.sampled_from([None, "torch", "cpu"])),
-        st.tuples(st.just("exit"), st.integers(0, 10)),
+        st.tuples(st.just("exit"), st.integers(0, 10)),  # leave a block of an open patch
+        st.tuples(st.just("enter"), st.integers(0, 10)),  # enter any patch made so far, open or closed
+        st.tuples(st.just("exit-any"), st.integers(0, 10)),  # leave a block of any patch, open or closed
+        st.tuples(st.just("close"), st.integers(0, 10)),
         st.tuples(st.just("unpatch"), st.booleans()),
     ),
     max_size=25,
@@ -232,34 +236,72 @@ _OPS = st.lists(
 
 def _run_against_model(ops):
     """Apply ``ops``; after each, torch's names must match the model: patched while any patch is
-    open, with the backend of the most recently opened one."""
-    model = []  # [(patch, backend, with?)] oldest first
+    open, with the backend of the most recently opened one.
+
+    The model: a stack of open patches, oldest first, each with the number of its with blocks not
+    yet left. Entering an open patch counts one more block; entering a closed one opens it on top
+    with one block; leaving a block of an open patch counts one less and closes it at none (or when
+    it had none: a patch opened without a with block); leaving a block of a closed patch, or
+    closing a closed patch, changes nothing. unpatch_torch() closes the most recent patch with no
+    block; force closes all."""
+    made = []  # every patch made: (patch, backend)
+    model = []  # open patches, oldest first: [patch, backend, blocks]
+
+    def find(patch):
+        return next((i for i, entry in enumerate(model) if entry[0] is patch), None)
+
+    def leave(patch):
+        i = find(patch)
+        patch.__exit__(None, None, None)
+        if i is not None:
+            if model[i][2] > 1:
+                model[i][2] -= 1
+            else:
+                del model[i]
+
     for op, arg in ops:
         if op in ("open-with", "open-bare"):
             p = fusedclip.patch_torch(backend=arg)
             if op == "open-with":
                 p.__enter__()
-            model.append((p, arg, op == "open-with"))
+            made.append((p, arg))
+            model.append([p, arg, 1 if op == "open-with" else 0])
         elif op == "exit" and model:
-            p, _, _ = model.pop(arg % len(model))
-            p.__exit__(None, None, None)
+            leave(model[arg % len(model)][0])
+        elif op == "exit-any" and made:
+            leave(made[arg % len(made)][0])
+        elif op == "enter" and made:
+            p, backend = made[arg % len(made)]
+            p.__enter__()
+            i = find(p)
+            if i is None:
+                model.append([p, backend, 1])
+            else:
+                model[i][2] += 1
+        elif op == "close" and made:
+            p, _ = made[arg % len(made)]
+            p.close()
+            i = find(p)
+            if i is not None:
+                del model[i]
         elif op == "unpatch":
             if arg:
                 model.clear()
             else:
-                bare = [i for i, (_, _, with_) in enumerate(model) if not with_]
+                bare = [i for i, entry in enumerate(model) if entry[2] == 0]
                 if bare:
                     del model[bare[-1]]
             fusedclip.unpatch_torch(force=arg)
         expected = (True, model[-1][1]) if model else (False, None)
         assert _in_effect() == expected, (ops, expected)
         assert patch_module.open_patches() == len(model)
-    for p, _, _ in model:
+        assert [p.active for p, _ in made] == [find(p) is not None for p, _ in made]
+    for p, _ in made:
         p.close()
     assert _in_effect() == (False, None)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(ops=_OPS)
 def test_any_sequence_of_patches_matches_the_stack_model(ops):
     _run_against_model(ops)
@@ -272,3 +314,72 @@ def test_the_model_catches_an_exit_that_unpatches_everything(monkeypatch):
     monkeypatch.setattr(patch_module.Patch, "__exit__", lambda self, *exc: fusedclip.unpatch_torch(force=True))
     with pytest.raises(AssertionError):
         _run_against_model(ops)
+
+
+def test_the_same_patch_entered_twice_stays_open_until_its_outer_block_ends():
+    patch = fusedclip.patch_torch(backend="torch")
+    with patch:
+        with patch:
+            assert _in_effect() == (True, "torch")
+        assert _in_effect() == (True, "torch"), "the inner exit closed the outer block's patch"
+        assert patch.active
+    assert _in_effect() == (False, None) and not patch.active
+
+
+def test_entering_a_closed_patch_opens_it_again_on_top():
+    patch = fusedclip.patch_torch(backend="torch")
+    with patch:
+        pass
+    assert not patch.active
+    with fusedclip.patch_torch(backend="cpu"):
+        with patch:  # reopened as the most recent patch: its backend applies
+            assert patch.active and _in_effect() == (True, "torch")
+        assert not patch.active and _in_effect() == (True, "cpu")
+    patch.close()
+    with patch:
+        assert _in_effect() == (True, "torch")
+        fusedclip.unpatch_torch(force=True)
+        assert _in_effect() == (False, None)
+    assert _in_effect() == (False, None)  # leaving a block of a patch closed inside it changes nothing
+
+
+def _non_reentrant_enter(self):
+    """The broken version the model must catch: entering only marks the patch, no count, no reopen."""
+    self._depth = 1
+    return self
+
+
+def _non_reentrant_exit(self, *exc):
+    self.close()
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [("open-with", None), ("enter", 0), ("exit", 0)],  # with P: with P: ... (the inner exit)
+        [("open-with", "torch"), ("exit", 0), ("enter", 0)],  # with P: ... then with P: ... again
+    ],
+    ids=["nested", "reopened"],
+)
+def test_the_model_catches_a_patch_that_is_not_reentrant(monkeypatch, ops):
+    _run_against_model(ops)
+    monkeypatch.setattr(patch_module.Patch, "__enter__", _non_reentrant_enter)
+    monkeypatch.setattr(patch_module.Patch, "__exit__", _non_reentrant_exit)
+    with pytest.raises(AssertionError):
+        _run_against_model(ops)
+
+
+def test_the_random_programs_find_a_patch_that_is_not_reentrant(monkeypatch):
+    monkeypatch.setattr(patch_module.Patch, "__enter__", _non_reentrant_enter)
+    monkeypatch.setattr(patch_module.Patch, "__exit__", _non_reentrant_exit)
+
+    @settings(max_examples=300, deadline=None, database=None, phases=[Phase.generate], report_multiple_bugs=False)
+    @given(ops=_OPS)
+    def search(ops):
+        try:
+            _run_against_model(ops)
+        finally:
+            fusedclip.unpatch_torch(force=True)
+
+    with pytest.raises(AssertionError):
+        search()
