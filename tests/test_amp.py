@@ -96,11 +96,39 @@ def test_misuse_raises_like_unscale_():
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(model(torch.randn(2, 16)).sum()).backward()
     fusedclip.unscale_and_clip_(scaler, optimizer, 1.0)
+
+    def snapshot():
+        state = scaler._per_optimizer_states[id(optimizer)]
+        return (
+            [(p.detach().clone(), p.grad.clone()) for p in model.parameters()],
+            state["stage"],
+            {device: flag.clone() for device, flag in state["found_inf_per_device"].items()},
+            scaler._scale.clone(),
+            scaler._growth_tracker.clone(),
+            copy.deepcopy(optimizer.state_dict()),
+        )
+
+    def assert_unchanged(before):
+        tensors, stage, found_inf, scale, growth, optimizer_state = before
+        for p, (data, grad) in zip(model.parameters(), tensors):  # bit for bit
+            assert torch.equal(p.detach().view(torch.int32), data.view(torch.int32))
+            assert torch.equal(p.grad.view(torch.int32), grad.view(torch.int32))
+        state = scaler._per_optimizer_states[id(optimizer)]
+        assert state["stage"] is stage
+        assert state["found_inf_per_device"].keys() == found_inf.keys()
+        assert all(torch.equal(state["found_inf_per_device"][d], f) for d, f in found_inf.items())
+        assert torch.equal(scaler._scale, scale) and torch.equal(scaler._growth_tracker, growth)
+        assert repr(optimizer.state_dict()) == repr(optimizer_state)
+
+    before = snapshot()
     with pytest.raises(RuntimeError, match="already been called"):
         fusedclip.unscale_and_clip_(scaler, optimizer, 1.0)
+    assert_unchanged(before)
     scaler.step(optimizer)
+    before = snapshot()
     with pytest.raises(RuntimeError, match="after step"):
         fusedclip.unscale_and_clip_(scaler, optimizer, 1.0)
+    assert_unchanged(before)
     scaler.update()
 
 

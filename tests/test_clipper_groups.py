@@ -477,16 +477,41 @@ def test_grouped_load_refuses_another_layout_and_bad_group_values():
         clipper()
     saved = clipper.state_dict()
     other = Clipper([{"params": params[:2], "mode": "zclip", "warmup_steps": 2, "name": "adamw"}, {"params": params[2:], "mode": None}], skip="spike")
+
+    def snapshot(target):
+        state = target.state_dict()
+        return (
+            {k: v for k, v in state.items() if k != "tensors"},
+            {k: (v, v.detach().clone()) for k, v in target.state.items()},
+            [(p.detach().clone(), p.grad.clone()) for p in params],
+        )
+
+    def assert_unchanged(target, before):
+        """Nothing a load could touch has changed: state (same tensor objects, same bits), grads, params."""
+        plain, tensors, tensors_of_params = before
+        assert {k: v for k, v in target.state_dict().items() if k != "tensors"} == plain
+        assert target.state.keys() == tensors.keys()
+        for key, (obj, copy_) in tensors.items():
+            assert target.state[key] is obj, key
+            assert obj.dtype == copy_.dtype and torch.equal(obj.reshape(-1).view(torch.uint8), copy_.reshape(-1).view(torch.uint8)), key
+        for p, (data, grad) in zip(params, tensors_of_params):
+            assert torch.equal(_bits(p.detach()), _bits(data)) and torch.equal(_bits(p.grad), _bits(grad))
+
+    before = snapshot(other)
     with pytest.raises(ValueError):
         other.load_state_dict(saved)
+    assert_unchanged(other, before)
+    before = snapshot(clipper)
     bad = clipper.state_dict()
     bad["tensors"]["groups.2.tensor_ema"][0] = -1.0
     with pytest.raises(ValueError, match="groups.2.tensor_ema"):
         clipper.load_state_dict(bad)
+    assert_unchanged(clipper, before)
     bad = clipper.state_dict()
     bad["tensors"]["groups.0.finite_steps"].fill_(99)
     with pytest.raises(ValueError, match="groups.0.finite_steps"):
         clipper.load_state_dict(bad)
+    assert_unchanged(clipper, before)
     clipper.load_state_dict(saved)
 
 

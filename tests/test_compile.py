@@ -83,8 +83,13 @@ def test_no_graph_breaks_are_reported():
 
 def test_bad_constant_arguments_still_raise_under_compile():
     params = _params()
+    before = clone_params(params)
     with pytest.raises(Exception, match="non-negative"):
         _compiled(lambda ps: fusedclip.clip_grad_norm_(ps, -1.0))(params)
+    bits = lambda t: t.detach().reshape(-1).view(torch.uint8)  # noqa: E731
+    for p, q in zip(params, before):  # no grad modified, bit for bit
+        assert torch.equal(bits(p), bits(q))
+        assert (p.grad is None and q.grad is None) or torch.equal(bits(p.grad), bits(q.grad))
 
 
 def test_opcheck_on_every_op():

@@ -55,12 +55,19 @@ def test_explicit_unavailable_backend_raises_with_the_reason():
 
 
 def test_explicit_kernel_backend_refuses_complex_grads():
+    real = torch.nn.Parameter(torch.ones(3))
+    real.grad = torch.full((3,), 5.0)  # listed first: a refusal after scaling it would show
     param = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
     param.grad = torch.ones(2, dtype=torch.complex64)
+    params = [real, param]
+    before = [(p.detach().clone(), p.grad.clone()) for p in params]
     for name in ("cpu", "triton"):
         if backends._reason(name, torch.device("cpu"), None) is None:
             with pytest.raises(RuntimeError, match="complex64"):
-                fusedclip.clip_grad_norm_([param], 1.0, backend=name)
+                fusedclip.clip_grad_norm_(params, 1.0, backend=name)
+            for p, (data, grad) in zip(params, before):  # no grad modified, bit for bit
+                assert torch.equal(p.detach().view(torch.uint8), data.view(torch.uint8))
+                assert torch.equal(p.grad.view(torch.uint8), grad.view(torch.uint8))
 
 
 def test_complex_grads_follow_torch_through_automatic_choice():

@@ -229,14 +229,25 @@ def test_clip_and_step_with_tracker(fused, max_norm):
 def test_clip_and_step_tracker_refusals():
     net = torch.nn.Linear(3, 3)
     other = torch.nn.Parameter(torch.ones(2))
+    other.grad = torch.full((2,), 4.0)  # a grad the refused calls would clip
     tracker = NormTracker(net)
     net(torch.ones(1, 3)).sum().backward()
-    with pytest.raises(ValueError, match="not tracked"):
-        fusedclip.clip_and_step_(torch.optim.SGD([*net.parameters(), other], lr=0.1), 1.0, tracker=tracker)
-    with pytest.raises(ValueError, match="differs"):
-        fusedclip.clip_and_step_(torch.optim.SGD(net.parameters(), lr=0.1), 1.0, norm_type=1.0, tracker=tracker)
-    with pytest.raises(NotImplementedError, match="GradScaler"):
-        fusedclip.clip_and_step_(torch.optim.SGD(net.parameters(), lr=0.1), 1.0, tracker=tracker, scaler=torch.amp.GradScaler("cpu"))
+    everything = [*net.parameters(), other]
+    before = [(p.detach().clone(), p.grad.clone()) for p in everything]
+
+    def refused(exception, match, optimizer, **kwargs):
+        with pytest.raises(exception, match=match):
+            fusedclip.clip_and_step_(optimizer, 1e-3, tracker=tracker, **kwargs)
+        for p, (data, grad) in zip(everything, before):  # no grad or parameter modified, bit for bit
+            assert torch.equal(p.detach().view(torch.int32), data.view(torch.int32))
+            assert torch.equal(p.grad.view(torch.int32), grad.view(torch.int32))
+        assert not optimizer.state and not hasattr(optimizer, "grad_scale")
+
+    refused(ValueError, "not tracked", torch.optim.SGD(everything, lr=0.1, momentum=0.9))
+    refused(ValueError, "differs", torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), norm_type=1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    refused(NotImplementedError, "GradScaler", torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), scaler=scaler)
+    assert not scaler._per_optimizer_states and scaler._scale is None
     for p in (3.0, 0.0, -math.inf):
         with pytest.raises(NotImplementedError, match="norm_type"):
             NormTracker(net, p)
