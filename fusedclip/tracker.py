@@ -119,6 +119,7 @@ from .backends import requested_backend
 from .backends.base import ACC_DTYPE, NormResult, combine_accumulators, finish
 from .inputs import check_max_norm
 from .norm_type import NormKind, NormSpec, parse_norm_type
+from .optim import fold_coefficient, grads_foldable
 from .plan import result_dtype_of
 
 __all__ = ["NormTracker", "DEFAULT_MIN_NUMEL"]
@@ -576,21 +577,6 @@ class NormTracker:
         return f"<NormTracker p={self.norm} params={len(self.params)} {state}>"
 
 
-def _fold(coef: Tensor, call: engine.PreparedCall, dtypes: set[torch.dtype]) -> Tensor | None:
-    """``fusedclip.optim``'s folding (see its module docstring): the optimizer divides by
-    ``1 / coef`` when that is a normal float32 (no write to the grads), else one scale pass applies
-    ``coef`` (chosen on the device); float64 grads always take the scale pass."""
-    tiny = torch.finfo(torch.float32).tiny
-    if any(dtype in (torch.float64, torch.complex128) for dtype in dtypes):
-        engine.scale_(call, coef)
-        return None
-    coef = coef.to(torch.float64)
-    carried = (coef >= tiny) & (coef <= 1.0 / tiny)
-    one = torch.ones_like(coef)
-    engine.scale_(call, torch.where(carried, one, coef))
-    return torch.where(carried, coef.reciprocal(), one).to(torch.float32)
-
-
 @torch.no_grad()
 def tracked_step(optimizer: torch.optim.Optimizer, max_norm: float | Tensor, norm_type: float | str, tracker: NormTracker, scaler: Any = None) -> Tensor:
     """``clip_and_step_(optimizer, max_norm, tracker=tracker)``: the tracker's norm (no norm pass),
@@ -626,7 +612,9 @@ def tracked_step(optimizer: torch.optim.Optimizer, max_norm: float | Tensor, nor
         engine.scale_(call, result.coef)  # type: ignore[arg-type]
         optimizer.step()
         return result.total
-    grad_scale = _fold(result.coef, call, {grad.dtype for grad in grads})  # type: ignore[arg-type]
+    with_grads = [param for param in params if param.grad is not None]
+    foldable = grads_foldable(call, with_grads)
+    grad_scale = fold_coefficient(result.coef, call, {grad.dtype for grad in grads}, foldable)  # type: ignore[arg-type]
     if grad_scale is not None:
         optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
     try:

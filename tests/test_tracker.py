@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import fusedclip
 from fusedclip.tracker import NormTracker
+from conftest import require_backend
 
 
 def torch_clip(params, max_norm, norm_type):
@@ -468,3 +469,45 @@ def test_refused_clip_and_step_touches_nothing():
             assert torch.equal(tensor, after_state["state"][key][name]), name
     assert tracker._records == records  # the step is not consumed either: still usable
     assert_matches_torch(tracker, list(net.parameters()))
+
+
+def _layout_case(kind: str) -> tuple[torch.Tensor, list[torch.nn.Parameter]]:
+    """A base buffer and two parameters whose grads are views of it laid out as ``kind``."""
+    buf = torch.arange(1.0, 13.0) * 10
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    if kind == "strided":  # gaps in the buffer that belong to no grad
+        p.grad, q.grad = buf[::3], buf[1:5].clone()
+    elif kind == "shared":  # one grad under two parameters
+        p.grad = q.grad = buf[:4]
+    else:  # overlapping views
+        p.grad, q.grad = buf[0:4], buf[2:6]
+    return buf, [p, q]
+
+
+def _tracked_layout_step(kind: str, backend: str, tracked: bool) -> list[torch.Tensor]:
+    buf, params = _layout_case(kind)
+    optimizer = torch.optim.SGD(params, lr=1.0, momentum=0.5, fused=True)
+    if tracked:
+        tracker = fusedclip.NormTracker(params, backend=backend, min_numel=0)
+        fusedclip.clip_and_step_(optimizer, 1.0, tracker=tracker)
+    else:
+        fusedclip.clip_grad_norm_(params, 1.0, backend=backend)
+        optimizer.step()
+    return [buf, *(p.detach() for p in params)]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("kind", ["strided", "shared", "overlapping"])
+def test_tracked_step_with_grads_sharing_memory_or_with_gaps(kind, backend, monkeypatch):
+    """The tracker route of clip_and_step_ folds the coefficient into the fused optimizer only where
+    clip_and_step_ itself would: grads with gaps or sharing memory are scaled first, so the update is
+    clip-then-step's and no element outside the grads is written. A fold that ignores the layout
+    (the planted bug) writes the gaps or scales shared elements once."""
+    require_backend("cpu", backend)
+    expected = _tracked_layout_step(kind, backend, tracked=False)
+    got = _tracked_layout_step(kind, backend, tracked=True)
+    for mine, theirs in zip(got, expected):
+        assert torch.allclose(mine, theirs, rtol=1e-6, atol=0), (kind, got, expected)
+    monkeypatch.setattr(fusedclip.tracker, "grads_foldable", lambda call, params: True)
+    broken = _tracked_layout_step(kind, backend, tracked=True)
+    assert any(not torch.allclose(b, e, rtol=1e-6, atol=0) for b, e in zip(broken, expected))
