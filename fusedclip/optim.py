@@ -68,31 +68,13 @@ def _check_fused(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def _dense(tensor: Tensor) -> bool:
-    """:func:`fusedclip.plan.is_dense` without a sort, so that ``torch.compile`` traces it: the
-    dimensions, taken in order of stride, must step exactly over everything the smaller ones cover."""
-    if tensor.is_contiguous():
-        return True
-    dims = [(size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size != 1]
-    expected = 1
-    while dims:
-        for dim in dims:
-            if dim[1] == expected:
-                break
-        else:
-            return False
-        dims.remove(dim)
-        expected *= dim[0]
-    return True
-
-
 def _laid_out_like(grad: Tensor, param: Tensor) -> bool:
     """True when ``grad`` is dense and its elements sit in memory in the order of ``param``'s, so a
     kernel that walks both as flat runs from their data addresses pairs each grad element with its
     own parameter element and touches no memory outside the grad."""
     if grad.is_contiguous() and param.is_contiguous():
         return True
-    if grad.shape != param.shape or not _dense(grad):
+    if grad.shape != param.shape or not plans.is_dense(grad):
         return False
     return all(g == p for size, g, p in zip(grad.shape, grad.stride(), param.stride()) if size > 1)
 

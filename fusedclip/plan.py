@@ -85,16 +85,21 @@ def result_dtype_of(dtypes: Iterable[torch.dtype]) -> torch.dtype:
 
 
 def is_dense(tensor: Tensor) -> bool:
-    """True when the tensor's elements fill one gap-free, non-overlapping span of memory."""
+    """True when the tensor's elements fill one gap-free, non-overlapping span of memory: its
+    dimensions, taken in order of stride, each step exactly over what the smaller ones cover.
+    (Written without a sort, so that ``torch.compile`` can trace it.)"""
     if tensor.is_contiguous():
         return True
+    dims = [(size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size != 1]
     expected = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if stride != expected:
+    while dims:
+        for dim in dims:
+            if dim[1] == expected:
+                break
+        else:
             return False
-        expected *= size
+        dims.remove(dim)
+        expected *= dim[0]
     return True
 
 

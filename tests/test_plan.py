@@ -56,6 +56,21 @@ def test_is_dense():
     assert not is_dense(torch.randn(3, 1).expand(3, 4))
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 4), min_size=1, max_size=4),
+    strides=st.lists(st.integers(0, 40), min_size=4, max_size=4),
+)
+def test_is_dense_means_the_elements_cover_one_gap_free_span(shape, strides):
+    """is_dense against its definition: the element offsets are exactly 0 .. numel - 1."""
+    stride = strides[: len(shape)]
+    numel = math.prod(shape)
+    extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride)) if numel else 0
+    view = torch.arange(max(extent, 1)).as_strided(shape, stride)
+    offsets = sorted(view.reshape(-1).tolist())
+    assert is_dense(view) == (offsets == list(range(numel))), (shape, stride)
+
+
 def _grads(*shapes, dtype=torch.float32):
     return [torch.randn(s, dtype=dtype) for s in shapes]
 
