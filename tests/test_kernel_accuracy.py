@@ -66,7 +66,7 @@ from fusedclip import plan
 from fusedclip.backends import kernel_base
 
 from conftest import BACKEND_CASES
-from test_torch_backend_accuracy import DTYPES, MP_PREC, exact_norm, grad_sets, ulp
+from test_torch_backend_accuracy import DTYPES, MP_PREC, bound_violation, exact_norm, grad_sets
 
 #: the kernel backends' (device, backend) cases; the GPU ones are skipped on machines without CUDA
 KERNEL_CASES = [case for case in BACKEND_CASES if case.values[0][1] != "torch"]
@@ -103,20 +103,7 @@ def relative_bound(grads: list[torch.Tensor], p: float, backend: str) -> mpmath.
 
 def kernel_violation(result: torch.Tensor, grads: list[torch.Tensor], p: float, backend: str) -> str | None:
     """None when ``result`` is within ``backend``'s bound of the exact norm, else a description."""
-    exact = exact_norm(grads, p)
-    with mpmath.workprec(MP_PREC):
-        relative = relative_bound(grads, p, backend)
-        bound = ulp(abs(exact) * (1 + relative), result.dtype) / 2 + relative * abs(exact)
-        largest = mpmath.mpf(torch.finfo(result.dtype).max)
-        if float(result) == math.inf and exact + bound >= largest + ulp(largest, result.dtype) / 2:
-            return None  # a norm this close to or beyond the dtype's range may round to inf
-        error = abs(mpmath.mpf(float(result)) - exact)
-        if error <= bound:
-            return None
-        return (
-            f"{backend}, p={p}: |{float(result)!r} - {mpmath.nstr(exact, 20)}| = {mpmath.nstr(error, 5)}"
-            f" > {mpmath.nstr(bound, 5)} ({mpmath.nstr(error / abs(exact) if exact else error, 5)} relative)"
-        )
+    return bound_violation(result, exact_norm(grads, p), relative_bound(grads, p, backend), f"{backend}, p={p}")
 
 
 def result_dtype(grads: list[torch.Tensor]) -> torch.dtype:

@@ -76,8 +76,8 @@ def ulp(value: mpmath.mpf, dtype: torch.dtype) -> mpmath.mpf:
         return mpmath.ldexp(1, exponent - MANTISSA[dtype] + 1)
 
 
-def stated_bound(grads: list[torch.Tensor], p: float, out_dtype: torch.dtype, exact: mpmath.mpf) -> mpmath.mpf:
-    """The README's bound for the torch backend (see the module docstring)."""
+def stated_relative_bound(grads: list[torch.Tensor], p: float) -> mpmath.mpf:
+    """The relative term of the README's bound for the torch backend (see the module docstring)."""
     with mpmath.workprec(MP_PREC):
         if p in (0.0, math.inf, -math.inf):
             relative = mpmath.mpf(0)
@@ -88,21 +88,31 @@ def stated_bound(grads: list[torch.Tensor], p: float, out_dtype: torch.dtype, ex
             relative = m * u * max(1, 1 / abs(mpmath.mpf(p)))
             if not float64_acc and any(g.dtype == torch.bfloat16 for g in grads):
                 relative = (1 + relative) * (1 + mpmath.mpf(BF16_UNIT)) - 1  # per-tensor norms in bf16
-        return ulp(abs(exact) * (1 + relative), out_dtype) / 2 + relative * abs(exact)
+        return relative
+
+
+def bound_violation(result: torch.Tensor, exact: mpmath.mpf, relative: mpmath.mpf, label: str) -> str | None:
+    """None when ``result`` is within half an ulp (of its dtype, at the exact norm grown by the
+    relative term) plus ``relative`` times the exact norm, else a description starting ``label``. An
+    inf is accepted where that band reaches the dtype's overflow threshold (such a norm may round to
+    inf)."""
+    with mpmath.workprec(MP_PREC):
+        bound = ulp(abs(exact) * (1 + relative), result.dtype) / 2 + relative * abs(exact)
+        largest = mpmath.mpf(torch.finfo(result.dtype).max)
+        if float(result) == math.inf and exact + bound >= largest + ulp(largest, result.dtype) / 2:
+            return None
+        error = abs(mpmath.mpf(float(result)) - exact)
+        if error <= bound:
+            return None
+        return (
+            f"{label}: |{float(result)!r} - {mpmath.nstr(exact, 20)}| = {mpmath.nstr(error, 5)}"
+            f" > {mpmath.nstr(bound, 5)} ({mpmath.nstr(error / abs(exact) if exact else error, 5)} relative)"
+        )
 
 
 def violation(result: torch.Tensor, grads: list[torch.Tensor], p: float) -> str | None:
     """None when ``result`` is within the stated bound, else a description."""
-    exact = exact_norm(grads, p)
-    bound = stated_bound(grads, p, result.dtype, exact)
-    with mpmath.workprec(MP_PREC):
-        largest = mpmath.mpf(torch.finfo(result.dtype).max)
-        if float(result) == math.inf and exact + bound >= largest + ulp(largest, result.dtype) / 2:
-            return None  # a norm this close to or beyond the dtype's range may round to inf
-        error = abs(mpmath.mpf(float(result)) - exact)
-        if error <= bound:
-            return None
-        return f"p={p}: |{float(result)!r} - {mpmath.nstr(exact, 20)}| = {mpmath.nstr(error, 5)} > {mpmath.nstr(bound, 5)}"
+    return bound_violation(result, exact_norm(grads, p), stated_relative_bound(grads, p), f"p={p}")
 
 
 @st.composite
