@@ -9,7 +9,9 @@ the reason ``available_backends()`` gives.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 # Must happen before anything imports triton: the interpreter is chosen when kernels are defined.
 try:
@@ -145,4 +147,20 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> dict:
     return count
 
 
-__all__ = ["BACKEND_CASES", "HAS_CUDA", "INTERPRETER", "fusedclip", "require_backend"]
+@contextlib.contextmanager
+def syncs_raise(active: bool = True) -> Iterator[None]:
+    """Inside the block every host synchronisation with the GPU raises (``torch.cuda``'s sync debug
+    mode "error"); the previous mode is restored after it. ``active=False``: an ordinary block (for
+    warm-up steps that may upload plan tables)."""
+    if not active:
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+__all__ = ["BACKEND_CASES", "HAS_CUDA", "INTERPRETER", "fusedclip", "require_backend", "syncs_raise"]

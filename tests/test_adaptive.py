@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 import fusedclip
 from fusedclip import Clipper, adaptive
 
+from conftest import syncs_raise
+
 SPIKES = {9: 40.0, 14: 25.0}  # steps whose grads are blown up (what adaptive modes must catch)
 INF_STEP = 17
 
@@ -220,12 +222,8 @@ def test_no_mode_synchronises(mode):
     clipper = Clipper(model.named_parameters(), mode, warmup_steps=2)
     for step in range(4):  # the first calls may build plans (host-to-device copies of tables)
         _set_grads(model, step)
-        if step >= 2:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+        with syncs_raise(step >= 2):
             clipper()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
 
 
 # -- non-finite norms never enter the statistics ----------------------------------------------

@@ -28,7 +28,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import HAS_CUDA, require_backend
+from conftest import HAS_CUDA, require_backend, syncs_raise
 from reference import (
     DTYPE_SETS,
     assert_no_worse_than_torch,
@@ -152,13 +152,9 @@ def test_no_host_synchronisation(backend):
     for call in calls:  # warm up: compile, plan (its first table upload may sync), workspace
         call()
     torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with syncs_raise():
         for call in calls:
             call()
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
 
 
@@ -512,14 +508,10 @@ def test_no_host_synchronisation_across_streams_and_captures(backend):
     plan.PLANS.clear()
     torch.cuda.synchronize()
     other = torch.cuda.Stream()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with syncs_raise():
         fusedclip.clip_grad_norm_(params, 0.5, backend=backend)  # builds and uploads the plan
         other.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(other):  # first read on another stream: an event wait, no sync
             fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
         torch.cuda.current_stream().wait_stream(other)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()

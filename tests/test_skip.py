@@ -15,6 +15,8 @@ from fusedclip import Clipper
 from fusedclip.backends.base import CLIP_EPS
 from fusedclip.optim import step_unless_flagged
 
+from conftest import syncs_raise
+
 OPTIMIZERS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, fused=True),
@@ -385,12 +387,9 @@ def test_flagging_and_skipping_do_not_synchronise_on_cuda(mode, name):
         model.zero_grad()
         (model(x).square().mean() * scale).backward()
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with syncs_raise():
             clipper()
             clipper.step(optimizer)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         snapshots.append([p.detach().clone() for p in model.parameters()])
     for i in (3, 4):  # the spike and the inf are skipped
         _same(snapshots[i - 1], snapshots[i])
