@@ -262,10 +262,10 @@ def _chunks(group: list[Tensor], layout: _FlatLayout, row: int) -> tuple[list[Te
     return direct, filled()
 
 
-def _flat_cpu_norms(group: list[Tensor], p: float, layout: _FlatLayout | None = None) -> Tensor:
+def _flat_cpu_norms(group: list[Tensor], p: float, layout: _FlatLayout) -> Tensor:
     """float64 vector of p-norms (p = 1 or 2) of float32 pieces of ``group`` (float32/bf16/fp16 CPU
     tensors, no zero-size ones) whose p-norm is that of all their elements together. ``layout``:
-    how ``group`` is cut (``_FlatLayout``; made here when not given).
+    how ``group`` is cut (``flat_layout``).
 
     The total of a sum does not need each tensor's own norm, so large float32 tensors are reduced
     where they lie (``_FlatLayout``), and everything else is packed into float32 chunks of at most
@@ -286,8 +286,6 @@ def _flat_cpu_norms(group: list[Tensor], p: float, layout: _FlatLayout | None = 
     have lost squares to underflow is redone in float64 (``_wide_norm``): for p = 2 the whole group,
     judged once on the total (see ``_float32_sum_trusted``); for p = 1 each chunk.
     """
-    if layout is None:
-        layout = _FlatLayout.make([t.numel() for t in group], group[0].dtype, p)
     if p == 2.0:
         direct, packed = _chunks(group, layout, CPU_ROW_ELEMENTS)
         row_norms = torch.empty(layout.rows, dtype=torch.float32, device="cpu")
@@ -461,9 +459,10 @@ class TorchBackend(Backend):
         extreme = norm.kind in (NormKind.MAX, NormKind.MIN)
         norms: list[Tensor] = []
         for dtype, indices in plan.dtype_groups.items():
-            group = [grads[i] for i in indices if keep_empty or plan.numels[i]]
-            if not group:
+            positions = [i for i in indices if keep_empty or plan.numels[i]]
+            if not positions:
                 continue
+            group = [grads[i] for i in positions]
             opmath = _opmath(dtype)
             # torch's own per-tensor norms, in the grads' dtype (see the module docstring)
             as_torch = (
@@ -473,11 +472,8 @@ class TorchBackend(Backend):
             )
             if (extreme or as_torch) and opmath is not None:
                 opmath = None
-            elif flat and dtype in _CPU_FLAT_DTYPES:
-                positions = [i for i in indices if plan.numels[i]]
-                if positions:
-                    layout = flat_layout(plan, dtype, positions, norm.p)
-                    norms.append(_flat_cpu_norms([grads[i] for i in positions], norm.p, layout))
+            elif flat and dtype in _CPU_FLAT_DTYPES:  # p = 1, 2: empty grads are left out above
+                norms.append(_flat_cpu_norms(group, norm.p, flat_layout(plan, dtype, positions, norm.p)))
                 continue
             tensors, counts = group, None
             if plan.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not (extreme or as_torch):
