@@ -38,42 +38,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(fn, world_size: int, *args, backend: str = "gloo") -> None:
+def _launch(fn, world_size: int, *args, backend: str = "gloo") -> list:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes of one process group
-    (gloo on the CPU; nccl with one CUDA device per rank)."""
+    (gloo on the CPU; nccl with one CUDA device per rank); returns the ``(rank, fn's result)`` pairs
+    (results must pickle). Any rank's exception fails the caller with its traceback."""
     port = _free_port()
     ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
+    queue = ctx.SimpleQueue()
     procs = [
-        ctx.Process(target=_worker, args=(fn, rank, world_size, port, errors, args, backend)) for rank in range(world_size)
+        ctx.Process(target=_worker, args=(fn, rank, world_size, port, queue, args, backend)) for rank in range(world_size)
     ]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=180)
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
+        p.join(timeout=240)
+    messages = []
+    while not queue.empty():
+        messages.append(queue.get())
+    failures = [message for kind, message in messages if kind == "error"]
     assert not failures, "\n".join(failures)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [message for kind, message in messages if kind == "result"]
 
 
-def _worker(fn, rank, world_size, port, errors, args, backend="gloo"):
+def _worker(fn, rank, world_size, port, queue, args, backend="gloo"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        fn(rank, world_size, *args)
+        queue.put(("result", (rank, fn(rank, world_size, *args))))
         # Tear down together: a rank destroying its gloo group while another still exchanges with it
         # sometimes aborted at exit ("terminate called without an active exception", exit -6) after
         # every check had passed.
         dist.barrier()
     except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown, where gloo's threads still aborted now and then
+    # (exit -6, after every result and error had been queued; SimpleQueue.put has written them).
+    os._exit(0)
 
 
 def _full_grads(seed=0, n=7):

@@ -16,58 +16,19 @@ shared-memory rule must fail.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from fusedclip.tracker import NormTracker
 
+from test_distributed import _launch
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(fn, *args) -> list:
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(fn, rank, port, queue, args)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    messages = []
-    while not queue.empty():
-        messages.append(queue.get())
-    failures = [m for kind, m in messages if kind == "error"]
-    assert not failures, "\n".join(failures)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [m for kind, m in messages if kind == "result"]
-
-
-def _worker(fn, rank, port, queue, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        queue.put(("result", (rank, fn(rank, *args))))
-        dist.barrier()  # tear down together (see test_distributed.py)
-    except BaseException:
-        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-    finally:
-        dist.destroy_process_group()
 
 
 def torch_clip(params, max_norm, norm_type):
@@ -154,7 +115,7 @@ CASES = [
 ]
 
 
-def _all_cases(rank):
+def _all_cases(rank, world_size):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
     out = []
@@ -165,7 +126,7 @@ def _all_cases(rank):
 
 
 def test_ddp_norm_is_of_the_reduced_grads():
-    results = _launch(_all_cases)
+    results = _launch(_all_cases, WORLD)
     assert len(results) == WORLD
     for _, counts in results:
         for case, per_step in zip(CASES, counts):
@@ -203,7 +164,7 @@ class PreReduceTracker(NormTracker):
         return hook
 
 
-def _broken_case(rank):
+def _broken_case(rank, world_size):
     outcomes = []
     for cls in (NormTracker, PreReduceTracker):
         torch.manual_seed(0)
@@ -221,14 +182,14 @@ def _broken_case(rank):
 
 
 def test_a_tracker_reading_buckets_before_the_all_reduce_is_caught():
-    for _, outcomes in _launch(_broken_case):
+    for _, outcomes in _launch(_broken_case, WORLD):
         assert outcomes == ["ok", "mismatch"]
 
 
 # -- refusals ---------------------------------------------------------------------------------------
 
 
-def _refusal_case(rank):
+def _refusal_case(rank, world_size):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     net = nn.Linear(3, 3)
@@ -256,7 +217,7 @@ def _refusal_case(rank):
 
 
 def test_refusals_and_hand_registered_hook():
-    assert [r for _, r in _launch(_refusal_case)] == ["ok"] * WORLD
+    assert [r for _, r in _launch(_refusal_case, WORLD)] == ["ok"] * WORLD
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         NormTracker(nn.Linear(2, 2), comm_hook=lambda s, b: None)
     with pytest.raises(ValueError, match="ddp_comm_hook"):
@@ -276,7 +237,7 @@ def _inplace_mean_hook(state, bucket):
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0] / dist.get_world_size())
 
 
-def _params_route_case(rank, planted):
+def _params_route_case(rank, world_size, planted):
     """Returns, per (hook, as_view, route), the per-step outcome: 'ok' or 'mismatch', and how many
     hook or bucket values were trusted."""
     import fusedclip.tracker as tracker_module
@@ -318,7 +279,7 @@ def _params_route_case(rank, planted):
 
 @pytest.mark.parametrize("planted", [False, True])
 def test_tracker_over_ddp_parameters_with_an_inplace_all_reduce(planted):
-    for rank, rows in _launch(_params_route_case, planted):
+    for rank, rows in _launch(_params_route_case, WORLD, planted):
         for hook, as_view, route, step, outcome, trusted in rows:
             where = (rank, hook, as_view, route, step)
             if route == "module":
