@@ -171,12 +171,28 @@ def test_a_norm_beyond_the_dtype_range_is_inf(p):
     assert violation(torch.tensor(65504.0, dtype=torch.float16), grads, p) is not None
 
 
-def test_clip_coefficient_comes_from_the_unrounded_total():
+def bf16_norm_terms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norms the torch backend combines for a CPU total of bf16 ``grads``: torch's own
+    per-tensor norms of the large grads (float32 accumulation, rounded to bf16), and the float32
+    norms of rows of 1024 of the small ones laid end to end (zero-padded; one chunk: fewer than 1M
+    elements of them)."""
+    from fusedclip.backends.torch_backend import CPU_PACK_OWN_DTYPE_ELEMENTS, CPU_ROW_ELEMENTS
+
+    large = [g for g in grads if g.numel() >= CPU_PACK_OWN_DTYPE_ELEMENTS]
+    small = torch.cat([g.reshape(-1) for g in grads if g.numel() < CPU_PACK_OWN_DTYPE_ELEMENTS] + [grads[0][:0]])
+    rows = torch.nn.functional.pad(small, (0, -small.numel() % CPU_ROW_ELEMENTS)).view(-1, CPU_ROW_ELEMENTS)
+    large_norms = torch.stack(torch._foreach_norm(large, 2.0)).float() if large else torch.zeros(0)
+    return torch.cat([large_norms, rows.float().norm(dim=1)])
+
+
+@pytest.mark.parametrize("size", [300, 20_000], ids=["packed", "torchs-own"])
+def test_clip_coefficient_comes_from_the_unrounded_total(size):
     """bf16 grads: the scaled grads equal float32(x) * float32(max_norm / (T + 1e-6)) rounded once
-    per element, with T the float64 combination of the per-tensor norms (torch's bf16 norms on the
-    CPU), never rounded to bf16 (torch computes the coefficient from the bf16-rounded total)."""
+    per element, with T the float64 combination of the norms in ``bf16_norm_terms`` (small grads'
+    rows, or torch's own per-tensor norms), never rounded to bf16 (torch computes the coefficient
+    from the bf16-rounded total)."""
     torch.manual_seed(0)
-    grads = [torch.randn(300).bfloat16() * 3 for _ in range(4)]
+    grads = [torch.randn(size).bfloat16() * 3 for _ in range(4)]
     params = []
     for g in grads:
         param = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
@@ -185,7 +201,7 @@ def test_clip_coefficient_comes_from_the_unrounded_total():
     max_norm = 1.0
     total = fusedclip.clip_grad_norm_(params, max_norm, backend="torch")
     assert violation(total, grads, 2.0) is None
-    unrounded = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).double())
+    unrounded = torch.linalg.vector_norm(bf16_norm_terms(grads).double())
     coef = (max_norm / (unrounded + 1e-6)).float()
     assert coef != (max_norm / (unrounded.bfloat16().double() + 1e-6)).float()
     for param, g in zip(params, grads):
@@ -262,15 +278,17 @@ BF16_SHAPES = [(1000,), (3, 5), (0,), (1 << 21,) , (77, 13), (1,), (3_000_001,)]
 @pytest.mark.parametrize("p", [1.0, 2.0], ids=lambda p: f"p{p:g}")
 def test_bf16_per_tensor_norms_are_torchs_bits(p, foreach):
     """bf16 CPU grads (large tensors included, past the chunk and piece sizes): every per-tensor norm
-    is bit-identical to torch._foreach_norm's, and the total is their float64 norm rounded once
-    (also with float32 grads in the set, whose norms stay float32-accumulated)."""
+    is bit-identical to torch._foreach_norm's, and the total is the float64 norm of those (p = 1) or
+    of ``bf16_norm_terms`` (p = 2: small grads packed) rounded once (also with float32 grads in the
+    set, whose norms stay float32-accumulated)."""
     generator = torch.Generator().manual_seed(7)
     grads = [torch.randn(shape, generator=generator).bfloat16() * 5 for shape in BF16_SHAPES]
     theirs = torch.stack(torch._foreach_norm(grads, p))
+    terms = bf16_norm_terms(grads) if p == 2.0 else theirs
     total, per_tensor = fusedclip.get_norms([g.clone() for g in grads], p, backend="torch")
     assert torch.equal(per_tensor, theirs.to(per_tensor.dtype))
     assert total.dtype == torch.bfloat16
-    assert torch.equal(total, torch.linalg.vector_norm(theirs.double(), p).bfloat16())
+    assert torch.equal(total, torch.linalg.vector_norm(terms.double(), p).bfloat16())
     params = []
     for g in grads:
         param = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
@@ -284,8 +302,100 @@ def test_bf16_per_tensor_norms_are_torchs_bits(p, foreach):
     total, per_tensor = fusedclip.get_norms([g.clone() for g in mixed], p, backend="torch")
     assert torch.equal(per_tensor[: len(grads)], theirs.to(per_tensor.dtype))
     assert torch.equal(per_tensor[-1], torch.linalg.vector_norm(extra, p))
-    exact = torch.linalg.vector_norm(torch.cat([theirs.double(), extra.double()]), p)
+    exact = torch.linalg.vector_norm(torch.cat([terms.double(), extra.double()]), p)
     assert abs(float(total) - float(exact)) <= 4 * 2**-24 * float(exact)
+
+
+@st.composite
+def bf16_packed_sets(draw):
+    """bf16 grads for the CPU 2-norm's packing: up to 1500 small ones (some 2-d, transposed or
+    strided views, some zero-size) that are packed into bf16 chunks (more than one chunk of 1M
+    elements when many are large), mixed with up to two large ones that get torch's own norms, and
+    a float32 grad now and then; magnitudes from 2^-20 to 2^20 per grad."""
+    from fusedclip.backends.torch_backend import CPU_PACK_OWN_DTYPE_ELEMENTS
+
+    seed = draw(st.integers(0, 2**16))
+    small = draw(st.integers(1, 1500))
+    largest = draw(st.sampled_from([64, 2048, CPU_PACK_OWN_DTYPE_ELEMENTS - 1]))
+    large = draw(st.integers(0, 2))
+    generator = torch.Generator().manual_seed(seed)
+    grads = []
+    for index in range(small + large):
+        scale = 2.0 ** int(torch.randint(-20, 21, (), generator=generator))
+        if index >= small:
+            n = CPU_PACK_OWN_DTYPE_ELEMENTS + int(torch.randint(0, 30_000, (), generator=generator))
+            grads.append((torch.randn(n, generator=generator) * scale).bfloat16())
+            continue
+        n = int(torch.randint(0, largest + 1, (), generator=generator))
+        base = (torch.randn(2 * n + 2, generator=generator) * scale).bfloat16()
+        kind = index % 4
+        if kind == 1 and n >= 4:
+            grads.append(base[: n // 2 * 2].view(2, -1).t())  # transposed
+        elif kind == 2:
+            grads.append(base[::2][:n])  # strided
+        else:
+            grads.append(base[:n])
+    if draw(st.booleans()):
+        grads.append(torch.randn(3000, generator=generator))
+    return grads
+
+
+def packed_bf16_violation(grads: list[torch.Tensor]) -> str | None:
+    """The torch backend's CPU 2-norm of ``grads`` against its accuracy, the exact norm taken in
+    float64 (its own error, under 2^-40 relative here, is far inside either bound): where every
+    bf16 grad is packed (small), that of a float32 cascade (``4 + log2(n)`` float32 epsilons);
+    otherwise the stated bound (torch's own bf16 norms for the large ones). Either way plus half an
+    ulp of the result's dtype (bf16 when every grad is)."""
+    from fusedclip.backends.torch_backend import CPU_PACK_OWN_DTYPE_ELEMENTS
+
+    total = fusedclip.get_total_norm(grads, 2.0, backend="torch")
+    exact = mpmath.mpf(torch.linalg.vector_norm(torch.cat([g.reshape(-1).double() for g in grads]), 2.0).item())
+    bf16 = [g for g in grads if g.dtype == torch.bfloat16]
+    if all(g.numel() < CPU_PACK_OWN_DTYPE_ELEMENTS for g in bf16):
+        count = sum(g.numel() for g in grads)
+        relative = (4 + mpmath.log(max(count, 1), 2)) * mpmath.ldexp(1, -23)
+    else:
+        relative = stated_relative_bound(grads, 2.0)
+    return bound_violation(total, exact, relative, f"{len(grads)} grads")
+
+
+def test_packed_bf16_chunks_meet_the_stated_bound():
+    """Small bf16 CPU grads packed into bf16 chunks and normed by rows in float32: as accurate as a
+    float32 cascade (never rounded to bf16 on the way), and within the stated bound beside large
+    ones (torch's own bf16 norms), whatever the layout of the grads."""
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(grads=bf16_packed_sets())
+    def check(grads):
+        problem = packed_bf16_violation(grads)
+        assert problem is None, problem
+
+    check()
+
+
+def test_the_packed_bf16_check_catches_worse_rows(monkeypatch):
+    """The planted bugs: each packed row's squares summed in bf16 (every partial sum rounded), where
+    torch's kernel accumulates in float32; and each row's norm rounded to bf16. A few thousand
+    values of similar size (with one float32 grad, so that the total is float32) break the check
+    with either."""
+    from fusedclip.backends import torch_backend
+
+    generator = torch.Generator().manual_seed(3)
+    grads = [(torch.rand(700, generator=generator) + 1).bfloat16() for _ in range(4)] + [torch.ones(3)]
+    assert packed_bf16_violation(grads) is None
+
+    def summed_in_bf16(rows: torch.Tensor, out: torch.Tensor) -> None:
+        total = torch.zeros(rows.shape[0], dtype=rows.dtype)
+        for column in rows.t():
+            total = total + column * column
+        out.copy_(total.sqrt())
+
+    def rounded_to_bf16(rows: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(torch.linalg.vector_norm(rows, 2.0, dim=1))  # bf16 in, bf16 out
+
+    for planted in (summed_in_bf16, rounded_to_bf16):
+        monkeypatch.setattr(torch_backend, "_row_norms", planted)
+        assert packed_bf16_violation(grads) is not None, planted.__name__
 
 
 def float32_chunk_violation(result: torch.Tensor, grads: list[torch.Tensor], p: float) -> str | None:
