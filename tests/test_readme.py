@@ -172,6 +172,14 @@ def test_quick_start_holds_the_main_job_and_the_test_suite():
     assert quick_start_commands("## Quick start\n\nRun these:\n\n```bash\npip install x\n```\n") == []
 
 
+def test_no_code_block_comes_before_the_quick_start():
+    """The Quick start block is the README's first fenced block, so whoever copies the first
+    commands they see gets the two that matter (installing torch is one line of prose above)."""
+    text = README.read_text()
+    first_fence = text.index("```")
+    assert first_fence > text.index("## Quick start"), text[max(0, first_fence - 200) : first_fence + 80]
+
+
 def api_table_names(text: str) -> set[str]:
     """The names the README's public API table documents (the backticked ``name(`` in its first
     column, and names joined by ``/``)."""
