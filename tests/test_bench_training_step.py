@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -69,3 +70,27 @@ def test_the_benchmark_cli_runs_it(capsys):
 
     assert cli.main(["--training-step", "--size", "tiny", "--rounds", "1", "--models", "lstm"]) == 0
     assert "## lstm (tiny)" in capsys.readouterr().out
+
+
+def test_the_read_floor_counts_the_bytes_beyond_the_cache():
+    """Only what a grad holds beyond the cache size must come from memory: a 4000-byte grad with a
+    400-byte cache leaves 3600 bytes; a grad that fits leaves none; a set that fits has no floor."""
+    grads = [torch.ones(1000), torch.ones(10), torch.ones(2, 300, dtype=torch.float64)]
+    size, ms = ts.read_floor(grads, 400, 2, torch.device("cpu"), time.perf_counter)
+    assert size == 3600 + (4800 - 400) and ms >= 0.0
+    assert ts.read_floor(grads, 1 << 20, 2, torch.device("cpu"), time.perf_counter) == (0, 0.0)
+    cache = ts.last_level_cache_bytes(torch.device("cpu"))
+    assert cache is None or cache > 0
+
+
+def test_the_report_states_the_floor():
+    res = ts.ModelResult("gpt2", "tiny", 3, 1000, 0, 1)
+    res.times = {"none": dict(step=10.0, backward=5.0, after=5.0), "torch": dict(step=30.0, backward=5.0, after=25.0)}
+    res.cache_bytes, res.beyond_cache_bytes, res.read_floor_ms = 32 << 20, 120_000_000, 9.5
+    text = ts.format_markdown([res])
+    assert "120.0 MB of grads lie beyond the last-level cache (32 MiB)" in text
+    assert "takes 9.50 ms here; a tenth of torch's clipping overhead is 2.00 ms" in text
+    res.beyond_cache_bytes, res.read_floor_ms = 0, 0.0
+    assert "every grad fits in the last-level cache (32 MiB)" in ts.format_markdown([res])
+    res.cache_bytes = None
+    assert "not known" in ts.format_markdown([res])

@@ -14,6 +14,11 @@ A variant's clipping overhead is its median step time minus ``none``'s; the repo
 ratio to torch's clipping overhead (below 1: cheaper than torch). Backward and the part after
 backward are timed separately too (the tracker moves work into backward).
 
+Each model's report ends with the floor no clipping can go below on this device: a grad larger
+than the last-level cache cannot be in it whole when anything reads it, so at least its bytes
+beyond the cache size come from memory, in a hook as in a pass after backward. The floor is the
+median time of one read (a 2-norm) of those bytes, measured with the same clock.
+
 Models, built in code (no downloads), in three sizes (``--size``):
 
 * ``gpt2``: GPT-2's parameter layout (token and position embeddings, per block LayerNorm, c_attn,
@@ -32,11 +37,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -173,6 +180,9 @@ class ModelResult:
     hooked: int  # parameters the tracker put a post-accumulate hook on
     rounds: int
     times: dict[str, dict[str, float]] = field(default_factory=dict)
+    cache_bytes: int | None = None  # the device's last-level cache (None: unknown)
+    beyond_cache_bytes: int = 0  # grad bytes beyond it, summed over the grads larger than it
+    read_floor_ms: float | None = None  # median time of one read of those bytes (None: unknown)
 
     def overhead(self, variant: str) -> float:
         """The variant's median step time minus ``none``'s (ms)."""
@@ -182,6 +192,51 @@ class ModelResult:
         """The variant's clipping overhead over torch's (NaN when torch's is not positive)."""
         torch_over = self.overhead("torch")
         return self.overhead(variant) / torch_over if torch_over > 0 else float("nan")
+
+
+def last_level_cache_bytes(device: torch.device) -> int | None:
+    """The size of the last-level cache the device's computations go through: a GPU's L2, or on a
+    Linux CPU the largest-level data cache of CPU 0 (sysfs); None where it is not known."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size) or None
+    if device.type != "cpu":
+        return None
+    best: tuple[int, int] | None = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            match = re.fullmatch(r"(\d+)([KMG]?)", (index / "size").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if match is None:
+            continue
+        size = int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+        if best is None or level > best[0]:
+            best = (level, size)
+    return best[1] if best else None
+
+
+def read_floor(
+    grads: Sequence[torch.Tensor], cache_bytes: int, rounds: int, device: torch.device, clock: Callable[[], float]
+) -> tuple[int, float]:
+    """(bytes, median ms) of one 2-norm over the part of each grad beyond ``cache_bytes``: what must
+    come from memory whenever anything reads the grads (see the module docstring)."""
+    pieces = []
+    for grad in grads:
+        if grad.nbytes > cache_bytes and grad.is_contiguous():
+            pieces.append(grad.reshape(-1)[cache_bytes // grad.element_size() :])
+    if not pieces:
+        return 0, 0.0
+    times = []
+    for _ in range(max(rounds, 3)):
+        _sync(device)
+        start = clock()
+        torch._foreach_norm(pieces, 2.0)
+        _sync(device)
+        times.append(clock() - start)
+    return sum(piece.nbytes for piece in pieces), statistics.median(times) * 1e3
 
 
 #: the clocks a step can be timed with: wall time, or the process's CPU time (every thread's), which a
@@ -240,6 +295,10 @@ def bench_model(name: str, size: str, rounds: int, *, min_numel: int = DEFAULT_M
         for variant in variants[shift:] + variants[:shift]:
             samples[variant].append(_step(variant, model, opt, batch, params, min_numel, device, timer))
     result = ModelResult(name, size, len(params), sum(p.numel() for p in params), hooked, rounds)
+    result.cache_bytes = last_level_cache_bytes(device)
+    if result.cache_bytes is not None:
+        grads = [p.grad for p in params if p.grad is not None]
+        result.beyond_cache_bytes, result.read_floor_ms = read_floor(grads, result.cache_bytes, rounds, device, timer)
     for variant, ts in samples.items():
         result.times[variant] = dict(
             step=statistics.median(a + b for a, b in ts) * 1e3,
@@ -281,7 +340,24 @@ def format_markdown(results: Sequence[ModelResult]) -> str:
             ratio = "" if variant == "none" else f"{res.ratio(variant):.2f}"
             lines.append(f"| {variant} | {t['step']:.2f} | {t['backward']:.2f} | {t['after']:.2f} | {res.overhead(variant):+.2f} | {ratio} |")
         lines.append("")
+        lines.append(_floor_line(res))
+        lines.append("")
     return "\n".join(lines)
+
+
+def _floor_line(res: ModelResult) -> str:
+    """The model's read floor in words (see the module docstring)."""
+    if res.cache_bytes is None or res.read_floor_ms is None:
+        return "Floor: the last-level cache size of this device is not known."
+    cache = f"{res.cache_bytes / 2**20:.0f} MiB"
+    if not res.beyond_cache_bytes:
+        return f"Floor: every grad fits in the last-level cache ({cache}); none has to come from memory."
+    torch_over = res.overhead("torch")
+    tenth = f"; a tenth of torch's clipping overhead is {torch_over / 10:.2f} ms" if torch_over > 0 else ""
+    return (
+        f"Floor: {res.beyond_cache_bytes / 1e6:.1f} MB of grads lie beyond the last-level cache ({cache}) and must"
+        f" come from memory whenever they are read, which takes {res.read_floor_ms:.2f} ms here{tenth}."
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
