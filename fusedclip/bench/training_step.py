@@ -198,7 +198,7 @@ def last_level_cache_bytes(device: torch.device) -> int | None:
     """The size of the last-level cache the device's computations go through: a GPU's L2, or on a
     Linux CPU the largest-level data cache of CPU 0 (sysfs); None where it is not known."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).L2_cache_size) or None
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or None
     if device.type != "cpu":
         return None
     best: tuple[int, int] | None = None
