@@ -630,3 +630,68 @@ def test_the_overflow_check_catches_float32_only_norms(monkeypatch) -> None:
         lambda tensor, dims: torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=torch.float32 if tensor.dtype != torch.float64 else None),
     )
     assert _huge_violation("Clipper agc", values, torch.float32, "cpu") is not None
+
+
+# ---- rounding the total once ----------------------------------------------------------------------
+
+
+@st.composite
+def near_midpoints(draw, dtype: torch.dtype) -> float:
+    """A float64 value within a few float32 ulps of a midpoint between two neighbours of ``dtype``
+    (where rounding through float32 first lands on the midpoint and breaks the tie the wrong way),
+    or anywhere in the dtype's range, subnormals and overflow included."""
+    bits, emin, emax = FORMATS[dtype]
+    if draw(st.booleans()):
+        return draw(st.floats(-(2.0 ** (emax + 2)), 2.0 ** (emax + 2), allow_nan=False))
+    exponent = draw(st.integers(emin - bits, emax))
+    mantissa = draw(st.integers(2 ** (bits - 1), 2**bits - 1))
+    midpoint = (mantissa + 0.5) * 2.0 ** (exponent - bits + 1)
+    nudge = draw(st.integers(-3, 3)) * midpoint * 2.0**-30  # below float32's resolution there
+    return draw(st.sampled_from([1.0, -1.0])) * (midpoint + nudge)
+
+
+def _round_once_mismatch(convert, dtype: torch.dtype, value: float) -> str | None:
+    got = float(convert(torch.tensor(value, dtype=torch.float64), dtype))
+    wanted = round_exact(Fraction(value), dtype, negative=math.copysign(1.0, value) < 0)
+    return None if got == wanted or (math.isnan(got) and math.isnan(wanted)) else f"{value!r} -> {got!r}, not {wanted!r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_totals_are_rounded_once_to_16_bit_dtypes(dtype) -> None:
+    """``base.round_once`` (every total a float64 accumulator becomes: the torch backend's, the
+    tracker's, a distributed reduction's) against the exact rounding of the float64 value."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(value=near_midpoints(dtype))
+    @example(value=1 + 2.0**-8 + 2.0**-30)
+    def check(value: float) -> None:
+        problem = _round_once_mismatch(base.round_once, dtype, value)
+        assert problem is None, problem
+
+    check()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_rounding_check_catches_rounding_through_float32(dtype) -> None:
+    """The planted bug: torch's own float64 -> 16-bit conversion, which goes through float32."""
+    caught = []
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(value=near_midpoints(dtype))
+    def collect(value: float) -> None:
+        problem = _round_once_mismatch(lambda t, d: t.to(d), dtype, value)
+        if problem is not None:
+            caught.append(problem)
+
+    collect()
+    assert len(caught) >= 10, caught
+
+
+def test_finish_rounds_the_total_once() -> None:
+    """Through the shared finish: a p = 1 accumulator of 1 + 2^-8 + 2^-30 is bf16 1.0078125 (torch's
+    conversion gives 1.0), and the coefficient comes from the unrounded value."""
+    norm = parse_norm_type(1.0)
+    acc = torch.tensor(1 + 2.0**-8 + 2.0**-30, dtype=torch.float64)
+    result = base.finish(acc, norm, 0.5, torch.bfloat16)
+    assert result.total.dtype == torch.bfloat16 and float(result.total) == 1.0078125
+    assert float(result.coef) == 0.5 / (float(acc) + 1e-6)

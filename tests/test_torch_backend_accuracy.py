@@ -547,3 +547,26 @@ def test_packing_copies_every_layout_exactly(dtype):
         _pack(pieces, out[: expected.numel()])
         assert torch.equal(out[: expected.numel()], expected)
         assert out[expected.numel() :].isnan().all()
+
+
+ZERO_D_SCRIPT = """
+import torch, fusedclip
+for dtype in (torch.bfloat16, torch.float32, torch.float16):
+    for shapes in ([(), ()], [(), (), (3,)], [(256, 256), (), ()]):
+        grads = [((torch.arange(max(1, torch.Size(s).numel()), dtype=torch.float64) % 97 + 1).reshape(s) / 7).to(dtype) for s in shapes]
+        ours = fusedclip.get_total_norm(grads, 2.0, backend="torch")
+        exact = torch.linalg.vector_norm(torch.cat([g.reshape(-1).double() for g in grads]))
+        assert abs(float(ours) - float(exact)) <= 2**-7 * float(exact), (dtype, shapes, float(ours), float(exact))
+print("ok")
+"""
+
+
+def test_sets_of_0d_grads_are_packed_without_crashing():
+    """torch 2.13's ``_chunk_cat`` crashes the process when every piece it is given is 0-d: sets whose
+    small grads are all scalars (a temperature, a logit scale) must still get their norm. Run in a
+    child process, so that a crash fails this test instead of ending the test run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ZERO_D_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])

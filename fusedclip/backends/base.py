@@ -192,6 +192,25 @@ def per_tensor_norms_exact(grads: list[Tensor], norm: NormSpec) -> Tensor:
     return torch.stack(values)
 
 
+def round_odd_to_float(d: Tensor) -> Tensor:
+    """float64 ``d`` rounded to odd at float32 precision (``round_odd_to_float`` in ``csrc/fusedclip.h``):
+    rounding that once more to bfloat16 or float16 is rounding ``d`` once."""
+    f = d.to(torch.float32)
+    back = f.to(torch.float64)
+    step = (back.abs() > d.abs()).to(torch.int32)  # f was rounded away from zero: step back
+    odd = ((f.view(torch.int32) - step) | 1).view(torch.float32)
+    return torch.where((back == d) | torch.isnan(d), f, odd)
+
+
+def round_once(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """float64 ``value`` rounded once to ``dtype``. torch converts float64 to bf16/fp16 through
+    float32, rounding twice (``1 + 2^-8 + 2^-30`` became bf16 1.0, not 1.0078125), so those take
+    an odd float32 first (``round_odd_to_float``), as the kernels do."""
+    if value.dtype == torch.float64 and dtype in (torch.bfloat16, torch.float16):
+        return round_odd_to_float(value).to(dtype)
+    return value.to(dtype)
+
+
 def clip_coefficient(total: Tensor, max_norm: float | Tensor) -> Tensor:
     """``min(max_norm / (total + 1e-6), 1)`` without a branch (NaN propagates as in torch)."""
     if isinstance(max_norm, Tensor):
@@ -236,7 +255,7 @@ def finish_total(
         coef = clip_coefficient(total, max_norm)
         if scale is not None:
             coef = coef * scale
-    return NormResult(total.to(out_dtype), coef, acc, scale if is_general_p(norm) else None)
+    return NormResult(round_once(total, out_dtype), coef, acc, scale if is_general_p(norm) else None)
 
 
 def combine_accumulators(accs: list[Tensor], norm: NormSpec) -> Tensor:

@@ -51,6 +51,8 @@ from .base import (
     finish_total,
     host_reads_are_free,
     is_general_p,
+    round_odd_to_float,
+    round_once,
     scaled_root,
     usable_norm_scale,
 )
@@ -240,7 +242,9 @@ def _pack(pieces: list[Tensor], out: Tensor) -> None:
         out.copy_(pieces[0].reshape(-1))
         return
     chunk_cat = getattr(torch, "_chunk_cat", None)
-    if chunk_cat is not None:  # not for one piece: torch 2.13 crashes on a single 0-d tensor
+    # torch 2.13's _chunk_cat crashes the process (a segfault) when every piece is 0-d, and raises
+    # when only some are; the check stops at the first piece with a dimension, usually the first
+    if chunk_cat is not None and not all(piece.dim() == 0 for piece in pieces):
         try:
             chunk_cat(pieces, 0, 1, out=out.view(1, -1))
             return
@@ -439,23 +443,13 @@ def _product_round_odd(x: Tensor, coef: Tensor, hi: Tensor, lo: Tensor) -> Tenso
     return torch.where((s == 0) | ~torch.isfinite(s), x * coef, rounded)
 
 
-def _round_odd_to_float(d: Tensor) -> Tensor:
-    """float64 ``d`` rounded to odd at float32 precision (``round_odd_to_float`` in ``csrc/fusedclip.h``):
-    rounding that once more to bfloat16 or float16 is rounding ``d`` once."""
-    f = d.to(torch.float32)
-    back = f.to(torch.float64)
-    step = (back.abs() > d.abs()).to(torch.int32)  # f was rounded away from zero: step back
-    odd = ((f.view(torch.int32) - step) | 1).view(torch.float32)
-    return torch.where((back == d) | torch.isnan(d), f, odd)
-
-
 def _scaled_exactly(x: Tensor, coef: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
     """``x * coef`` (float32/bf16/fp16 ``x``, float64 ``coef`` split by ``_split_coef``) rounded once to
     ``x``'s dtype, as the kernel backends apply a coefficient outside float32's normal range."""
     product = _product_round_odd(x.to(torch.float64), coef, hi, lo)
     if x.dtype == torch.float32:
         return product.to(torch.float32)  # the one rounding
-    return _round_odd_to_float(product).to(x.dtype)  # odd float32, then the one rounding that counts
+    return round_odd_to_float(product).to(x.dtype)  # odd float32, then the one rounding that counts
 
 
 def _scale_exactly_(grad: Tensor, coef: Tensor, hi: Tensor, lo: Tensor) -> None:
@@ -643,7 +637,7 @@ class TorchBackend(Backend):
             plan.scratch[key] = index
         out.zero_()
         if index.numel():
-            out.index_copy_(0, index, torch.cat(norms).to(out.dtype))
+            out.index_copy_(0, index, round_once(torch.cat(norms), out.dtype))
 
     def scale_(self, work: DeviceWork, coef: Tensor) -> None:
         """Multiply every grad by ``coef`` as the kernel backends do (see ``kernel_base``): float64
