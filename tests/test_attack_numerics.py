@@ -613,17 +613,40 @@ def test_squares_that_overflow_float32_never_zero_a_grad(device_backend, path, d
     check()
 
 
+@pytest.mark.parametrize("device_backend", CPU_CASES, indirect=True)
+@pytest.mark.parametrize("path", list(HUGE_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_squares_that_underflow_float32_keep_their_norms(device_backend, path, dtype) -> None:
+    """Grads of magnitude 1e-37..1e-19: their squares underflow float32 (and bf16) accumulators,
+    their norms do not. Every CPU path must give what it gives on float64 copies (within one ulp of
+    the dtype), where float32-only per-tensor norms are 0 or lose digits."""
+    _, backend = device_backend
+
+    @settings(max_examples=EXAMPLES[backend] // 3 + 2, **SETTINGS)
+    @given(exponents=st.lists(st.lists(st.floats(-37, -19), min_size=1, max_size=6), min_size=2, max_size=3))
+    def check(exponents):
+        values = representable([[10.0**e for e in row] for row in exponents], dtype)
+        problem = _huge_violation(path, values, dtype, backend)
+        assert problem is None, problem
+
+    check()
+
+
 def test_the_overflow_check_catches_float32_only_norms(monkeypatch) -> None:
-    """The planted bugs: the torch backend's CPU per-tensor norms trusted when they overflow, and AGC's
-    unit norms kept in float32: norm groups and AGC zero the grads again."""
+    """The planted bugs: the torch backend's CPU per-tensor norms trusted when they overflow or
+    underflow, and AGC's unit norms kept in float32: norm groups and AGC zero the grads again, and
+    per-tensor norms of tiny grads come out 0."""
     from fusedclip import adaptive
     from fusedclip.backends import torch_backend
 
     values = [[3e19, -2e19, 1.0], [5e20, 1.0]]
     assert _huge_violation("Clipper groups", values, torch.float32, "torch") is None
     assert _huge_violation("Clipper agc", values, torch.float32, "cpu") is None
-    monkeypatch.setattr(torch_backend, "_redo_overflowed_norms", lambda norms, tensors, p: None)
+    tiny = [[1e-25] * 100, [3e-22] * 10]
+    assert _huge_violation("get_norms", tiny, torch.float32, "torch") is None
+    monkeypatch.setattr(torch_backend, "_redo_untrusted_norms", lambda norms, tensors, p: None)
     assert _huge_violation("Clipper groups", values, torch.float32, "torch") is not None
+    assert _huge_violation("get_norms", tiny, torch.float32, "torch") is not None
     monkeypatch.setattr(
         adaptive,
         "_unit_norms",

@@ -354,14 +354,18 @@ def _wide_group_norm(group: list[Tensor], p: float) -> Tensor:
     return _wide_norm([piece for t in group for piece in t.reshape(-1).split(CPU_CHUNK_ELEMENTS)], p).reshape(1)
 
 
-def _redo_overflowed_norms(norms: Tensor, tensors: list[Tensor], p: float) -> None:
+def _redo_untrusted_norms(norms: Tensor, tensors: list[Tensor], p: float) -> None:
     """CPU per-tensor norms (float64 ``norms`` of ``tensors``, accumulated in float32 or bf16) that
-    are not finite are recomputed in float64, in place: squares above ~1.8e19 overflow float32 (and
-    bf16) where the norm itself does not, and a total of inf would zero every grad. A grad that holds
-    inf or NaN gets inf or NaN again. One host read, free on the CPU; elsewhere such norms stay inf,
-    as torch's own."""
-    bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
-    for index in bad:
+    a float32 sum cannot stand for (``_float32_sum_trusted``) are recomputed in float64, in place:
+    squares above ~1.8e19 overflow float32 (and bf16) where the norm itself does not, and a total
+    of inf would zero every grad; squares below ~1e-19 underflow, and a grad of 1e-25s has norm 0
+    there. A grad that holds inf or NaN gets inf or NaN again, an all-zero grad 0. One host read,
+    free on the CPU; elsewhere such norms stay what torch's own are."""
+    untrusted = ~torch.isfinite(norms)
+    if p == 2.0:  # the test of _float32_sum_trusted, on every norm at once
+        numels = torch.tensor([t.numel() for t in tensors], dtype=norms.dtype)
+        untrusted |= norms * norms < numels * SQUARES_UNDERFLOW_PER_ELEMENT
+    for index in untrusted.nonzero().flatten().tolist():
         tensor = tensors[index]
         wide = torch.complex128 if tensor.is_complex() else ACC_DTYPE
         norms[index] = torch.linalg.vector_norm(tensor, p, dtype=wide)
@@ -510,7 +514,7 @@ class TorchBackend(Backend):
                 group_norms = _combine_pieces(list(group_norms), counts, norm.p)
             stacked = torch.stack(group_norms).to(ACC_DTYPE)
             if host_reads_are_free(plan.device) and norm.kind is NormKind.SUM_POW and real_dtype(dtype) != torch.float64:
-                _redo_overflowed_norms(stacked, tensors, norm.p)
+                _redo_untrusted_norms(stacked, tensors, norm.p)
             norms.append(stacked)
         return norms
 
