@@ -170,11 +170,12 @@ class _FlatLayout:
     ``direct``: group positions of float32 tensors reduced where they lie (p = 2: by rows);
     ``medium``: p = 2's tensors reduced where they lie by torch's own norm (float32 ones of medium
     size; bf16 ones from CPU_PACK_OWN_DTYPE_ELEMENTS); ``split``: positions of other tensors larger
-    than a chunk, packed in CPU_CHUNK_ELEMENTS pieces; ``whole``: positions of the rest, packed whole,
-    into ``packed_dtype`` chunks (float32; bf16 ones as they are). The packed items are, in order, the ``whole`` tensors, the last partial
-    row of each ``direct`` tensor (p = 2) and the pieces of the ``split`` ones; ``batches`` gives
-    each chunk's (start, end) range of them, ``sizes`` its elements and ``padding`` the zeros that
-    complete its last row (p = 2). ``rows``: p = 2's row count (direct bodies and padded chunks)."""
+    than a chunk, packed in CPU_CHUNK_ELEMENTS pieces; ``whole``: positions of the rest, packed
+    whole. The packed items are, in order, the ``whole`` tensors, the last partial row of each
+    ``direct`` tensor (p = 2) and the pieces of the ``split`` ones, packed into chunks of
+    ``packed_dtype`` (float32; bf16 as it is); ``batches`` gives each chunk's (start, end) range of
+    them, ``sizes`` its elements and ``padding`` the zeros that complete its last row (p = 2).
+    ``rows``: p = 2's row count (direct bodies and padded chunks)."""
 
     direct: tuple[int, ...]
     medium: tuple[int, ...]
