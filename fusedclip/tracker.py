@@ -92,7 +92,8 @@ Accuracy: each grad's norm is accumulated by ``torch.linalg.vector_norm`` (``_fo
 DDP buckets) in float32 (float64 for float64 grads; the real dtype of complex grads) and the
 per-tensor norms are combined in float64 and rounded once: the accuracy contract of fusedclip's
 ``torch`` backend (a tensor whose norm exceeds float32's range gives inf, as torch's own clipping
-does). Norm orders: 2, 1 and inf.
+does, except on the CPU: there a norm whose float32 squares overflowed or may have underflowed
+is recomputed from the grad after backward, in float64). Norm orders: 2, 1 and inf.
 
 Limits: writes that bypass autograd's version counter cannot be seen. Notably
 ``GradScaler.unscale_`` (torch's ``_amp_foreach_non_finite_check_and_unscale_`` does not bump the
@@ -116,7 +117,8 @@ from torch import Tensor
 
 from . import engine
 from .backends import requested_backend
-from .backends.base import ACC_DTYPE, NormResult, combine_accumulators, finish
+from .backends.base import ACC_DTYPE, NormResult, combine_accumulators, finish, host_reads_are_free
+from .backends.torch_backend import float32_norms_untrusted
 from .inputs import check_max_norm
 from .norm_type import NormKind, NormSpec, parse_norm_type
 from .optim import fold_coefficient, grads_foldable
@@ -138,6 +140,9 @@ _NORM_DTYPE: dict[torch.dtype, torch.dtype | None] = {
     torch.complex64: None,
     torch.complex128: None,
 }
+
+#: grad dtypes whose norms are accumulated in float64 (no float32 overflow or underflow to fear)
+_WIDE_DTYPES = (torch.float64, torch.complex128)
 
 #: a comm hook: (state, bucket) -> future of the reduced flat bucket
 CommHook = Callable[[Any, Any], "torch.futures.Future[Tensor]"]
@@ -176,6 +181,22 @@ def _reduce(norms: Tensor, norm: NormSpec) -> Tensor:
     if norm.p == 2.0:
         return norms.square().sum()
     return norms.sum()
+
+
+def _drop_untrusted(values: list[Tensor], grads: list[Tensor], p: float) -> tuple[list[Tensor], list[Tensor]]:
+    """The hooked norms that stand, and the grads whose norms do not: on the CPU (where reading
+    them is free) a float32-accumulated norm whose squares overflowed or may have underflowed
+    (``float32_norms_untrusted``) is recomputed with the grads read after backward, by a backend
+    that redoes such sums in float64. Elsewhere every norm stands, as torch's own per-tensor norms
+    do (inf for grads above ~1.8e19)."""
+    suspect = [i for i, (value, grad) in enumerate(zip(values, grads)) if host_reads_are_free(value.device) and grad.dtype not in _WIDE_DTYPES]
+    if not suspect:
+        return values, []
+    norms = torch.stack([values[i] for i in suspect]).to(ACC_DTYPE)
+    bad = {suspect[i] for i in float32_norms_untrusted(norms, [grads[i].numel() for i in suspect], p).nonzero().flatten().tolist()}
+    if not bad:
+        return values, []
+    return [v for i, v in enumerate(values) if i not in bad], [g for i, g in enumerate(grads) if i in bad]
 
 
 def _queue_final_callback(callback: Callable[[], None]) -> None:
@@ -485,6 +506,7 @@ class NormTracker:
         first: torch.device | None = None
         several = False
         trusted: list[Tensor] = []
+        trusted_grads: list[Tensor] = []
         stale: list[Tensor] = []
         for index, param in enumerate(self.params):
             grad = param.grad
@@ -497,8 +519,12 @@ class NormTracker:
                 several = True
             if self._record_matches(index, grad):
                 trusted.append(records[index][0])  # type: ignore[index]
+                trusted_grads.append(grad)
             else:
                 stale.append(grad)
+        if trusted and self.norm.p != math.inf:
+            trusted, recompute = _drop_untrusted(trusted, trusted_grads, self.norm.p)
+            stale.extend(recompute)
         if first is None:
             total = torch.tensor(0.0, device=torch.get_default_device())  # torch's result without grads
             coef = None if max_norm is None else torch.ones((), dtype=ACC_DTYPE, device=total.device)

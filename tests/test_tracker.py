@@ -511,3 +511,61 @@ def test_tracked_step_with_grads_sharing_memory_or_with_gaps(kind, backend, monk
     monkeypatch.setattr(fusedclip.tracker, "grads_foldable", lambda call, params: True)
     broken = _tracked_layout_step(kind, backend, tracked=True)
     assert any(not torch.allclose(b, e, rtol=1e-6, atol=0) for b, e in zip(broken, expected))
+
+
+def _extreme_tracked(values: list[float], dtype: torch.dtype, p: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Hooked grads holding ``values`` (one parameter each, 4096 copies): the tracker's total and
+    the grads after ``clip_(1.0)``."""
+    params = [torch.nn.Parameter(torch.ones(4096, dtype=dtype)) for _ in values]
+    tracker = NormTracker(params, norm_type=p, min_numel=0)
+    sum((param * value).sum() for param, value in zip(params, values)).backward()
+    assert tracker.hooked == len(params)
+    total = tracker.clip_(1.0)
+    tracker.remove()
+    return total, [param.grad for param in params]
+
+
+def _extreme_violation(values: list[float], dtype: torch.dtype, p: float) -> str | None:
+    """The tracked total and clipped grads against ``clip_grad_norm_`` on the cpu backend (which
+    redoes in float64 what float32 cannot sum) on copies of the grads."""
+    total, grads = _extreme_tracked(values, dtype, p)
+    copies = [torch.nn.Parameter(torch.ones(4096, dtype=dtype)) for _ in values]
+    for copy_, value in zip(copies, values):
+        copy_.grad = torch.full((4096,), value, dtype=torch.float64).to(dtype)
+    expected = fusedclip.clip_grad_norm_(copies, 1.0, p, backend="cpu")
+    # the stated bound of float32 accumulation ((n + k + 4) units: torch's CPU norm sums along a
+    # tensor), and bf16's own rounding of the total
+    rtol = 2.0**-7 if dtype == torch.bfloat16 else (4096 + len(values) + 4) * 2.0**-24
+    if not torch.allclose(total.double(), expected.double(), rtol=rtol, atol=0):
+        return f"total {float(total)!r}, expected {float(expected)!r}"
+    for mine, theirs in zip(grads, copies):
+        if not torch.allclose(mine.double(), theirs.grad.double(), rtol=rtol, atol=0):
+            return f"grads {mine[:2].tolist()}, expected {theirs.grad[:2].tolist()}"
+    return None
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0], ids=lambda p: f"p{p:g}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_hooked_norms_of_tiny_and_huge_grads_are_not_lost(dtype, p):
+    """Grads whose squares underflow (1e-25) or overflow (1e22) float32: on the CPU the tracker's
+    total and its clipping equal clip_grad_norm_'s, where trusting the hooks' float32 norms gave 0
+    or inf (and inf zeroed every grad)."""
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(exponents=st.lists(st.integers(-36, 36), min_size=1, max_size=3))
+    def check(exponents):
+        problem = _extreme_violation([10.0**e for e in exponents], dtype, p)
+        assert problem is None, problem
+
+    check()
+    assert _extreme_violation([1e-25, 3e-22], dtype, 2.0) is None
+    assert _extreme_violation([1e22], dtype, 2.0) is None
+
+
+def test_the_extreme_check_catches_trusted_float32_hook_norms(monkeypatch):
+    """The planted bug: every hooked norm trusted (no recomputation on the CPU)."""
+    from fusedclip import tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "_drop_untrusted", lambda values, grads, p: (values, []))
+    assert _extreme_violation([1e-25, 3e-22], torch.float32, 2.0) is not None
+    assert _extreme_violation([1e22], torch.float32, 2.0) is not None

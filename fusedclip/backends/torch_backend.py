@@ -355,21 +355,33 @@ def _wide_group_norm(group: list[Tensor], p: float) -> Tensor:
     return _wide_norm([piece for t in group for piece in t.reshape(-1).split(CPU_CHUNK_ELEMENTS)], p).reshape(1)
 
 
+def float32_norms_untrusted(norms: Tensor, numels: list[int], p: float) -> Tensor:
+    """Which of ``norms`` (float64, of float32-accumulated sums of tensors of ``numels`` elements,
+    p = 1 or 2) cannot stand for the exact ones: the test of ``_float32_sum_trusted`` on every norm
+    at once (a bool vector)."""
+    untrusted = ~torch.isfinite(norms)
+    if p == 2.0:
+        untrusted |= norms * norms < torch.tensor(numels, dtype=norms.dtype, device=norms.device) * SQUARES_UNDERFLOW_PER_ELEMENT
+    return untrusted
+
+
 def _redo_untrusted_norms(norms: Tensor, tensors: list[Tensor], p: float) -> None:
     """CPU per-tensor norms (float64 ``norms`` of ``tensors``, accumulated in float32 or bf16) that
-    a float32 sum cannot stand for (``_float32_sum_trusted``) are recomputed in float64, in place:
-    squares above ~1.8e19 overflow float32 (and bf16) where the norm itself does not, and a total
-    of inf would zero every grad; squares below ~1e-19 underflow, and a grad of 1e-25s has norm 0
-    there. A grad that holds inf or NaN gets inf or NaN again, an all-zero grad 0. One host read,
-    free on the CPU; elsewhere such norms stay what torch's own are."""
-    untrusted = ~torch.isfinite(norms)
-    if p == 2.0:  # the test of _float32_sum_trusted, on every norm at once
-        numels = torch.tensor([t.numel() for t in tensors], dtype=norms.dtype)
-        untrusted |= norms * norms < numels * SQUARES_UNDERFLOW_PER_ELEMENT
+    a float32 sum cannot stand for (``float32_norms_untrusted``) are recomputed in float64, in
+    place, CPU_CHUNK_ELEMENTS at a time: squares above ~1.8e19 overflow float32 (and bf16) where the
+    norm itself does not, and a total of inf would zero every grad; squares below ~1e-19 underflow,
+    and a grad of 1e-25s has norm 0 there. An all-zero grad keeps its 0 after one ``any()`` (no
+    float64 pass); a grad that holds inf or NaN gets inf or NaN again. Host reads, free on the
+    CPU; elsewhere such norms stay what torch's own are."""
+    untrusted = float32_norms_untrusted(norms, [t.numel() for t in tensors], p)
     for index in untrusted.nonzero().flatten().tolist():
         tensor = tensors[index]
-        wide = torch.complex128 if tensor.is_complex() else ACC_DTYPE
-        norms[index] = torch.linalg.vector_norm(tensor, p, dtype=wide)
+        if norms[index] == 0 and not tensor.any():
+            continue  # all zeros: 0 is exact
+        if tensor.is_complex():
+            norms[index] = torch.linalg.vector_norm(tensor, p, dtype=torch.complex128)
+        else:
+            norms[index] = _wide_norm(list(tensor.reshape(-1).split(CPU_CHUNK_ELEMENTS)), p)
 
 
 #: a float32 sum of squares of ``n`` elements below ``n`` times this may have lost squares to
