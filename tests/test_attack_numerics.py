@@ -632,6 +632,31 @@ def test_squares_that_underflow_float32_keep_their_norms(device_backend, path, d
     check()
 
 
+def _zeros_and_tiny_violation() -> str | None:
+    """All-zero grads beside tiny ones (squares below float32's range): per-tensor norms and the
+    total against float64, on the torch backend (whose CPU float32 sums of such grads are redone
+    in float64, all-zero grads excepted)."""
+    grads = [torch.zeros(300), torch.full((200,), 1e-25), torch.zeros(5, dtype=torch.bfloat16), torch.full((7,), 3e-22, dtype=torch.bfloat16)]
+    total, per_tensor = fusedclip.get_norms([g.clone() for g in grads], backend="torch")
+    exact = [torch.linalg.vector_norm(g.double()).item() for g in grads]
+    if not torch.allclose(per_tensor.double(), torch.tensor(exact, dtype=torch.float64), rtol=2.0**-20, atol=0):
+        return f"per-tensor {per_tensor.tolist()}, float64 gives {exact}"
+    wanted = math.hypot(*exact)
+    if not math.isclose(float(total), wanted, rel_tol=2.0**-20):
+        return f"total {float(total)!r}, float64 gives {wanted!r}"
+    return None
+
+
+def test_all_zero_grads_beside_tiny_ones(monkeypatch) -> None:
+    """All-zero grads keep their exact 0 without a float64 pass, and do not hide tiny grads beside
+    them; the planted bug (every grad taken for all zeros) is caught."""
+    from fusedclip.backends import torch_backend
+
+    assert _zeros_and_tiny_violation() is None
+    monkeypatch.setattr(torch_backend, "_zero_sums", lambda tensors: [True] * len(tensors))
+    assert _zeros_and_tiny_violation() is not None
+
+
 def test_the_overflow_check_catches_float32_only_norms(monkeypatch) -> None:
     """The planted bugs: the torch backend's CPU per-tensor norms trusted when they overflow or
     underflow, and AGC's unit norms kept in float32: norm groups and AGC zero the grads again, and

@@ -324,7 +324,9 @@ def _flat_cpu_norms(group: list[Tensor], p: float, layout: _FlatLayout) -> Tenso
             row_norms[at:] = torch.stack(torch._foreach_norm([group[i] for i in layout.medium], 2.0))
         norm = torch.linalg.vector_norm(row_norms.to(ACC_DTYPE), 2.0)
         value = norm.item()
-        return norm.reshape(1) if _float32_sum_trusted(value * value, layout.elements, p) else _wide_group_norm(group, p)
+        if _float32_sum_trusted(value * value, layout.elements, p) or (value == 0 and all(_zero_sums(group))):
+            return norm.reshape(1)
+        return _wide_group_norm(group, p)
     direct, packed = _chunks(group, layout, 0)
     norms: list[Tensor] = []
     scratch: Tensor | None = None
@@ -350,6 +352,15 @@ def _row_norms(rows: Tensor, out: Tensor) -> None:
     torch.linalg.vector_norm(rows, 2.0, dim=1, dtype=out.dtype, out=out)
 
 
+def _zero_sums(tensors: list[Tensor]) -> list[bool]:
+    """Whether each of ``tensors`` is all zeros (a host read), from its sum of |x| in its own dtype,
+    one op for all (torch's CPU 1-norm is faster than its max-norm): any non-zero element makes
+    that sum positive (a sum of positive floats never rounds to 0), NaN makes it NaN."""
+    if not tensors:
+        return []
+    return [value == 0.0 for value in torch.stack(torch._foreach_norm(tensors, 1.0)).tolist()]
+
+
 def _wide_group_norm(group: list[Tensor], p: float) -> Tensor:
     """``_wide_norm`` of every element of ``group``, as a 1-element vector."""
     return _wide_norm([piece for t in group for piece in t.reshape(-1).split(CPU_CHUNK_ELEMENTS)], p).reshape(1)
@@ -370,14 +381,19 @@ def _redo_untrusted_norms(norms: Tensor, tensors: list[Tensor], p: float) -> Non
     a float32 sum cannot stand for (``float32_norms_untrusted``) are recomputed in float64, in
     place, CPU_CHUNK_ELEMENTS at a time: squares above ~1.8e19 overflow float32 (and bf16) where the
     norm itself does not, and a total of inf would zero every grad; squares below ~1e-19 underflow,
-    and a grad of 1e-25s has norm 0 there. An all-zero grad keeps its 0 after one ``any()`` (no
-    float64 pass); a grad that holds inf or NaN gets inf or NaN again. Host reads, free on the
-    CPU; elsewhere such norms stay what torch's own are."""
-    untrusted = float32_norms_untrusted(norms, [t.numel() for t in tensors], p)
-    for index in untrusted.nonzero().flatten().tolist():
+    and a grad of 1e-25s has norm 0 there. An all-zero grad keeps its 0 (no float64 pass); a grad
+    that holds inf or NaN gets inf or NaN again. Host reads, free on the CPU; elsewhere such norms
+    stay what torch's own are."""
+    untrusted = float32_norms_untrusted(norms, [t.numel() for t in tensors], p).nonzero().flatten().tolist()
+    if not untrusted:
+        return
+    # all-zero grads (common: unused experts) keep their exact 0 without a float64 pass
+    zeros = [index for index, value in zip(untrusted, norms[untrusted].tolist()) if value == 0]
+    exact = {index for index, zero in zip(zeros, _zero_sums([tensors[i] for i in zeros])) if zero}
+    for index in untrusted:
+        if index in exact:
+            continue
         tensor = tensors[index]
-        if norms[index] == 0 and not tensor.any():
-            continue  # all zeros: 0 is exact
         if tensor.is_complex():
             norms[index] = torch.linalg.vector_norm(tensor, p, dtype=torch.complex128)
         else:
