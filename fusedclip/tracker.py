@@ -193,7 +193,7 @@ def _drop_untrusted(values: list[Tensor], grads: list[Tensor], p: float) -> tupl
     if not suspect:
         return values, []
     norms = torch.stack([values[i] for i in suspect]).to(ACC_DTYPE)
-    bad = {suspect[i] for i in float32_norms_untrusted(norms, [grads[i].numel() for i in suspect], p).nonzero().flatten().tolist()}
+    bad = {suspect[i] for i in float32_norms_untrusted(norms, [grads[i].numel() for i in suspect], p)}
     if not bad:
         return values, []
     return [v for i, v in enumerate(values) if i not in bad], [g for i, g in enumerate(grads) if i in bad]

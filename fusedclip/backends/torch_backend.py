@@ -366,14 +366,12 @@ def _wide_group_norm(group: list[Tensor], p: float) -> Tensor:
     return _wide_norm([piece for t in group for piece in t.reshape(-1).split(CPU_CHUNK_ELEMENTS)], p).reshape(1)
 
 
-def float32_norms_untrusted(norms: Tensor, numels: list[int], p: float) -> Tensor:
-    """Which of ``norms`` (float64, of float32-accumulated sums of tensors of ``numels`` elements,
-    p = 1 or 2) cannot stand for the exact ones: the test of ``_float32_sum_trusted`` on every norm
-    at once (a bool vector)."""
-    untrusted = ~torch.isfinite(norms)
-    if p == 2.0:
-        untrusted |= norms * norms < torch.tensor(numels, dtype=norms.dtype, device=norms.device) * SQUARES_UNDERFLOW_PER_ELEMENT
-    return untrusted
+def float32_norms_untrusted(norms: Tensor, numels: list[int], p: float) -> list[int]:
+    """The positions of ``norms`` (of float32-accumulated sums, p = 1 or 2, over tensors of
+    ``numels`` elements) that cannot stand for the exact ones (``_float32_sum_trusted``). Reads
+    the norms on the host: for devices where that is free."""
+    sums = [value * value if p == 2.0 else value for value in norms.tolist()]
+    return [i for i, (total, count) in enumerate(zip(sums, numels)) if not _float32_sum_trusted(total, count, p)]
 
 
 def _redo_untrusted_norms(norms: Tensor, tensors: list[Tensor], p: float) -> None:
@@ -384,7 +382,7 @@ def _redo_untrusted_norms(norms: Tensor, tensors: list[Tensor], p: float) -> Non
     and a grad of 1e-25s has norm 0 there. An all-zero grad keeps its 0 (no float64 pass); a grad
     that holds inf or NaN gets inf or NaN again. Host reads, free on the CPU; elsewhere such norms
     stay what torch's own are."""
-    untrusted = float32_norms_untrusted(norms, [t.numel() for t in tensors], p).nonzero().flatten().tolist()
+    untrusted = float32_norms_untrusted(norms, [t.numel() for t in tensors], p)
     if not untrusted:
         return
     # all-zero grads (common: unused experts) keep their exact 0 without a float64 pass
