@@ -574,3 +574,42 @@ def test_the_bound_check_catches_an_unbounded_cache(monkeypatch):
     monkeypatch.setattr(adaptive, "_cached", unbounded)
     _, _, largest = _routed_run("norm", 3 * adaptive._LAYOUT_CACHE_SIZE)
     assert largest > adaptive._LAYOUT_CACHE_SIZE
+
+
+def _general_p_run(backend: str, mode: str, p: float) -> list[tuple[float, float]]:
+    """Six steps of a Clipper of ``mode`` with norm order ``p`` on growing grads: (total, a clipped
+    element) after each."""
+    params = [torch.nn.Parameter(torch.zeros(10)) for _ in range(2)]
+    clipper = Clipper(params, mode=mode, norm_type=p, max_norm=1.0, backend=backend)
+    out = []
+    for step in range(6):
+        for index, param in enumerate(params):
+            param.grad = torch.linspace(1.0, 2.0, 10) * 1000.0 * (step + 1) * (index + 1)
+        total = clipper()
+        out.append((float(total), float(params[1].grad[3])))
+    return out
+
+
+@pytest.mark.parametrize("p", [3.0, 0.5], ids=lambda p: f"p{p:g}")
+@pytest.mark.parametrize("mode", ["norm", "zclip", "autoclip"])
+def test_general_p_thresholds_are_the_same_on_both_cpu_backends(mode, p):
+    """General p keeps its accumulator relative to a norm scale; the adaptive modes read their total
+    from it (``total_from_accumulator``), so the scale must reach them from every backend: the
+    torch backend's and the compiled one's runs agree (within float rounding)."""
+    if fusedclip.available_backends("cpu")["cpu"] is not True:
+        pytest.skip("the compiled cpu backend is not built here")
+    ours, theirs = _general_p_run("torch", mode, p), _general_p_run("cpu", mode, p)
+    for (total, element), (total_cpu, element_cpu) in zip(ours, theirs):
+        assert total == pytest.approx(total_cpu, rel=1e-6)
+        assert element == pytest.approx(element_cpu, rel=1e-5)
+
+
+def test_the_general_p_check_catches_a_lost_norm_scale(monkeypatch):
+    """The planted bug: the torch backend's result without its norm scale (as when ``finish_total``
+    let the grad scale shadow it): zclip's threshold then follows a total a thousand times off."""
+    from fusedclip.backends import torch_backend
+
+    real = torch_backend.finish_total
+    monkeypatch.setattr(torch_backend, "finish_total", lambda *args, **kwargs: real(*args, **kwargs)._replace(scale=None))
+    ours, theirs = _general_p_run("torch", "zclip", 3.0), _general_p_run("cpu", "zclip", 3.0)
+    assert any(a[1] != pytest.approx(b[1], rel=1e-5) for a, b in zip(ours, theirs))

@@ -247,14 +247,14 @@ def finish_total(
 ) -> NormResult:
     """:func:`finish` for a backend that forms the total itself (``scale`` is only recorded in the
     result: ``total`` must already include it)."""
-    scale = None if grad_scale is None else grad_scale.to(device=total.device, dtype=total.dtype)
-    if scale is not None and norm.kind is not NormKind.COUNT:
-        total = total * scale.abs()
+    factor = None if grad_scale is None else grad_scale.to(device=total.device, dtype=total.dtype)
+    if factor is not None and norm.kind is not NormKind.COUNT:
+        total = total * factor.abs()
     coef = None
     if max_norm is not None:
         coef = clip_coefficient(total, max_norm)
-        if scale is not None:
-            coef = coef * scale
+        if factor is not None:
+            coef = coef * factor
     return NormResult(round_once(total, out_dtype), coef, acc, scale if is_general_p(norm) else None)
 
 
