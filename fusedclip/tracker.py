@@ -92,8 +92,8 @@ Accuracy: each grad's norm is accumulated by ``torch.linalg.vector_norm`` (``_fo
 DDP buckets) in float32 (float64 for float64 grads; the real dtype of complex grads) and the
 per-tensor norms are combined in float64 and rounded once: the accuracy contract of fusedclip's
 ``torch`` backend (a tensor whose norm exceeds float32's range gives inf, as torch's own clipping
-does, except on the CPU: there a norm whose float32 squares overflowed or may have underflowed
-is recomputed from the grad after backward, in float64). Norm orders: 2, 1 and inf.
+does, except on the CPU: there a norm whose float32 sum overflowed, or whose squares may have
+underflowed, is recomputed from the grad after backward, in float64). Norm orders: 2, 1 and inf.
 
 Limits: writes that bypass autograd's version counter cannot be seen. Notably
 ``GradScaler.unscale_`` (torch's ``_amp_foreach_non_finite_check_and_unscale_`` does not bump the

@@ -691,8 +691,12 @@ def near_midpoints(draw, dtype: torch.dtype) -> float:
     bits, emin, emax = FORMATS[dtype]
     if draw(st.booleans()):
         return draw(st.floats(-(2.0 ** (emax + 2)), 2.0 ** (emax + 2), allow_nan=False))
-    exponent = draw(st.integers(emin - bits, emax))
-    mantissa = draw(st.integers(2 ** (bits - 1), 2**bits - 1))
+    if draw(st.booleans()):  # a normal binade: neighbours m * 2^(e - bits + 1), m of `bits` bits
+        mantissa = draw(st.integers(2 ** (bits - 1), 2**bits - 1))
+        exponent = draw(st.integers(emin, emax))
+    else:  # the subnormal range: neighbours m * 2^(emin - bits + 1), m below 2^(bits - 1)
+        mantissa = draw(st.integers(0, 2 ** (bits - 1) - 1))
+        exponent = emin
     midpoint = (mantissa + 0.5) * 2.0 ** (exponent - bits + 1)
     nudge = draw(st.integers(-3, 3)) * midpoint * 2.0**-30  # below float32's resolution there
     return draw(st.sampled_from([1.0, -1.0])) * (midpoint + nudge)

@@ -121,7 +121,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-#: the flat CPU path packs at most this many elements into one float32 chunk (4 MB), and p = 1
+#: the flat CPU path packs at most this many elements into one chunk (float32: 4 MB), and p = 1
 #: reduces at most this many per torch op
 CPU_CHUNK_ELEMENTS = 1 << 20
 #: p = 1: float32 CPU tensors at least this large are reduced where they lie; smaller ones are
@@ -228,7 +228,7 @@ class _FlatLayout:
 def flat_layout(plan: Any, dtype: torch.dtype, positions: list[int], p: float) -> _FlatLayout:
     """The plan's ``_FlatLayout`` for the non-empty grads of a dtype group (``positions``: their
     local indices), made on first use."""
-    key = (_FLAT_LAYOUT_KEY, dtype, p, CPU_ROW_ELEMENTS, CPU_ROWS_ELEMENTS, CPU_DIRECT_ROWS_ELEMENTS)
+    key = (_FLAT_LAYOUT_KEY, dtype, p, CPU_ROW_ELEMENTS, CPU_ROWS_ELEMENTS, CPU_DIRECT_ROWS_ELEMENTS, CPU_PACK_OWN_DTYPE_ELEMENTS)
     layout = plan.scratch.get(key)
     if layout is None:
         layout = plan.scratch[key] = _FlatLayout.make([plan.numels[i] for i in positions], dtype, p)
@@ -287,16 +287,17 @@ def _chunks(group: list[Tensor], layout: _FlatLayout, row: int) -> tuple[list[Te
 
 
 def _flat_cpu_norms(group: list[Tensor], p: float, layout: _FlatLayout) -> Tensor:
-    """float64 vector of p-norms (p = 1 or 2) of float32 pieces of ``group`` (float32/bf16/fp16 CPU
-    tensors, no zero-size ones) whose p-norm is that of all their elements together. ``layout``:
-    how ``group`` is cut (``flat_layout``).
+    """float64 vector of p-norms (p = 1 or 2) of pieces of ``group`` (float32/bf16/fp16 CPU tensors,
+    no zero-size ones) whose p-norm is that of all their elements together. ``layout``: how
+    ``group`` is cut (``flat_layout``).
 
     The total of a sum does not need each tensor's own norm, so large float32 tensors are reduced
     where they lie (``_FlatLayout``), and everything else is packed into float32 chunks of at most
     CPU_CHUNK_ELEMENTS (one reused buffer, one copy each, converting fp16 values on the way):
     below that size the torch ops per tensor would cost more than the copy saves. Every element is
-    read from the grads once, 16-bit values are accumulated in float32 (never rounded to bf16/fp16
-    on the way, unlike torch's per-tensor norms), and the partial norms are combined in float64.
+    read from the grads once, packed 16-bit values are accumulated in float32 (never rounded to
+    bf16/fp16 on the way, unlike torch's per-tensor norms), and the partial norms are combined in
+    float64.
     bf16 (p = 2 only) is packed as it is, small tensors only, and converted by the row norm op
     (see CPU_PACK_OWN_DTYPE_ELEMENTS and ``_row_norms``); larger bf16 tensors get torch's own norms.
 
@@ -310,7 +311,8 @@ def _flat_cpu_norms(group: list[Tensor], p: float, layout: _FlatLayout) -> Tenso
     combined in float64. p = 1: ``|x|`` summed in a cascade per
     chunk of at most CPU_CHUNK_ELEMENTS (``_chunk_norm``). Data whose float32 sums overflow or may
     have lost squares to underflow is redone in float64 (``_wide_norm``): for p = 2 the whole group,
-    judged once on the total (see ``_float32_sum_trusted``); for p = 1 each chunk.
+    judged once on the total (see ``_float32_sum_trusted``; a total of 0 from all-zero grads stands),
+    for p = 1 each chunk.
     """
     if p == 2.0:
         direct, packed = _chunks(group, layout, CPU_ROW_ELEMENTS)
@@ -395,7 +397,7 @@ def _redo_untrusted_norms(norms: Tensor, tensors: list[Tensor], p: float) -> Non
         if tensor.is_complex():
             norms[index] = torch.linalg.vector_norm(tensor, p, dtype=torch.complex128)
         else:
-            norms[index] = _wide_norm(list(tensor.reshape(-1).split(CPU_CHUNK_ELEMENTS)), p)
+            norms[index] = _wide_group_norm([tensor], p)[0]
 
 
 #: a float32 sum of squares of ``n`` elements below ``n`` times this may have lost squares to

@@ -222,15 +222,18 @@ def read_floor(
     grads: Sequence[torch.Tensor], cache_bytes: int, rounds: int, device: torch.device, clock: Callable[[], float]
 ) -> tuple[int, float]:
     """(bytes, median ms) of one 2-norm over the part of each grad beyond ``cache_bytes``: what must
-    come from memory whenever anything reads the grads (see the module docstring)."""
+    come from memory whenever anything reads the grads (see the module docstring). A buffer twice
+    the cache is written before each round, so no round reads what the previous one cached."""
     pieces = []
     for grad in grads:
         if grad.nbytes > cache_bytes and grad.is_contiguous():
             pieces.append(grad.reshape(-1)[cache_bytes // grad.element_size() :])
     if not pieces:
         return 0, 0.0
+    flush = torch.empty(2 * cache_bytes // 4 + 1, dtype=torch.float32, device=pieces[0].device)
     times = []
     for _ in range(max(rounds, 3)):
+        flush.fill_(1.0)  # evicts what the last round left in the cache
         _sync(device)
         start = clock()
         torch._foreach_norm(pieces, 2.0)
