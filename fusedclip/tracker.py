@@ -192,7 +192,7 @@ def _drop_untrusted(values: list[Tensor], grads: list[Tensor], p: float) -> tupl
     suspect = [i for i, (value, grad) in enumerate(zip(values, grads)) if host_reads_are_free(value.device) and grad.dtype not in _WIDE_DTYPES]
     if not suspect:
         return values, []
-    norms = torch.stack([values[i] for i in suspect]).to(ACC_DTYPE)
+    norms = torch.stack([values[i] for i in suspect]).tolist()
     bad = {suspect[i] for i in float32_norms_untrusted(norms, [grads[i].numel() for i in suspect], p)}
     if not bad:
         return values, []

@@ -368,11 +368,10 @@ def _wide_group_norm(group: list[Tensor], p: float) -> Tensor:
     return _wide_norm([piece for t in group for piece in t.reshape(-1).split(CPU_CHUNK_ELEMENTS)], p).reshape(1)
 
 
-def float32_norms_untrusted(norms: Tensor, numels: list[int], p: float) -> list[int]:
-    """The positions of ``norms`` (of float32-accumulated sums, p = 1 or 2, over tensors of
-    ``numels`` elements) that cannot stand for the exact ones (``_float32_sum_trusted``). Reads
-    the norms on the host: for devices where that is free."""
-    sums = [value * value if p == 2.0 else value for value in norms.tolist()]
+def float32_norms_untrusted(norms: list[float], numels: list[int], p: float) -> list[int]:
+    """The positions of ``norms`` (read on the host: of float32-accumulated sums, p = 1 or 2, over
+    tensors of ``numels`` elements) that cannot stand for the exact ones (``_float32_sum_trusted``)."""
+    sums = [value * value if p == 2.0 else value for value in norms]
     return [i for i, (total, count) in enumerate(zip(sums, numels)) if not _float32_sum_trusted(total, count, p)]
 
 
@@ -384,11 +383,12 @@ def _redo_untrusted_norms(norms: Tensor, tensors: list[Tensor], p: float) -> Non
     and a grad of 1e-25s has norm 0 there. An all-zero grad keeps its 0 (no float64 pass); a grad
     that holds inf or NaN gets inf or NaN again. Host reads, free on the CPU; elsewhere such norms
     stay what torch's own are."""
-    untrusted = float32_norms_untrusted(norms, [t.numel() for t in tensors], p)
+    values = norms.tolist()
+    untrusted = float32_norms_untrusted(values, [t.numel() for t in tensors], p)
     if not untrusted:
         return
     # all-zero grads (common: unused experts) keep their exact 0 without a float64 pass
-    zeros = [index for index, value in zip(untrusted, norms[untrusted].tolist()) if value == 0]
+    zeros = [index for index in untrusted if values[index] == 0]
     exact = {index for index, zero in zip(zeros, _zero_sums([tensors[i] for i in zeros])) if zero}
     for index in untrusted:
         if index in exact:
